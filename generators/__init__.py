@@ -1,0 +1,1 @@
+"""synthport generators package (see DESIGN.md layout)."""

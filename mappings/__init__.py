@@ -1,0 +1,1 @@
+"""synthport mappings package (see DESIGN.md layout)."""

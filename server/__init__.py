@@ -1,0 +1,1 @@
+"""synthport server: FHIR R4 REST, DICOMweb, DIMSE over real and synthetic sources."""

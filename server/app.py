@@ -1,0 +1,77 @@
+"""Flask application factory: one blueprint per interface, errors as OperationOutcome."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from server.config import load_config
+from server.errors import HTTP_ISSUE_CODES, SynthportError, describe, operation_outcome, outcome_for
+from server.http.fhir_api import check_accept, make_fhir_blueprint
+from server.store import SqlStore
+
+log = logging.getLogger("synthport")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Create the WSGI app.
+
+    Args:
+        config: setting overrides (see :mod:`server.config`); env vars and the TOML
+            file fill in the rest.
+    """
+    cfg = load_config(config)
+    app = Flask("synthport")
+    app.config["SYNTHPORT"] = cfg
+    app.config["MAX_CONTENT_LENGTH"] = int(cfg["max_body_bytes"])
+    store = SqlStore.from_url(cfg.resolved_database_url, cfg, auto_migrate=bool(cfg["auto_migrate"]))
+    app.extensions["synthport"] = {"store": store}
+
+    app.register_blueprint(make_fhir_blueprint("fhir", "/fhir", lambda: store))
+
+    @app.before_request
+    def _accept():
+        if request.path.startswith("/fhir"):
+            check_accept()
+
+    @app.errorhandler(SynthportError)
+    def _synthport_error(err: SynthportError):
+        status, oo = outcome_for(err)
+        if status >= 500:
+            log.error("request failed: %s", err.message)
+        return _oo_response(oo, status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(err: HTTPException):
+        status = err.code or 500
+        msg = err.description or err.name
+        if status == 413:
+            msg = f"Request body larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
+        return _oo_response(operation_outcome(msg, HTTP_ISSUE_CODES.get(status, "exception")), status,
+                            err.get_headers() if status == 405 else None)
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _oo_response(operation_outcome(f"Internal error: {type(err).__name__}", "exception"), 500)
+
+    @app.get("/")
+    def _root():
+        return Response(orjson.dumps({"name": "synthport", "fhir": "/fhir",
+                                      "metadata": "/fhir/metadata"}), content_type="application/json")
+
+    return app
+
+
+def _oo_response(oo: dict, status: int, headers=None) -> Response:
+    resp = Response(orjson.dumps(oo), status=status, content_type="application/fhir+json; charset=utf-8")
+    for k, v in (headers or []):
+        if k.lower() == "allow":
+            resp.headers[k] = v
+    return resp
+
+
+__all__ = ["create_app", "describe"]

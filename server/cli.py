@@ -1,0 +1,99 @@
+"""The ``synthport`` command line."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from server.config import load_config
+
+
+def _common(f):
+    f = click.option("--data-dir", default=None, help="Data folder (SQLite database, blobs).")(f)
+    f = click.option("--config", "config_file", default=None, type=click.Path(exists=True),
+                     help="TOML settings file.")(f)
+    return f
+
+
+def _cfg(data_dir=None, config_file=None, **extra):
+    if config_file:
+        os.environ["SYNTHPORT_CONFIG"] = os.path.abspath(config_file)
+    if data_dir:
+        # Workers re-read settings from the environment; pass the data dir down.
+        os.environ["SYNTHPORT_DATA_DIR"] = os.path.abspath(data_dir)
+    return load_config({"data_dir": data_dir, **extra})
+
+
+@click.group()
+def main():
+    """synthport: FHIR R4 / DICOMweb / DIMSE over real and synthetic health data."""
+    logging.basicConfig(level=os.environ.get("SYNTHPORT_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@_common
+@click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
+@click.option("--http-host", default=None, help="Bind address (default 0.0.0.0).")
+@click.option("--dimse-port", type=int, default=None, help="DIMSE port (default 11112).")
+@click.option("--workers", type=int, default=None, help="gunicorn worker processes.")
+@click.option("--threads", type=int, default=None, help="Threads per worker.")
+def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, threads):
+    """Run the HTTP server under gunicorn (never Flask's development server)."""
+    from gunicorn.app.base import BaseApplication
+
+    from server.db.engine import make_engine, migrate
+
+    cfg = _cfg(data_dir, config_file, http_port=http_port, http_host=http_host,
+               dimse_port=dimse_port, workers=workers, threads=threads)
+    engine = make_engine(cfg.resolved_database_url)
+    migrate(engine)          # once, in the master, before workers start
+    engine.dispose()
+    os.environ["SYNTHPORT_AUTO_MIGRATE"] = "false"
+    for key in ("http_port", "workers", "threads"):
+        os.environ[f"SYNTHPORT_{key.upper()}"] = str(cfg[key])
+
+    class _App(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{cfg.http_host}:{cfg.http_port}")
+            self.cfg.set("workers", cfg.workers)
+            self.cfg.set("threads", cfg.threads)
+            self.cfg.set("worker_class", "gthread" if cfg.threads > 1 else "sync")
+            self.cfg.set("timeout", 300)
+            self.cfg.set("keepalive", 30)
+            self.cfg.set("accesslog", os.environ.get("SYNTHPORT_ACCESS_LOG") or None)
+            self.cfg.set("limit_request_line", 16384)
+
+        def load(self):
+            from server.app import create_app
+            return create_app()
+
+    click.echo(f"synthport: FHIR at http://{cfg.http_host}:{cfg.http_port}/fhir "
+               f"({cfg.workers} workers, database {_redact(cfg.resolved_database_url)})", err=True)
+    _App().run()
+
+
+@main.command()
+@_common
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--jobs", "-j", type=int, default=None, help="Parallel loader processes (default: cores).")
+def load(data_dir, config_file, paths, jobs):
+    """Load FHIR JSON files, folders, .json.bz2, .tar.xz archives and NDJSON."""
+    from server.loader import load_paths
+
+    cfg = _cfg(data_dir, config_file)
+    report = load_paths(cfg, list(paths), jobs=jobs)
+    sys.exit(0 if not report.failed else 1)
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,108 @@
+"""One declared table of settings, read from defaults, a TOML file and ``SYNTHPORT_*`` env vars.
+
+Precedence (lowest to highest): the defaults below, the TOML file named by
+``SYNTHPORT_CONFIG`` (or ``--config``), environment variables ``SYNTHPORT_<NAME>``
+(upper-cased), then explicit overrides (command-line flags, ``create_app(config)``).
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+
+
+def _bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    return str(v).strip().lower() in {"1", "true", "yes", "on"}
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", "./synthport-data", "Folder for the SQLite database and blob files."),
+    Setting("database_url", "", "SQLAlchemy URL; empty means SQLite at <data_dir>/synthport.db. "
+            "Example: postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    Setting("http_host", "0.0.0.0", "Address the HTTP server binds to."),
+    Setting("http_port", 8080, "HTTP port.", int),
+    Setting("workers", 2, "gunicorn worker processes.", int),
+    Setting("threads", 4, "Threads per gunicorn worker (gthread).", int),
+    Setting("public_base_url", "", "Base URL put in links (e.g. https://fhir.example.org); "
+            "empty means taken from the request's Host header."),
+    Setting("default_count", 50, "Default _count of a search page.", int),
+    Setting("max_count", 1000, "Largest _count accepted (larger values are capped, with a warning).", int),
+    Setting("max_body_bytes", 256 * 1024 * 1024, "Largest request body accepted (413 above).", int),
+    Setting("max_bundle_entries", 100_000, "Largest transaction/batch Bundle accepted (413 above).", int),
+    Setting("search_handling", "lenient", "Default for unknown search parameters: lenient or strict."),
+    Setting("auto_migrate", True, "Apply alembic migrations when the server or a command starts.", _bool),
+    Setting("dimse_port", 11112, "DIMSE listener port.", int),
+    Setting("ae_title", "SYNTHPORT", "DIMSE AE title of the real source."),
+    Setting("log_level", "info", "Logging level."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class Config(dict):
+    """Resolved settings; attribute access for convenience (``cfg.data_dir``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self["database_url"]:
+            return self["database_url"]
+        path = Path(self["data_dir"]).resolve() / "synthport.db"
+        return f"sqlite:///{path}"
+
+
+def load_config(overrides: dict[str, Any] | None = None, toml_path: str | None = None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Resolve every setting.
+
+    Args:
+        overrides: explicit values (highest precedence); ``None`` values are ignored.
+        toml_path: a TOML file with a ``[synthport]`` table or top-level keys.
+        environ: environment mapping (defaults to ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    cfg = Config({s.name: s.default for s in SETTINGS})
+    toml_path = toml_path or env.get("SYNTHPORT_CONFIG")
+    if toml_path:
+        with open(toml_path, "rb") as fh:
+            data = tomllib.load(fh)
+        data = data.get("synthport", data)
+        for key, value in data.items():
+            if key in _BY_NAME:
+                cfg[key] = value
+            else:
+                cfg.setdefault("extra", {})[key] = value
+    for s in SETTINGS:
+        raw = env.get("SYNTHPORT_" + s.name.upper())
+        if raw is not None:
+            cfg[s.name] = s.parse(raw)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            s = _BY_NAME.get(key)
+            cfg[key] = s.parse(value) if (s and isinstance(value, str) and s.parse is not str) else value
+    return cfg
+
+
+def settings_markdown() -> str:
+    """The settings table as Markdown (used to keep docs/configuration.md true)."""
+    rows = ["| setting | env var | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        rows.append(f"| `{s.name}` | `SYNTHPORT_{s.name.upper()}` | `{s.default}` | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,98 @@
+"""SQL schema of the real store (SQLAlchemy Core, same on SQLite and PostgreSQL).
+
+Every version of every resource is one row of ``resource``; a newer version (or a
+delete tombstone) sets ``superseded_by`` on the row it replaces. Index rows are
+written once per stored version and never rewritten, so a search can be evaluated
+"as of" a snapshot (the largest ``pk`` when its first page was computed): paging
+stays stable while others write (see docs/adr/0003-snapshot-paging.md).
+
+Index tables carry ``res_pk`` (the version row), ``res_type`` and ``param`` (the
+search parameter code) plus typed value columns. The column order of each table
+after those three is the tuple order produced by :mod:`server.fhir.extract`.
+"""
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Boolean, Column, Float, Index, Integer, LargeBinary,
+                        MetaData, String, Table, Text)
+
+metadata = MetaData()
+
+# SQLite only aliases rowid for a column declared exactly INTEGER PRIMARY KEY.
+PK = BigInteger().with_variant(Integer, "sqlite")
+
+resource = Table(
+    "resource", metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", Float, nullable=False),       # epoch seconds, UTC
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("method", String(8), nullable=False),         # POST / PUT / PATCH / DELETE
+    Column("superseded_by", BigInteger, nullable=True),  # pk of the next version; NULL = current
+    Column("body", LargeBinary, nullable=True),          # JSON bytes incl. meta; NULL when deleted
+    Index("ux_resource_type_id_version", "res_type", "res_id", "version", unique=True),
+    Index("ix_resource_updated", "last_updated"),
+    Index("ix_resource_type_updated", "res_type", "last_updated"),
+    Index("ix_resource_current", "res_type", "superseded_by", "deleted", "pk"),
+)
+
+# Column tuples (after res_pk, res_type, param) per index kind. Keep in step with extract.py.
+INDEX_COLUMNS: dict[str, tuple[str, ...]] = {
+    "string": ("value", "exact"),
+    "token": ("system", "code", "text", "type_system", "type_code"),
+    "date": ("low", "high"),
+    "reference": ("target_type", "target_id", "url", "ident_system", "ident_value"),
+    "quantity": ("value", "system", "code", "unit"),
+    "number": ("value",),
+    "uri": ("value",),
+    "composite": ("c1_system", "c1_code", "num", "q_system", "q_code",
+                  "c2_system", "c2_code", "low", "high", "text"),
+}
+
+_TYPES = {
+    "value": String(512), "exact": String(512),
+    "system": String(512), "code": String(512), "text": Text(), "type_system": String(512),
+    "type_code": String(128),
+    "low": Float, "high": Float,
+    "target_type": String(64), "target_id": String(64), "url": String(1024),
+    "ident_system": String(512), "ident_value": String(512),
+    "unit": String(128), "num": Float,
+    "c1_system": String(512), "c1_code": String(512), "q_system": String(512),
+    "q_code": String(128), "c2_system": String(512), "c2_code": String(512),
+}
+_NUMERIC_VALUE = {"quantity", "number"}
+
+
+def _index_table(kind: str, *indexes: tuple[str, ...]) -> Table:
+    cols = []
+    for name in INDEX_COLUMNS[kind]:
+        typ = Float if (name == "value" and kind in _NUMERIC_VALUE) else _TYPES[name]
+        if name == "value" and kind == "uri":
+            typ = String(1024)
+        cols.append(Column(name, typ, nullable=True))
+    name = f"idx_{kind}"
+    idx = [Index(f"ix_{name}_{'_'.join(c)}", *c) for c in indexes]
+    return Table(name, metadata,
+                 Column("res_pk", BigInteger, nullable=False),
+                 Column("res_type", String(64), nullable=False),
+                 Column("param", String(64), nullable=False),
+                 *cols,
+                 Index(f"ix_{name}_res_pk", "res_pk"),
+                 *idx)
+
+
+idx_string = _index_table("string", ("res_type", "param", "value"))
+idx_token = _index_table("token", ("res_type", "param", "code", "system"))
+idx_date = _index_table("date", ("res_type", "param", "low"), ("res_type", "param", "high"))
+idx_reference = _index_table("reference", ("res_type", "param", "target_id", "target_type"),
+                             ("target_id", "target_type"))
+idx_quantity = _index_table("quantity", ("res_type", "param", "code", "value"))
+idx_number = _index_table("number", ("res_type", "param", "value"))
+idx_uri = _index_table("uri", ("res_type", "param", "value"))
+idx_composite = _index_table("composite", ("res_type", "param", "c1_code"))
+
+INDEX_TABLES: dict[str, Table] = {
+    "string": idx_string, "token": idx_token, "date": idx_date, "reference": idx_reference,
+    "quantity": idx_quantity, "number": idx_number, "uri": idx_uri, "composite": idx_composite,
+}

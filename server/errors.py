@@ -1,0 +1,162 @@
+"""One error hierarchy, and one table from error to HTTP status, FHIR issue code,
+DICOMweb status and DIMSE status.
+
+Sources and stores raise these; the HTTP and DIMSE layers translate them with
+:func:`describe`. Nothing here imports Flask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SynthportError(Exception):
+    """Base of every error a client may see.
+
+    Args:
+        message: human-readable diagnostics.
+        expression: FHIRPath of the offending element(s), if known.
+        warnings: additional OperationOutcome issues (severity, code, text).
+    """
+
+    def __init__(self, message: str, expression: list[str] | None = None,
+                 issues: list[dict] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.expression = expression or []
+        self.issues = issues or []
+
+
+class InvalidRequest(SynthportError):
+    """Malformed request or query (bad parameter, bad syntax)."""
+
+
+class InvalidResource(SynthportError):
+    """A resource failed validation (structure, cardinality, datatypes)."""
+
+
+class NotFound(SynthportError):
+    """No such resource, version or route."""
+
+
+class Gone(SynthportError):
+    """The resource was deleted."""
+
+
+class MethodNotAllowed(SynthportError):
+    """Interaction not allowed on this source (e.g. writes on a synthetic cohort)."""
+
+
+class NotAcceptable(SynthportError):
+    """No representation in the requested format."""
+
+
+class UnsupportedMediaType(SynthportError):
+    """Request body in a format the server does not read."""
+
+
+class Conflict(SynthportError):
+    """Id / version conflict or an update whose target does not match."""
+
+
+class PreconditionFailed(SynthportError):
+    """If-Match version mismatch, or a conditional operation with several matches."""
+
+
+class MultipleMatches(PreconditionFailed):
+    """A conditional operation matched more than one resource."""
+
+
+class TooLarge(SynthportError):
+    """Body, bundle or page larger than the configured limit."""
+
+
+class Unprocessable(SynthportError):
+    """Well-formed but cannot be processed (business rule)."""
+
+
+class NotImplementedYet(SynthportError):
+    """A valid FHIR feature that this server does not implement."""
+
+
+class Unauthorized(SynthportError):
+    """Missing or invalid credentials."""
+
+
+class Forbidden(SynthportError):
+    """Authenticated but not allowed."""
+
+
+class InternalError(SynthportError):
+    """Unexpected server failure (message is safe to show)."""
+
+
+# DIMSE status values (PS3.4 Annex C / PS3.7 Annex C), named rather than hex in code.
+DIMSE_SUCCESS = 0x0000
+DIMSE_REFUSED_OUT_OF_RESOURCES = 0xA700
+DIMSE_ERROR_CANNOT_UNDERSTAND = 0xC000
+DIMSE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+DIMSE_REFUSED_NOT_AUTHORIZED = 0x0124
+DIMSE_MOVE_DESTINATION_UNKNOWN = 0xA801
+DIMSE_PROCESSING_FAILURE = 0x0110
+DIMSE_NO_SUCH_OBJECT_INSTANCE = 0x0112
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    http_status: int
+    issue_code: str          # FHIR R4 IssueType (valueset issue-type)
+    dicomweb_status: int     # PS3.18 §8.6 HTTP status for DICOMweb
+    dimse_status: int        # PS3.4 status
+
+
+# The one table. Order matters only for subclasses listed before their bases.
+ERROR_TABLE: dict[type[SynthportError], ErrorInfo] = {
+    MultipleMatches: ErrorInfo(412, "multiple-matches", 409, DIMSE_ERROR_CANNOT_UNDERSTAND),
+    PreconditionFailed: ErrorInfo(412, "conflict", 409, DIMSE_ERROR_CANNOT_UNDERSTAND),
+    InvalidRequest: ErrorInfo(400, "invalid", 400, DIMSE_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),
+    InvalidResource: ErrorInfo(422, "structure", 400, DIMSE_ERROR_CANNOT_UNDERSTAND),
+    NotFound: ErrorInfo(404, "not-found", 404, DIMSE_NO_SUCH_OBJECT_INSTANCE),
+    Gone: ErrorInfo(410, "deleted", 410, DIMSE_NO_SUCH_OBJECT_INSTANCE),
+    MethodNotAllowed: ErrorInfo(405, "not-supported", 405, DIMSE_REFUSED_NOT_AUTHORIZED),
+    NotAcceptable: ErrorInfo(406, "not-supported", 406, DIMSE_ERROR_CANNOT_UNDERSTAND),
+    UnsupportedMediaType: ErrorInfo(415, "not-supported", 415, DIMSE_ERROR_CANNOT_UNDERSTAND),
+    Conflict: ErrorInfo(409, "conflict", 409, DIMSE_PROCESSING_FAILURE),
+    TooLarge: ErrorInfo(413, "too-costly", 413, DIMSE_REFUSED_OUT_OF_RESOURCES),
+    Unprocessable: ErrorInfo(422, "processing", 400, DIMSE_PROCESSING_FAILURE),
+    NotImplementedYet: ErrorInfo(501, "not-supported", 501, DIMSE_ERROR_CANNOT_UNDERSTAND),
+    Unauthorized: ErrorInfo(401, "login", 401, DIMSE_REFUSED_NOT_AUTHORIZED),
+    Forbidden: ErrorInfo(403, "forbidden", 403, DIMSE_REFUSED_NOT_AUTHORIZED),
+    InternalError: ErrorInfo(500, "exception", 500, DIMSE_PROCESSING_FAILURE),
+    SynthportError: ErrorInfo(500, "exception", 500, DIMSE_PROCESSING_FAILURE),
+}
+
+# Plain HTTP status -> issue code, for errors raised by the web framework itself.
+HTTP_ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
+                    405: "not-supported", 406: "not-supported", 409: "conflict",
+                    410: "deleted", 412: "conflict", 413: "too-costly", 415: "not-supported",
+                    422: "processing", 429: "throttled", 501: "not-supported"}
+
+
+def describe(err: SynthportError) -> ErrorInfo:
+    """Return the table row for an error (walking up its class hierarchy)."""
+    for cls in type(err).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ERROR_TABLE[SynthportError]
+
+
+def operation_outcome(message: str, code: str = "exception", severity: str = "error",
+                      expression: list[str] | None = None,
+                      extra: list[dict] | None = None) -> dict:
+    """Build an OperationOutcome dict (FHIR R4 §6.1.2)."""
+    issue = {"severity": severity, "code": code, "diagnostics": message}
+    if expression:
+        issue["expression"] = expression
+    return {"resourceType": "OperationOutcome", "issue": [issue] + list(extra or [])}
+
+
+def outcome_for(err: SynthportError) -> tuple[int, dict]:
+    """HTTP status and OperationOutcome for an error."""
+    info = describe(err)
+    return info.http_status, operation_outcome(err.message, info.issue_code,
+                                               expression=err.expression, extra=err.issues)

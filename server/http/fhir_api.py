@@ -1,0 +1,275 @@
+"""FHIR R4 REST blueprint (FHIR R4 http §3.1.0). Routes parse, call a source, serialise.
+
+The same blueprint factory serves the real source at ``/fhir`` and, later, synthetic
+cohorts at ``/synthetic/<cohort>/fhir``: routes only see the :class:`Source` protocol.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import orjson
+from flask import Blueprint, Response, current_app, g, request
+
+from server.errors import (InvalidRequest, NotAcceptable, NotFound, UnsupportedMediaType)
+from server.fhir import bundles
+from server.fhir.capability import capability_statement
+from server.fhir.timeutil import http_date, instant, parse_http_date
+from server.fhir.validation import validate
+from server.source import RequestContext, Source, StoredResource, WriteResult
+
+FHIR_JSON = "application/fhir+json"
+_JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
+_SAFE_BASE = re.compile(r"^[A-Za-z0-9+.\-]+://[A-Za-z0-9.\-_:\[\]]+(/[A-Za-z0-9._~\-/]*)?$")
+
+
+def make_fhir_blueprint(name: str, url_prefix: str,
+                        get_source: Callable[[], Source]) -> Blueprint:
+    """Build the FHIR REST blueprint for one source."""
+    bp = Blueprint(name, __name__, url_prefix=url_prefix)
+
+    def ctx() -> RequestContext:
+        return build_context(request.view_args or {})
+
+    # --- system level -----------------------------------------------------------
+    @bp.get("/metadata")
+    def metadata():
+        src = get_source()
+        return fhir_response(capability_statement(ctx().base_url, src.writable, src.name))
+
+    @bp.post("")
+    @bp.post("/")
+    def system_bundle():
+        return fhir_response(get_source().bundle(ctx(), read_body()))
+
+    @bp.get("")
+    @bp.get("/")
+    def system_search():
+        c = ctx()
+        result = get_source().search(c, None, query_params())
+        return raw_response(bundles.search_bundle_bytes(c, None, result, ""))
+
+    @bp.post("/_search")
+    def system_search_post():
+        c = ctx()
+        result = get_source().search(c, None, query_params() + form_params())
+        return raw_response(bundles.search_bundle_bytes(c, None, result, ""))
+
+    @bp.get("/_history")
+    def system_history():
+        c = ctx()
+        result = get_source().history(c, None, None, query_params())
+        return raw_response(bundles.history_bundle_bytes(c, "_history", result))
+
+    # --- type level -------------------------------------------------------------
+    @bp.get("/<res_type>")
+    def search(res_type: str):
+        c = ctx()
+        result = get_source().search(c, res_type, query_params())
+        return raw_response(bundles.search_bundle_bytes(c, res_type, result))
+
+    @bp.post("/<res_type>/_search")
+    def search_post(res_type: str):
+        c = ctx()
+        result = get_source().search(c, res_type, query_params() + form_params())
+        return raw_response(bundles.search_bundle_bytes(c, res_type, result))
+
+    @bp.post("/<res_type>")
+    def create(res_type: str):
+        c = ctx()
+        r = get_source().create(c, res_type, read_body(), request.headers.get("If-None-Exist"))
+        return write_response(c, r)
+
+    @bp.put("/<res_type>")
+    def conditional_update(res_type: str):
+        c = ctx()
+        return write_response(c, get_source().conditional_update(c, res_type, query_params(), read_body()))
+
+    @bp.delete("/<res_type>")
+    def conditional_delete(res_type: str):
+        c = ctx()
+        return write_response(c, get_source().conditional_delete(c, res_type, query_params()))
+
+    @bp.get("/<res_type>/_history")
+    def type_history(res_type: str):
+        c = ctx()
+        result = get_source().history(c, res_type, None, query_params())
+        return raw_response(bundles.history_bundle_bytes(c, f"{res_type}/_history", result))
+
+    @bp.post("/<res_type>/$validate")
+    @bp.post("/<res_type>/<res_id>/$validate")
+    def validate_op(res_type: str, res_id: str | None = None):
+        body = read_body()
+        if body.get("resourceType") == "Parameters":
+            body = next((p.get("resource") for p in body.get("parameter", [])
+                         if p.get("name") == "resource"), None) or {}
+        validate(body, res_type)
+        return fhir_response({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "information", "code": "informational", "diagnostics": "Validation successful"}]})
+
+    # --- instance level ---------------------------------------------------------
+    @bp.get("/<res_type>/<res_id>")
+    def read(res_type: str, res_id: str):
+        stored = get_source().read(ctx(), res_type, res_id)
+        return not_modified(stored) or resource_response(stored)
+
+    @bp.put("/<res_type>/<res_id>")
+    def update(res_type: str, res_id: str):
+        c = ctx()
+        r = get_source().update(c, res_type, res_id, read_body(), request.headers.get("If-Match"))
+        return write_response(c, r)
+
+    @bp.patch("/<res_type>/<res_id>")
+    def patch(res_type: str, res_id: str):
+        c = ctx()
+        r = get_source().patch(c, res_type, res_id, read_body(patch=True), request.headers.get("If-Match"))
+        return write_response(c, r)
+
+    @bp.delete("/<res_type>/<res_id>")
+    def delete(res_type: str, res_id: str):
+        c = ctx()
+        return write_response(c, get_source().delete(c, res_type, res_id))
+
+    @bp.get("/<res_type>/<res_id>/_history")
+    def instance_history(res_type: str, res_id: str):
+        c = ctx()
+        result = get_source().history(c, res_type, res_id, query_params())
+        return raw_response(bundles.history_bundle_bytes(c, f"{res_type}/{res_id}/_history", result))
+
+    @bp.get("/<res_type>/<res_id>/_history/<version>")
+    def vread(res_type: str, res_id: str, version: str):
+        if not version.isdigit():
+            raise NotFound(f"Version '{version}' is not known")
+        return resource_response(get_source().vread(ctx(), res_type, res_id, int(version)))
+
+    @bp.route("/Patient/<res_id>/$everything", methods=["GET", "POST"])
+    def everything(res_id: str):
+        c = ctx()
+        result = get_source().everything(c, res_id, query_params() + form_params())
+        result.self_params = query_params()
+        return raw_response(bundles.search_bundle_bytes(c, "Patient", result, f"Patient/{res_id}/$everything"))
+
+    return bp
+
+
+# ------------------------------------------------------------------------ helpers
+def build_context(view_args: dict) -> RequestContext:
+    """Request context: base URL as the client called it, Prefer, handling."""
+    cfg = current_app.config["SYNTHPORT"]
+    public = cfg.get("public_base_url")
+    prefix = request.blueprint and current_app.blueprints[request.blueprint].url_prefix or ""
+    for k, v in view_args.items():
+        prefix = prefix.replace(f"<{k}>", str(v))
+    if public:
+        base = public.rstrip("/") + prefix
+    else:
+        base = request.host_url.rstrip("/") + prefix
+    if not _SAFE_BASE.match(base):
+        raise InvalidRequest("Invalid Host header")
+    prefer = request.headers.get("Prefer", "")
+    ret, handling = "representation", cfg.get("search_handling", "lenient")
+    for part in prefer.split(";") if ";" in prefer else prefer.split(","):
+        k, _, v = part.strip().partition("=")
+        if k == "return" and v in ("minimal", "representation", "OperationOutcome"):
+            ret = v
+        elif k == "handling" and v in ("strict", "lenient"):
+            handling = v
+    return RequestContext(base_url=base, handling=handling, prefer_return=ret,
+                          request_id=request.headers.get("X-Request-Id", ""))
+
+
+def check_accept() -> None:
+    """FHIR R4 http §3.1.0.1.8: JSON only; XML-only Accept gets 406."""
+    fmt = request.args.get("_format")
+    if fmt and not any(x in fmt for x in ("json",)):
+        raise NotAcceptable(f"_format '{fmt}' is not supported; this server speaks JSON")
+    accept = request.headers.get("Accept")
+    if not accept or fmt:
+        return
+    if any(t in accept for t in ("json", "*/*", "application/*")):
+        return
+    raise NotAcceptable(f"Cannot produce '{accept}'; this server produces {FHIR_JSON}")
+
+
+def read_body(patch: bool = False):
+    ctype = (request.mimetype or "").lower()
+    if patch:
+        if ctype not in ("application/json-patch+json",) + _JSON_TYPES:
+            raise UnsupportedMediaType(f"PATCH body type '{ctype}' not supported; "
+                                       "use application/json-patch+json")
+    elif ctype and ctype not in _JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type '{ctype}' is not supported; send {FHIR_JSON} "
+                                   "(XML is not accepted)")
+    data = request.get_data(cache=False)
+    if not data:
+        raise InvalidRequest("Request body is empty")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"Body is not valid JSON: {exc}") from None
+
+
+def query_params() -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.args.items(multi=True) if k not in ("_format", "_pretty")]
+
+
+def form_params() -> list[tuple[str, str]]:
+    if request.mimetype == "application/x-www-form-urlencoded":
+        return [(k, v) for k, v in request.form.items(multi=True)]
+    return []
+
+
+def fhir_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return raw_response(orjson.dumps(body), status, headers)
+
+
+def raw_response(data: bytes, status: int = 200, headers: dict | None = None) -> Response:
+    resp = Response(data, status=status, content_type=f"{FHIR_JSON}; charset=utf-8")
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def _version_headers(stored: StoredResource) -> dict:
+    return {"ETag": stored.etag, "Last-Modified": http_date(stored.last_updated)}
+
+
+def resource_response(stored: StoredResource, status: int = 200) -> Response:
+    return raw_response(stored.body or b"", status, _version_headers(stored))
+
+
+def not_modified(stored: StoredResource) -> Response | None:
+    """If-None-Match / If-Modified-Since (FHIR R4 http §3.1.0.2, conditional read)."""
+    inm = request.headers.get("If-None-Match")
+    if inm:
+        tags = {t.strip().removeprefix("W/").strip('"') for t in inm.split(",")}
+        if str(stored.version) in tags or "*" in tags:
+            return Response(status=304, headers=_version_headers(stored))
+        return None
+    ims = request.headers.get("If-Modified-Since")
+    if ims:
+        since = parse_http_date(ims)
+        if since is not None and int(stored.last_updated) <= since:
+            return Response(status=304, headers=_version_headers(stored))
+    return None
+
+
+def write_response(ctx: RequestContext, result: WriteResult) -> Response:
+    """Honour Prefer: return=minimal|representation|OperationOutcome (FHIR R4 http §3.1.0.8)."""
+    s = result.resource
+    headers = {}
+    if s is not None and not s.deleted:
+        headers = _version_headers(s)
+        if result.status == 201 or request.method in ("PUT", "PATCH", "POST"):
+            headers["Location"] = f"{ctx.base_url}/{s.res_type}/{s.res_id}/_history/{s.version}"
+    if result.status == 204 or (s is not None and s.deleted):
+        return Response(status=204 if result.status == 204 else result.status, headers=headers)
+    if ctx.prefer_return == "minimal" or s is None:
+        return Response(status=result.status, headers=headers)
+    if ctx.prefer_return == "OperationOutcome":
+        oo = result.outcome or {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "information", "code": "informational",
+             "diagnostics": f"{request.method} {s.res_type}/{s.res_id} version {s.version} "
+                            f"at {instant(s.last_updated)}"}]}
+        return fhir_response(oo, result.status, headers)
+    return raw_response(s.body, result.status, headers)

@@ -1,0 +1,102 @@
+"""The source protocol: what every FHIR route talks to, real store or synthetic cohort.
+
+Routes call a :class:`Source` with a :class:`RequestContext`; they never know which
+kind of source they hold. Access control and audit hook in at this boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class RequestContext:
+    """Who asks, with what rights, and how links must be written.
+
+    Attributes:
+        base_url: the FHIR base as the client called it (e.g. ``http://h:8080/fhir``).
+        caller: authenticated client id (``anonymous`` when auth is off).
+        scopes: granted SMART scopes (empty = unrestricted while auth is off).
+        patient: patient id the caller is bound to (patient compartment), if any.
+        handling: ``lenient`` or ``strict`` for unknown search parameters.
+        prefer_return: ``minimal`` / ``representation`` / ``OperationOutcome``.
+    """
+
+    base_url: str = ""
+    caller: str = "anonymous"
+    scopes: tuple[str, ...] = ()
+    patient: str | None = None
+    handling: str = "lenient"
+    prefer_return: str = "representation"
+    request_id: str = ""
+
+
+@dataclass
+class StoredResource:
+    """One version of a resource as stored: the JSON bytes are served as they are."""
+
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: float        # epoch seconds UTC
+    deleted: bool = False
+    body: bytes | None = None  # JSON incl. meta.versionId / meta.lastUpdated
+    method: str = "PUT"
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+
+@dataclass
+class WriteResult:
+    """Outcome of a create/update/patch/delete."""
+
+    status: int                       # 200, 201, 204 ...
+    resource: StoredResource | None = None
+    outcome: dict | None = None       # OperationOutcome for warnings/information
+
+
+@dataclass
+class SearchResult:
+    """A page of search results and what is needed to build its Bundle."""
+
+    matches: list[StoredResource]
+    includes: list[StoredResource] = field(default_factory=list)
+    total: int | None = None
+    self_params: list[tuple[str, str]] = field(default_factory=list)
+    next_params: list[tuple[str, str]] | None = None
+    prev_params: list[tuple[str, str]] | None = None
+    warnings: list[str] = field(default_factory=list)
+    summary_count: bool = False
+    elements: list[str] | None = None
+    summary: str | None = None
+
+
+class Source(Protocol):
+    """What the FHIR REST layer needs from a source."""
+
+    name: str
+    writable: bool
+
+    def capabilities(self) -> dict[str, Any]: ...
+    def read(self, ctx: RequestContext, res_type: str, res_id: str) -> StoredResource: ...
+    def vread(self, ctx: RequestContext, res_type: str, res_id: str, version: int) -> StoredResource: ...
+    def search(self, ctx: RequestContext, res_type: str | None,
+               params: list[tuple[str, str]]) -> SearchResult: ...
+    def history(self, ctx: RequestContext, res_type: str | None, res_id: str | None,
+                params: list[tuple[str, str]]) -> SearchResult: ...
+    def create(self, ctx: RequestContext, res_type: str, body: dict,
+               if_none_exist: str | None = None) -> WriteResult: ...
+    def update(self, ctx: RequestContext, res_type: str, res_id: str, body: dict,
+               if_match: str | None = None) -> WriteResult: ...
+    def conditional_update(self, ctx: RequestContext, res_type: str,
+                           params: list[tuple[str, str]], body: dict) -> WriteResult: ...
+    def patch(self, ctx: RequestContext, res_type: str, res_id: str, patch: list,
+              if_match: str | None = None) -> WriteResult: ...
+    def delete(self, ctx: RequestContext, res_type: str, res_id: str) -> WriteResult: ...
+    def conditional_delete(self, ctx: RequestContext, res_type: str,
+                           params: list[tuple[str, str]]) -> WriteResult: ...
+    def bundle(self, ctx: RequestContext, bundle: dict) -> dict: ...
+    def everything(self, ctx: RequestContext, patient_id: str,
+                   params: list[tuple[str, str]]) -> SearchResult: ...

@@ -1,0 +1,455 @@
+"""The real source: FHIR resources in SQL (SQLite by default, PostgreSQL at scale).
+
+Every write appends a version row and its index rows in one transaction; nothing is
+half-written. Conditional writes are serialised per condition (SQLite: the write lock
+taken at BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped advisory lock keyed by the
+condition), so concurrent identical conditional creates yield exactly one resource.
+"""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Iterable
+from urllib.parse import parse_qsl
+
+import jsonpatch
+import orjson
+from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy.engine import Connection, Engine
+
+from server.db import schema as S
+from server.db.engine import begin_write, is_sqlite, make_engine, migrate
+from server.errors import (Gone, InvalidRequest, MultipleMatches, NotFound, PreconditionFailed,
+                           Unprocessable)
+from server.fhir import search as fsearch
+from server.fhir.extract import extract
+from server.fhir.timeutil import instant, now, parse_instant
+from server.fhir.validation import check_type, valid_id, validate
+from server.source import RequestContext, SearchResult, StoredResource, WriteResult
+
+R = S.resource
+_LOAD_COLS = (R.c.pk, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted,
+              R.c.body, R.c.method)
+
+
+@dataclass
+class PendingWrite:
+    """A version about to be written (body already validated)."""
+
+    res_type: str
+    res_id: str
+    body: dict | None          # None for a delete tombstone
+    method: str
+    prev_pk: int | None = None
+    prev_version: int = 0
+
+    @property
+    def deleted(self) -> bool:
+        return self.body is None
+
+
+def parse_etag(value: str | None) -> int | None:
+    """``W/"3"`` or ``"3"`` or ``3`` -> 3 (FHIR R4 http §3.1.0.5)."""
+    if not value:
+        return None
+    v = value.strip()
+    if v.startswith("W/"):
+        v = v[2:]
+    v = v.strip('"')
+    if not v.isdigit():
+        raise InvalidRequest(f"Invalid ETag '{value}'")
+    return int(v)
+
+
+def strip_meta(body: dict) -> dict:
+    """Body without the server-managed parts of meta (for no-op update detection)."""
+    out = dict(body)
+    meta = dict(out.get("meta") or {})
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    if meta:
+        out["meta"] = meta
+    else:
+        out.pop("meta", None)
+    return out
+
+
+def _row_to_stored(row) -> StoredResource:
+    return StoredResource(res_type=row.res_type, res_id=row.res_id, version=row.version,
+                          last_updated=row.last_updated, deleted=bool(row.deleted),
+                          body=row.body, method=row.method)
+
+
+class SqlStore:
+    """SQL-backed implementation of :class:`server.source.Source` (the real data)."""
+
+    name = "real"
+    writable = True
+
+    def __init__(self, engine: Engine, config: dict | None = None):
+        self.engine = engine
+        self.config = dict(config or {})
+        self.default_count = int(self.config.get("default_count", 50))
+        self.max_count = int(self.config.get("max_count", 1000))
+
+    @classmethod
+    def from_url(cls, url: str, config: dict | None = None, auto_migrate: bool = True) -> "SqlStore":
+        engine = make_engine(url)
+        if auto_migrate:
+            migrate(engine)
+        return cls(engine, config)
+
+    # ------------------------------------------------------------------ helpers
+    def capabilities(self) -> dict:
+        return {"writable": True}
+
+    @staticmethod
+    def _latest(conn: Connection, res_type: str, res_id: str):
+        return conn.execute(
+            select(*_LOAD_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id,
+                                      R.c.superseded_by.is_(None))
+        ).first()
+
+    def load(self, conn: Connection, pks: Iterable[int]) -> list[StoredResource]:
+        """Load version rows by pk, in the given order."""
+        pks = list(pks)
+        if not pks:
+            return []
+        rows = {}
+        for i in range(0, len(pks), 900):
+            chunk = pks[i:i + 900]
+            for row in conn.execute(select(*_LOAD_COLS).where(R.c.pk.in_(chunk))):
+                rows[row.pk] = row
+        return [_row_to_stored(rows[p]) for p in pks if p in rows]
+
+    def _lock_condition(self, conn: Connection, key: str) -> None:
+        """Serialise writers on one condition (SQLite already holds the write lock)."""
+        if not is_sqlite(self.engine):
+            k = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": k})
+
+    def write_versions(self, conn: Connection, items: list[PendingWrite],
+                       ts: float | None = None) -> list[StoredResource]:
+        """Append versions and their index rows (bulk); the caller owns the transaction."""
+        if not items:
+            return []
+        ts = now() if ts is None else ts
+        stamp = instant(ts)
+        rows, stored = [], []
+        for it in items:
+            version = it.prev_version + 1
+            if it.body is not None:
+                body = it.body
+                body["id"] = it.res_id
+                meta = dict(body.get("meta") or {})
+                meta["versionId"] = str(version)
+                meta["lastUpdated"] = stamp
+                body["meta"] = meta
+                # Keep resourceType and id first, as FHIR JSON conventionally does.
+                body = {"resourceType": body["resourceType"], "id": it.res_id,
+                        **{k: v for k, v in body.items() if k not in ("resourceType", "id")}}
+                it.body = body
+                raw = orjson.dumps(body)
+            else:
+                raw = None
+            rows.append({"res_type": it.res_type, "res_id": it.res_id, "version": version,
+                         "last_updated": ts, "deleted": it.body is None, "method": it.method,
+                         "superseded_by": None, "body": raw})
+            stored.append(StoredResource(it.res_type, it.res_id, version, ts, it.body is None,
+                                         raw, it.method))
+        result = conn.execute(insert(R).returning(R.c.pk, sort_by_parameter_order=True), rows)
+        pks = [r[0] for r in result]
+        supersede = [{"old": it.prev_pk, "new": pk} for it, pk in zip(items, pks) if it.prev_pk]
+        if supersede:
+            conn.execute(update(R).where(R.c.pk == bindparam("old"))
+                         .values(superseded_by=bindparam("new")), supersede)
+        index_rows: dict[str, list[dict]] = {}
+        for it, pk in zip(items, pks):
+            if it.body is None:
+                continue
+            for kind, tuples in extract(it.body).items():
+                if not tuples:
+                    continue
+                cols = S.INDEX_COLUMNS[kind]
+                bucket = index_rows.setdefault(kind, [])
+                for t in tuples:
+                    row = {"res_pk": pk, "res_type": it.res_type, "param": t[0]}
+                    row.update(zip(cols, t[1:]))
+                    bucket.append(row)
+        for kind, bucket in index_rows.items():
+            if bucket:
+                conn.execute(insert(S.INDEX_TABLES[kind]), bucket)
+        return stored
+
+    # ------------------------------------------------------------------ reads
+    def read(self, ctx: RequestContext, res_type: str, res_id: str) -> StoredResource:
+        check_type(res_type)
+        with self.engine.connect() as conn:
+            row = self._latest(conn, res_type, res_id)
+        if row is None:
+            raise NotFound(f"{res_type}/{res_id} is not known")
+        if row.deleted:
+            raise Gone(f"{res_type}/{res_id} was deleted (version {row.version})")
+        return _row_to_stored(row)
+
+    def vread(self, ctx: RequestContext, res_type: str, res_id: str, version: int) -> StoredResource:
+        check_type(res_type)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*_LOAD_COLS).where(
+                R.c.res_type == res_type, R.c.res_id == res_id, R.c.version == version)).first()
+        if row is None:
+            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
+        if row.deleted:
+            raise Gone(f"{res_type}/{res_id} version {version} is a deletion")
+        return _row_to_stored(row)
+
+    def search(self, ctx: RequestContext, res_type: str | None,
+               params: list[tuple[str, str]]) -> SearchResult:
+        if res_type:
+            check_type(res_type)
+        parsed = fsearch.parse(res_type, params, handling=ctx.handling,
+                               default_count=self.default_count, max_count=self.max_count)
+        with self.engine.connect() as conn:
+            snapshot = _snapshot_param(params)
+            page = fsearch.execute(conn, parsed, snapshot=snapshot)
+            matches = self.load(conn, page.pks)
+            includes = self.load(conn, page.include_pks)
+        return SearchResult(matches=matches, includes=includes, total=page.total,
+                            self_params=parsed.self_params, next_params=page.next_params,
+                            prev_params=page.prev_params, warnings=list(page.warnings),
+                            summary_count=parsed.summary == "count",
+                            elements=parsed.elements, summary=parsed.summary)
+
+    def match(self, conn: Connection, res_type: str, query: str | list[tuple[str, str]]) -> list[tuple[int, str]]:
+        """Current matches of a conditional criterion (``identifier=a|b``)."""
+        params = parse_qsl(query, keep_blank_values=True) if isinstance(query, str) else query
+        if not params:
+            raise InvalidRequest("A conditional operation needs search criteria")
+        return fsearch.match_pks(conn, res_type, params)
+
+    def history(self, ctx: RequestContext, res_type: str | None, res_id: str | None,
+                params: list[tuple[str, str]]) -> SearchResult:
+        """Instance, type or system history (FHIR R4 http §3.1.0.11), newest first, paged."""
+        if res_type:
+            check_type(res_type)
+        count, offset, since, at = self.default_count, 0, None, None
+        for k, v in params:
+            if k == "_count":
+                count = _int_param(k, v, 0)
+            elif k == "_offset":
+                offset = _int_param(k, v, 0)
+            elif k == "_since":
+                since = parse_instant(v)
+            elif k == "_at":
+                at = parse_instant(v)
+        warnings = []
+        if count > self.max_count:
+            warnings.append(f"_count capped at {self.max_count}")
+            count = self.max_count
+        with self.engine.connect() as conn:
+            snapshot = _snapshot_param(params)
+            if snapshot is None:
+                snapshot = conn.execute(select(func.coalesce(func.max(R.c.pk), 0))).scalar_one()
+            cond = [R.c.pk <= snapshot]
+            if res_type:
+                cond.append(R.c.res_type == res_type)
+            if res_id:
+                cond.append(R.c.res_id == res_id)
+                if not conn.execute(select(R.c.pk).where(*cond).limit(1)).first():
+                    raise NotFound(f"{res_type}/{res_id} is not known")
+            if since is not None:
+                cond.append(R.c.last_updated >= since)
+            if at is not None:
+                cond.append(R.c.last_updated <= at)
+            total = conn.execute(select(func.count()).select_from(R).where(*cond)).scalar_one()
+            rows = conn.execute(select(*_LOAD_COLS).where(*cond)
+                                .order_by(R.c.last_updated.desc(), R.c.pk.desc())
+                                .limit(count).offset(offset)).all()
+        base = [(k, v) for k, v in params if k not in ("_offset", "_snapshot")]
+        nxt = base + [("_snapshot", str(snapshot)), ("_offset", str(offset + count))] \
+            if offset + count < total and count > 0 else None
+        prev = base + [("_snapshot", str(snapshot)), ("_offset", str(max(0, offset - count)))] \
+            if offset > 0 else None
+        return SearchResult(matches=[_row_to_stored(r) for r in rows], total=total,
+                            self_params=params, next_params=nxt, prev_params=prev,
+                            warnings=warnings)
+
+    # ------------------------------------------------------------------ writes
+    def create(self, ctx: RequestContext, res_type: str, body: dict,
+               if_none_exist: str | None = None) -> WriteResult:
+        check_type(res_type)
+        validate(body, res_type)
+        conn = begin_write(self.engine)
+        try:
+            with conn.begin():
+                if if_none_exist:
+                    self._lock_condition(conn, f"{res_type}?{if_none_exist}")
+                    found = self.match(conn, res_type, if_none_exist)
+                    if len(found) > 1:
+                        raise MultipleMatches(f"If-None-Exist '{if_none_exist}' matched "
+                                              f"{len(found)} resources")
+                    if found:
+                        existing = self.load(conn, [found[0][0]])[0]
+                        return WriteResult(200, existing)
+                res_id = str(uuid.uuid4())
+                stored = self.write_versions(conn, [PendingWrite(res_type, res_id, body, "POST")])
+        finally:
+            conn.close()
+        return WriteResult(201, stored[0])
+
+    def update(self, ctx: RequestContext, res_type: str, res_id: str, body: dict,
+               if_match: str | None = None) -> WriteResult:
+        check_type(res_type)
+        if not valid_id(res_id):
+            raise InvalidRequest(f"Invalid id '{res_id}'")
+        if not isinstance(body, dict) or body.get("id") != res_id:
+            raise InvalidRequest(f"The resource id must be present and equal to the URL id '{res_id}' "
+                                 "(FHIR R4 http §3.1.0.4)", [f"{res_type}.id"])
+        validate(body, res_type)
+        want = parse_etag(if_match)
+        conn = begin_write(self.engine)
+        try:
+            with conn.begin():
+                return self._update_locked(conn, res_type, res_id, body, want)
+        finally:
+            conn.close()
+
+    def _update_locked(self, conn, res_type, res_id, body, want_version=None,
+                       method="PUT") -> WriteResult:
+        cur = self._latest(conn, res_type, res_id)
+        if want_version is not None and (cur is None or cur.deleted or cur.version != want_version):
+            have = "none" if cur is None or cur.deleted else cur.version
+            raise PreconditionFailed(f"If-Match version {want_version} does not match current "
+                                     f"version {have} of {res_type}/{res_id}")
+        if cur is not None and not cur.deleted and cur.body is not None:
+            old = orjson.loads(cur.body)
+            if strip_meta(old) == strip_meta(body):  # no-op update: no new version
+                return WriteResult(200, _row_to_stored(cur))
+        item = PendingWrite(res_type, res_id, body, method,
+                            prev_pk=cur.pk if cur is not None else None,
+                            prev_version=cur.version if cur is not None else 0)
+        stored = self.write_versions(conn, [item])[0]
+        created = cur is None or cur.deleted
+        return WriteResult(201 if created else 200, stored)
+
+    def conditional_update(self, ctx: RequestContext, res_type: str,
+                           params: list[tuple[str, str]], body: dict) -> WriteResult:
+        check_type(res_type)
+        validate(body, res_type)
+        conn = begin_write(self.engine)
+        try:
+            with conn.begin():
+                key = "&".join(f"{k}={v}" for k, v in params)
+                self._lock_condition(conn, f"{res_type}?{key}")
+                found = self.match(conn, res_type, params)
+                if len(found) > 1:
+                    raise MultipleMatches(f"Conditional update matched {len(found)} resources")
+                if found:
+                    res_id = found[0][1]
+                    if body.get("id") not in (None, res_id):
+                        raise InvalidRequest(f"Body id '{body.get('id')}' differs from the matched "
+                                             f"resource {res_type}/{res_id}")
+                else:
+                    res_id = body.get("id") or str(uuid.uuid4())
+                body["id"] = res_id
+                return self._update_locked(conn, res_type, res_id, body)
+        finally:
+            conn.close()
+
+    def patch(self, ctx: RequestContext, res_type: str, res_id: str, patch: list,
+              if_match: str | None = None) -> WriteResult:
+        check_type(res_type)
+        want = parse_etag(if_match)
+        conn = begin_write(self.engine)
+        try:
+            with conn.begin():
+                cur = self._latest(conn, res_type, res_id)
+                if cur is None:
+                    raise NotFound(f"{res_type}/{res_id} is not known")
+                if cur.deleted:
+                    raise Gone(f"{res_type}/{res_id} was deleted")
+                body = apply_json_patch(orjson.loads(cur.body), patch)
+                if body.get("resourceType") != res_type or body.get("id") != res_id:
+                    raise Unprocessable("A patch may not change resourceType or id")
+                validate(body, res_type)
+                return self._update_locked(conn, res_type, res_id, body, want, method="PATCH")
+        finally:
+            conn.close()
+
+    def delete(self, ctx: RequestContext, res_type: str, res_id: str) -> WriteResult:
+        check_type(res_type)
+        conn = begin_write(self.engine)
+        try:
+            with conn.begin():
+                return self._delete_locked(conn, res_type, res_id)
+        finally:
+            conn.close()
+
+    def _delete_locked(self, conn, res_type, res_id) -> WriteResult:
+        cur = self._latest(conn, res_type, res_id)
+        if cur is None:
+            raise NotFound(f"{res_type}/{res_id} is not known")
+        if cur.deleted:
+            return WriteResult(204, _row_to_stored(cur))
+        stored = self.write_versions(conn, [PendingWrite(res_type, res_id, None, "DELETE",
+                                                         prev_pk=cur.pk, prev_version=cur.version)])
+        return WriteResult(204, stored[0])
+
+    def conditional_delete(self, ctx: RequestContext, res_type: str,
+                           params: list[tuple[str, str]]) -> WriteResult:
+        check_type(res_type)
+        conn = begin_write(self.engine)
+        try:
+            with conn.begin():
+                key = "&".join(f"{k}={v}" for k, v in params)
+                self._lock_condition(conn, f"{res_type}?{key}")
+                found = self.match(conn, res_type, params)
+                if len(found) > 1:
+                    raise MultipleMatches(f"Conditional delete matched {len(found)} resources; "
+                                          "refine the criteria")
+                if not found:
+                    return WriteResult(204)
+                return self._delete_locked(conn, res_type, found[0][1])
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ bundles / operations
+    def bundle(self, ctx: RequestContext, bundle: dict) -> dict:
+        from server.fhir.transaction import process_bundle
+
+        return process_bundle(self, ctx, bundle)
+
+    def everything(self, ctx: RequestContext, patient_id: str,
+                   params: list[tuple[str, str]]) -> SearchResult:
+        from server.fhir.everything import patient_everything
+
+        return patient_everything(self, ctx, patient_id, params)
+
+
+def apply_json_patch(doc: dict, patch: list) -> dict:
+    """Apply RFC 6902 JSON Patch (FHIR R4 http §3.1.0.7.1)."""
+    if not isinstance(patch, list):
+        raise InvalidRequest("JSON Patch body must be an array of operations")
+    try:
+        return jsonpatch.apply_patch(doc, patch)
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
+            KeyError, ValueError) as exc:
+        raise Unprocessable(f"JSON Patch could not be applied: {exc}") from None
+
+
+def _int_param(name: str, value: str, minimum: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer, got '{value}'") from None
+    if n < minimum:
+        raise InvalidRequest(f"{name} must be >= {minimum}")
+    return n
+
+
+def _snapshot_param(params: list[tuple[str, str]]) -> int | None:
+    for k, v in params:
+        if k == "_snapshot":
+            return _int_param(k, v, 0)
+    return None

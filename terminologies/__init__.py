@@ -1,0 +1,1 @@
+"""synthport terminologies package (see DESIGN.md layout)."""
