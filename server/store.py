@@ -129,6 +129,17 @@ class SqlStore:
             k = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": k})
 
+    def _match_at_most_one(self, conn: Connection, res_type: str, params: list[tuple[str, str]],
+                           what: str) -> list[tuple[int, str]]:
+        """Lock the condition, match it, refuse several matches (FHIR R4 http §3.1.0.4.3)."""
+        key = "&".join(f"{k}={v}" for k, v in params)
+        self._lock_condition(conn, f"{res_type}?{key}")
+        found = self.match(conn, res_type, params)
+        if len(found) > 1:
+            raise MultipleMatches(f"Conditional {what} matched {len(found)} resources; "
+                                  "refine the criteria")
+        return found
+
     def write_versions(self, conn: Connection, items: list[PendingWrite],
                        ts: float | None = None) -> list[StoredResource]:
         """Append versions and their index rows (bulk); the caller owns the transaction."""
@@ -340,11 +351,7 @@ class SqlStore:
         conn = begin_write(self.engine)
         try:
             with conn.begin():
-                key = "&".join(f"{k}={v}" for k, v in params)
-                self._lock_condition(conn, f"{res_type}?{key}")
-                found = self.match(conn, res_type, params)
-                if len(found) > 1:
-                    raise MultipleMatches(f"Conditional update matched {len(found)} resources")
+                found = self._match_at_most_one(conn, res_type, params, "update")
                 if found:
                     res_id = found[0][1]
                     if body.get("id") not in (None, res_id):
@@ -402,12 +409,7 @@ class SqlStore:
         conn = begin_write(self.engine)
         try:
             with conn.begin():
-                key = "&".join(f"{k}={v}" for k, v in params)
-                self._lock_condition(conn, f"{res_type}?{key}")
-                found = self.match(conn, res_type, params)
-                if len(found) > 1:
-                    raise MultipleMatches(f"Conditional delete matched {len(found)} resources; "
-                                          "refine the criteria")
+                found = self._match_at_most_one(conn, res_type, params, "delete")
                 if not found:
                     return WriteResult(204)
                 return self._delete_locked(conn, res_type, found[0][1])

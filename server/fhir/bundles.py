@@ -62,6 +62,16 @@ def link(ctx: RequestContext, path: str, params: list[tuple[str, str]] | None) -
     return f"{ctx.base_url}/{path}".rstrip("/") + (f"?{q}" if q else "")
 
 
+def page_links(ctx: RequestContext, path: str, result: SearchResult) -> list[dict]:
+    """self / next / previous links (FHIR R4 http §3.1.0.1.7: absolute, as the client called)."""
+    links = [{"relation": "self", "url": link(ctx, path, result.self_params)}]
+    if result.next_params is not None:
+        links.append({"relation": "next", "url": link(ctx, path, result.next_params)})
+    if result.prev_params is not None:
+        links.append({"relation": "previous", "url": link(ctx, path, result.prev_params)})
+    return links
+
+
 def _assemble(head: dict, entries: list[bytes]) -> bytes:
     """Serialise a Bundle whose entries are pre-rendered JSON fragments."""
     head_bytes = orjson.dumps(head)
@@ -78,12 +88,7 @@ def search_bundle_bytes(ctx: RequestContext, res_type: str | None, result: Searc
                   "meta": {"lastUpdated": instant(now())}, "type": "searchset"}
     if result.total is not None:
         head["total"] = result.total
-    links = [{"relation": "self", "url": link(ctx, path, result.self_params)}]
-    if result.next_params is not None:
-        links.append({"relation": "next", "url": link(ctx, path, result.next_params)})
-    if result.prev_params is not None:
-        links.append({"relation": "previous", "url": link(ctx, path, result.prev_params)})
-    head["link"] = links
+    head["link"] = page_links(ctx, path, result)
     entries: list[bytes] = []
     if not result.summary_count:
         for mode, group in (("match", result.matches), ("include", result.includes)):
@@ -109,12 +114,7 @@ def history_bundle_bytes(ctx: RequestContext, path: str, result: SearchResult) -
     head: dict = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
                   "meta": {"lastUpdated": instant(now())}, "type": "history",
                   "total": result.total}
-    links = [{"relation": "self", "url": link(ctx, path, result.self_params)}]
-    if result.next_params is not None:
-        links.append({"relation": "next", "url": link(ctx, path, result.next_params)})
-    if result.prev_params is not None:
-        links.append({"relation": "previous", "url": link(ctx, path, result.prev_params)})
-    head["link"] = links
+    head["link"] = page_links(ctx, path, result)
     entries = []
     for s in result.matches:
         full = f"{ctx.base_url}/{s.res_type}/{s.res_id}"

@@ -340,7 +340,10 @@ def _tok_integer(x, code, out, root):
 
 def _tok_coding(x, code, out, root):
     if type(x) is dict:
-        s, c, d = _s(x.get("system")), _s(x.get("code")), _lower(x.get("display"))
+        s, c, d = x.get("system"), x.get("code"), x.get("display")
+        s = s[:_W_STR] if type(s) is str else None
+        c = c[:_W_STR] if type(c) is str else None
+        d = d.lower() if type(d) is str else None
         if s is not None or c is not None or d is not None:
             out.append((code, s, c, d, None, None))
 
@@ -348,14 +351,20 @@ def _tok_coding(x, code, out, root):
 def _tok_codeable_concept(x, code, out, root):
     if type(x) is not dict:
         return
-    text = _lower(x.get("text"))
+    text = x.get("text")
+    text = text.lower() if type(text) is str else None
     n = len(out)
     codings = x.get("coding")
     if type(codings) is list:
         for cd in codings:
             if type(cd) is dict:
-                s, c = _s(cd.get("system")), _s(cd.get("code"))
-                t = text if text is not None else _lower(cd.get("display"))
+                s, c = cd.get("system"), cd.get("code")
+                s = s[:_W_STR] if type(s) is str else None
+                c = c[:_W_STR] if type(c) is str else None
+                t = text
+                if t is None:
+                    t = cd.get("display")
+                    t = t.lower() if type(t) is str else None
                 if s is not None or c is not None or t is not None:
                     out.append((code, s, c, t, None, None))
     if len(out) == n and text is not None:
@@ -419,8 +428,13 @@ def _date_timing(x, code, out, root):
 def _ref_reference(x, code, out, root):
     if type(x) is not dict:
         return
-    tt = tid = url = None
     ref = x.get("reference")
+    ident = x.get("identifier")
+    if type(ref) is str and ident is None:            # the common case
+        r = _REF_CACHE.get(ref) or parse_reference(ref)
+        out.append((code, r[0], r[1], r[2], None, None))
+        return
+    tt = tid = url = None
     if type(ref) is str:
         tt, tid, url = parse_reference(ref)
     if tt is None:
@@ -428,7 +442,6 @@ def _ref_reference(x, code, out, root):
         if type(typ) is str and typ in RESOURCE_TYPES:
             tt = typ
     isys = ival = None
-    ident = x.get("identifier")
     if type(ident) is dict:
         isys, ival = _s(ident.get("system")), _s(ident.get("value"))
     if tt is not None or url is not None or isys is not None or ival is not None:
@@ -450,9 +463,12 @@ def _ref_resource(x, code, out, root):
 def _qty_quantity(x, code, out, root):
     if type(x) is dict:
         v = x.get("value")
-        if _is_num(v):
-            out.append((code, float(v), _s(x.get("system")), _s(x.get("code"), _W_SHORT),
-                        _s(x.get("unit"), _W_SHORT)))
+        t = type(v)
+        if t is float or t is int or t is Decimal:
+            s, c, u = x.get("system"), x.get("code"), x.get("unit")
+            out.append((code, float(v), s[:_W_STR] if type(s) is str else None,
+                        c[:_W_SHORT] if type(c) is str else None,
+                        u[:_W_SHORT] if type(u) is str else None))
 
 
 def _qty_money(x, code, out, root):
@@ -1017,6 +1033,16 @@ class CompiledType:
         else:
             self.by_key.setdefault(b.head, []).append(entry)
 
+    def add_on_keys(self, keys: set[str], conv: Converter, code: str, kind: str) -> None:
+        """An entry evaluated on the resource itself, only when one of ``keys`` is present
+        (at most once per key: its rows are de-duplicated)."""
+        for key in sorted(keys):
+            self.by_key.setdefault(key, []).append(((_root_step,), conv, code, _KIND_INDEX[kind]))
+
+
+def _root_step(items: list, root: dict) -> list:
+    return [root]
+
 
 def _component_kind(sp: SearchParam, i: int) -> str:
     if i == 0:
@@ -1047,7 +1073,17 @@ def _compile_composite(c: _Compiler, sp: SearchParam, plan: CompiledType) -> Non
                 break                              # a component with no value: no rows
             comps.append((kind, convs))
         else:
-            plan.add(focus, _composite_handler(comps), sp.code, "composite")
+            handler = _composite_handler(comps)
+            if focus.head is None and not focus.steps:
+                # Focus on the resource itself (``Observation``): rows need every component,
+                # so run only when the top-level keys of one of them are present (e.g.
+                # valueQuantity), instead of on every resource.
+                heads = [{b.head for b, _ in convs} for _, convs in comps[1:] or comps]
+                heads = [h for h in heads if None not in h]
+                if heads:
+                    plan.add_on_keys(min(heads, key=len), handler, sp.code, "composite")
+                    continue
+            plan.add(focus, handler, sp.code, "composite")
 
 
 def _composite_handler(comps: list[tuple[str, list[tuple[Branch, Converter]]]]) -> Converter:
@@ -1157,22 +1193,6 @@ def _remove_param(plan: CompiledType, code: str) -> None:
 # Extraction
 # ---------------------------------------------------------------------------------------------
 
-def _run_entries(entries: list[Entry], items: list, root: dict, outs: list[list]) -> None:
-    for steps, conv, code, k in entries:
-        try:
-            xs = items
-            for step in steps:
-                xs = step(xs, root)
-                if not xs:
-                    break
-            else:
-                out = outs[k]
-                for x in xs:
-                    conv(x, code, out, root)
-        except Exception:  # malformed data: this parameter yields nothing more
-            log.debug("extraction of %s failed", code, exc_info=True)
-
-
 def _run_fallback(sp: SearchParam, fn: Callable, resource: dict, outs: list[list]) -> None:
     ctx = {"resource": resource}
     try:
@@ -1215,12 +1235,27 @@ def run_plan(plan: CompiledType, resource: dict) -> dict[str, list[tuple]]:
     """Evaluate a compiled plan on a resource (see :func:`extract` for the result)."""
     outs: list[list] = [[], [], [], [], [], [], [], []]
     by_key = plan.by_key
-    for key, value in resource.items():
-        entries = by_key.get(key)
-        if entries is not None:
-            _run_entries(entries, value if type(value) is list else [value], resource, outs)
-    if plan.always:
-        _run_entries(plan.always, [resource], resource, outs)
+    starts = resource.items()
+    if plan.always:      # entries without a head key start at the resource itself
+        starts = itertools.chain(starts, ((None, resource),))
+    for key, value in starts:
+        entries = by_key.get(key) if key is not None else plan.always
+        if entries is None:
+            continue
+        items = value if type(value) is list else [value]
+        for steps, conv, code, k in entries:
+            try:
+                xs = items
+                for step in steps:
+                    xs = step(xs, resource)
+                    if not xs:
+                        break
+                else:
+                    out = outs[k]
+                    for x in xs:
+                        conv(x, code, out, resource)
+            except Exception:  # malformed data: this parameter yields nothing more
+                log.debug("extraction of %s failed", code, exc_info=True)
     for sp, fn in plan.fallback:
         _run_fallback(sp, fn, resource, outs)
     return {kind: (list(dict.fromkeys(rows)) if len(rows) > 1 else rows)

@@ -37,7 +37,7 @@ def test_fhirclient_parses_capability_statement_and_crud(base):
     pid = created["id"]
     again = Patient.read(pid, smart.server)
     assert again.name[0].family == "Fhirclient"
-    found = Patient.where(struct={"family": "fhirclient"}).perform_resources(smart.server)
+    found = list(Patient.where(struct={"family": "fhirclient"}).perform_resources_iter(smart.server))
     assert [x.id for x in found] == [pid]
 
 

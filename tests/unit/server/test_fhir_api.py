@@ -371,3 +371,22 @@ def test_post_search_and_summary_elements(client):
     assert any(t["code"] == "SUBSETTED" for t in res["meta"]["tag"])
     b = client.get("/fhir/Patient?_summary=count").get_json(force=True)
     assert b["total"] == 1 and "entry" not in b
+
+
+def test_all_routes_answer_errors_as_operation_outcome(client):
+    """Every /fhir route and method, given bad input, answers an OperationOutcome."""
+    app = client.application
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/fhir"):
+            continue
+        url = (rule.rule.replace("<res_type>", "NoSuchType").replace("<res_id>", "x!")
+               .replace("<version>", "nan"))
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            r = client.open(url, method=method, data=b"<xml/>", content_type="application/xml")
+            if r.status_code >= 400:
+                body = r.get_json(force=True)
+                assert body["resourceType"] == "OperationOutcome", (method, url, r.data)
+                assert body["issue"][0]["severity"] == "error"
+                checked += 1
+    assert checked >= 15

@@ -3,6 +3,7 @@ compiler, and its equivalence with plain fhirpathpy on Synthea data."""
 from __future__ import annotations
 
 import bz2
+import functools
 import json
 import re
 from calendar import timegm
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import fhirpathpy
 import pytest
+from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models
 
 from server.db.schema import INDEX_COLUMNS
@@ -530,8 +532,13 @@ def _split_union(text: str) -> list[str]:
     return parts + [cur.strip()]
 
 
+@functools.lru_cache(maxsize=None)
+def _fhirpathpy(text: str, raw: bool = False):
+    return fhirpathpy.compile(text, _MODEL, {"returnRawData": True} if raw else None)
+
+
 def reference_extract(resource: dict) -> dict[str, set[tuple]]:
-    """Index rows computed with plain ``fhirpathpy.evaluate`` and the shared conversion."""
+    """Index rows computed with plain fhirpathpy and the shared value conversion."""
     res_type = resource["resourceType"]
     ctx = {"resource": resource}
     out: dict[str, set[tuple]] = {k: set() for k in INDEX_COLUMNS}
@@ -540,18 +547,16 @@ def reference_extract(resource: dict) -> dict[str, set[tuple]]:
             continue
         text = _reference_text(sp.expression, res_type)
         if sp.type != "composite":
-            values = fhirpathpy.evaluate(resource, text, ctx, _MODEL)
+            values = _fhirpathpy(text)(resource, ctx)
             out[sp.type] |= set(ex.convert_values(sp.type, code, values))
             continue
         for branch in _split_union(text):          # a union's nodes lose their path
-            for node in fhirpathpy.evaluate(resource, branch, ctx, _MODEL,
-                                            {"returnRawData": True}):
+            for node in _fhirpathpy(branch, raw=True)(resource, ctx):
                 parts = []
                 for i, comp in enumerate(sp.components):
                     kind = "token" if i == 0 else registry().by_url[comp.definition].type
-                    values = fhirpathpy.evaluate(
-                        node.data, {"expression": _reference_text(comp.expression, res_type),
-                                    "base": node.path}, ctx, _MODEL)
+                    focus = ResourceNode.create_node(node.data, node.path)
+                    values = _fhirpathpy(_reference_text(comp.expression, res_type))(focus, ctx)
                     parts.append((kind, ex.convert_values(kind, None, values)))
                 out["composite"] |= set(ex.composite_rows(code, parts))
     return out

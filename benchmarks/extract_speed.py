@@ -1,0 +1,78 @@
+"""Throughput of search-index extraction (server.fhir.extract) on Synthea data, one core.
+
+Usage:
+    python benchmarks/extract_speed.py [BUNDLE.json.bz2 ...] [--repeat N]
+
+Defaults to the largest patient bundle of ../shared/data/synthea-us-120. References to
+``urn:uuid`` fullUrls are first rewritten to ``Type/id``, as transaction processing does before
+indexing. Prints resources/s (best of the repeats) and the index rows produced per resource.
+The ingest target is 3,000 resources/s overall, which needs >= 15,000 resources/s here.
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import collections
+import json
+import time
+from pathlib import Path
+
+from server.fhir import extract as ex
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synthea-us-120"
+
+
+def load(path: Path) -> list[dict]:
+    bundle = json.loads(bz2.decompress(path.read_bytes()))
+    ids = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
+           for e in bundle["entry"] if "fullUrl" in e}
+
+    def fix(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "reference" and isinstance(v, str) and v in ids:
+                    node[k] = ids[v]
+                else:
+                    fix(v)
+        elif isinstance(node, list):
+            for v in node:
+                fix(v)
+    resources = [e["resource"] for e in bundle["entry"]]
+    fix(resources)
+    return resources
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundles", nargs="*", type=Path)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    paths = args.bundles or [max(DATA.glob("[!0]*.json.bz2"), key=lambda p: p.stat().st_size)]
+    resources = [r for p in paths for r in load(p)]
+    types = collections.Counter(r["resourceType"] for r in resources)
+    print(f"{len(resources)} resources from {', '.join(p.name for p in paths)}")
+    print("  " + ", ".join(f"{t} {n}" for t, n in types.most_common()))
+    print(f"compiled: {ex.COMPILE_STATS.fast} definitions, "
+          f"fhirpathpy fallback: {len(ex.COMPILE_STATS.fallback)}")
+
+    n_rows = sum(len(v) for r in resources for v in ex.extract(r).values())   # warm caches
+    best = float("inf")
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        for r in resources:
+            ex.extract(r)
+        best = min(best, time.perf_counter() - t0)
+    print(f"{len(resources) / best:,.0f} resources/s "
+          f"({best / len(resources) * 1e6:.1f} µs/resource, {n_rows / len(resources):.1f} rows/resource)")
+
+    # Cold caches (dates, strings, references seen for the first time), one pass.
+    ex._DATE_CACHE.clear(), ex._NORM_CACHE.clear(), ex._REF_CACHE.clear()
+    t0 = time.perf_counter()
+    for r in resources:
+        ex.extract(r)
+    cold = time.perf_counter() - t0
+    print(f"{len(resources) / cold:,.0f} resources/s with cold value caches")
+
+
+if __name__ == "__main__":
+    main()
