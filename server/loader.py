@@ -652,6 +652,11 @@ def _progress_bar(progress: bool):
 def _run_pool(url: str, config: dict, jobs: int, tasks: Iterator[tuple[tuple, bool]], collect) -> None:
     """Feed tasks to ``jobs`` processes, at most 2*jobs in flight; exclusive tasks run alone."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    if method == "fork":
+        # Import the heavy modules (FHIR models, search parameters) once, before forking,
+        # so that workers share them; engines are still only created in the workers.
+        import server.fhir.transaction  # noqa: F401
+        import server.store  # noqa: F401
     ctx = mp.get_context(method)
     max_inflight = 2 * jobs
     inflight: dict[Future, tuple] = {}
@@ -691,6 +696,11 @@ def _run_pool(url: str, config: dict, jobs: int, tasks: Iterator[tuple[tuple, bo
                 collect({"file": task[1], "resources": 0,
                          "failures": [(task[1], f"loader worker died: {exc}")]})
             inflight.clear()
+            left = sum(1 for _ in tasks)
+            if left:
+                collect({"file": "(remaining inputs)", "resources": 0,
+                         "failures": [("(remaining inputs)", f"{left} tasks not loaded: a loader "
+                                                             "worker process died")]})
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -1,10 +1,10 @@
 """Search-index rows for one FHIR R4 resource, derived from the specification's FHIRPath.
 
 Every search parameter of a resource type (:func:`server.fhir.searchparams.registry`) has a
-FHIRPath ``expression`` that selects the elements it indexes (FHIR R4 search §3.1.1,
-http://hl7.org/fhir/R4/search.html). :func:`extract` evaluates them for one resource and
-converts the selected values into rows of the index tables of :mod:`server.db.schema`:
-``(param_code, *columns)`` with the columns in the order of ``INDEX_COLUMNS[kind]``.
+FHIRPath ``expression`` that selects the elements it indexes (FHIR R4 search, "Search
+Parameter Types": http://hl7.org/fhir/R4/search.html#ptypes). :func:`extract` evaluates them
+for one resource and converts the selected values into rows of the index tables of
+:mod:`server.db.schema`: ``(param_code, *columns)``, columns in ``INDEX_COLUMNS[kind]`` order.
 
 A general FHIRPath engine is far too slow for bulk ingest (fhirpathpy manages about 400
 resources/s), so every expression is parsed once with fhirpathpy's parser and the subset the
@@ -21,7 +21,7 @@ specification uses is compiled into plain-Python steps over the JSON dicts:
   type (or a subtype), so each union is split per resource type at compile time.
 
 Each branch knows its static FHIR type (from fhirpathpy's R4 model), so the value converter
-(§3.1.1.1 number ... §3.1.1.9 uri) is chosen at compile time too. At extraction time branches
+(search.html#number ... #uri) is chosen at compile time too. At extraction time branches
 are dispatched on the resource's top-level keys, so parameters whose elements are absent cost
 nothing. Expressions outside the subset fall back to ``fhirpathpy.compile`` with structural
 value conversion; :data:`COMPILE_STATS` records how many did (none of the R4 definitions do).
@@ -58,7 +58,7 @@ _W_STR = 512
 _W_URL = 1024
 _W_SHORT = 128
 
-#: Period/open-ended bounds (§3.1.1.4: a missing Period.end means "ongoing").
+#: Open Period bounds (search.html#date: a Period without end is ongoing).
 DATE_MAX = 1e18
 DATE_MIN = -1e18
 
@@ -138,7 +138,8 @@ def _member(state: str, name: str) -> list[tuple[str, str]] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Value conversion (FHIR R4 search §3.1.1.x). A converter appends rows to ``out``:
+# Value conversion (FHIR R4 search.html#ptypes, one section per kind). A converter appends
+# rows to ``out``:
 #     conv(value, param_code, out, root_resource) -> None
 # ---------------------------------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ _NORM_CACHE: dict[str, str] = {}
 
 
 def normalize_string(s: str) -> str:
-    """Normalised form for string search (§3.1.1.5: case- and accent-insensitive).
+    """Normalised form for string search (search.html#string: case- and accent-insensitive).
 
     Lower-cases, strips accents (NFKD, dropping combining marks), collapses whitespace and
     truncates to 512 characters.
@@ -181,7 +182,7 @@ def normalize_string(s: str) -> str:
     return r
 
 
-# --- dates (§3.1.1.4: every date is an implicit range given by its precision) ---------------
+# --- dates (search.html#date: every date is an implicit range given by its precision) -------
 
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
 _DATE_RE = re.compile(
@@ -249,7 +250,7 @@ def date_range(s: Any) -> tuple[float, float] | None:
     return r
 
 
-# --- references (§3.1.1.6) -------------------------------------------------------------------
+# --- references (search.html#reference) -------------------------------------------------------
 
 _REF_RE = re.compile(r"(?:(https?://.+)/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})"
                      r"(?:/_history/[A-Za-z0-9\-.]{1,64})?")
@@ -288,7 +289,7 @@ def reference_is(value: Any, res_type: str) -> bool:
 
 
 # --- converters per index kind ------------------------------------------------------------------
-# string (§3.1.1.5): (value normalised, exact)
+# string (search.html#string): (value normalised, exact)
 
 def _str_string(x, code, out, root):
     if type(x) is str:
@@ -321,7 +322,7 @@ def _str_address(x, code, out, root):
         _str_parts(x, code, out, _ADDRESS_KEYS)
 
 
-# token (§3.1.1.7): (system, code, text, type_system, type_code)
+# token (search.html#token): (system, code, text, type_system, type_code)
 
 def _tok_code(x, code, out, root):
     if type(x) is str:
@@ -379,7 +380,7 @@ def _tok_identifier(x, code, out, root):
         return
     tt = ts = tc = None
     typ = x.get("type")
-    if type(typ) is dict:                 # for the :of-type modifier (§3.1.1.7)
+    if type(typ) is dict:                 # for the :of-type modifier (search.html#token)
         tt = _lower(typ.get("text"))
         codings = typ.get("coding")
         if type(codings) is list and codings and type(codings[0]) is dict:
@@ -394,7 +395,7 @@ def _tok_contact_point(x, code, out, root):
             out.append((code, None, v, None, None, None))
 
 
-# date (§3.1.1.4): (low, high)
+# date (search.html#date): (low, high)
 
 def _date_string(x, code, out, root):
     r = date_range(x)
@@ -423,7 +424,7 @@ def _date_timing(x, code, out, root):
         _date_period(rep.get("boundsPeriod"), code, out, root)
 
 
-# reference (§3.1.1.6): (target_type, target_id, url, ident_system, ident_value)
+# reference (search.html#reference): (target_type, target_id, url, ident_system, ident_value)
 
 def _ref_reference(x, code, out, root):
     if type(x) is not dict:
@@ -458,7 +459,7 @@ def _ref_resource(x, code, out, root):
         out.append((code, x["resourceType"], _s(x.get("id"), 64), None, None, None))
 
 
-# quantity (§3.1.1.8): (value, system, code, unit)
+# quantity (search.html#quantity): (value, system, code, unit)
 
 def _qty_quantity(x, code, out, root):
     if type(x) is dict:
@@ -485,14 +486,14 @@ def _qty_range(x, code, out, root):
         _qty_quantity(x.get("high"), code, out, root)
 
 
-# number (§3.1.1.1): (value,)
+# number (search.html#number): (value,)
 
 def _num_number(x, code, out, root):
     if _is_num(x):
         out.append((code, float(x)))
 
 
-# uri (§3.1.1.9): (value,)
+# uri (search.html#uri): (value,)
 
 def _uri_uri(x, code, out, root):
     if type(x) is str:
@@ -623,7 +624,7 @@ def convert_values(kind: str, code: str, values: list) -> list[tuple]:
     return out
 
 
-# --- composite (§3.1.1.2: one row per combination of the component values) --------------------
+# --- composite (search.html#composite: one row per combination of component values) ----------
 
 # Positions in INDEX_COLUMNS["composite"].
 _C1_SYSTEM, _C1_CODE, _NUM, _Q_SYSTEM, _Q_CODE, _C2_SYSTEM, _C2_CODE, _LOW, _HIGH, _TEXT = range(10)
@@ -765,6 +766,8 @@ def _collapse(branches: list[Branch]) -> Branch:
     """One branch evaluating all ``branches`` and concatenating (for first(), [n], ...)."""
     if len(branches) == 1:
         return branches[0]
+    if not branches:
+        return Branch(None, (lambda items, root: [],), None)
     bs = tuple(branches)
     types = {b.type for b in bs}
 
@@ -777,10 +780,9 @@ def _collapse(branches: list[Branch]) -> Branch:
 
 
 def _fp_equal(a: Any, b: Any) -> bool:
+    """FHIRPath ``=`` on two items (a Boolean never equals a number)."""
     if type(a) is bool or type(b) is bool:
         return type(a) is type(b) and a == b
-    if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-        return a == b
     return a == b
 
 
@@ -828,12 +830,16 @@ class _Compiler:
     def __init__(self, res_type: str):
         self.res_type = res_type
 
-    def compile(self, node: dict, state: str | None, head: bool = True) -> list[Branch]:
-        """Branches of ``node`` evaluated on a focus of static type ``state``."""
+    def compile(self, node: dict, state: str | None) -> list[Branch]:
+        """Branches of ``node`` evaluated on a focus of static type ``state``.
+
+        Raises:
+            Unsupported: The expression uses something outside the compiled subset.
+        """
         t = node.get("type")
         ch = node.get("children", [])
         if t is None or t in ("TermExpression", "ParenthesizedTerm"):
-            return self.compile(ch[0], state, head)
+            return self.compile(ch[0], state)
         if t == "InvocationTerm":
             return self.invoke([Branch(None, (), state)], ch[0], head=True)
         if t == "InvocationExpression":
@@ -858,10 +864,10 @@ class _Compiler:
             return [self.and_(node, state)]
         if t == "IndexerExpression":
             left = _collapse(self.compile(ch[0], state))
-            idx = self.compile(ch[1], state)
-            if ch[1].get("type") != "TermExpression" or len(idx) != 1 or idx[0].type != "integer":
-                raise Unsupported("non-literal index")
-            n = _literal(ch[1]["children"][0]["children"][0])[0]
+            term = ch[1]["children"][0] if ch[1].get("type") == "TermExpression" else {}
+            if term.get("type") != "LiteralTerm" or term["children"][0]["type"] != "NumberLiteral":
+                raise Unsupported("index that is not a number literal")
+            n = _literal(term["children"][0])[0]
             return [left.then(lambda items, root: items[n:n + 1], left.type)]
         raise Unsupported(t)
 
@@ -882,7 +888,7 @@ class _Compiler:
         out = []
         for b in branches:
             if head and name[:1].isupper() and (name in _ALL_RESOURCES or name in _PARENT):
-                # A leading type name filters the focus by type (FHIRPath §5.1, "Path selection").
+                # A leading type name filters the focus by type (FHIRPath, "Path selection").
                 if b.type is not None and name in _ancestors(b.type):
                     out.append(b)
                 continue
@@ -904,8 +910,8 @@ class _Compiler:
         if name == "exists" and len(params) <= 1:
             if params:
                 branches = [self.where(b, params[0]) for b in branches]
-            b = _collapse(branches) if branches else Branch(None, (lambda i, r: [],), None)
-            return [b.then(lambda items, root: [bool(items)], "boolean", total=True)]
+            return [_collapse(branches).then(lambda items, root: [bool(items)], "boolean",
+                                             total=True)]
         if name == "first" and not params:
             if not branches:
                 return []
@@ -1055,10 +1061,10 @@ def _compile_composite(c: _Compiler, sp: SearchParam, plan: CompiledType) -> Non
     for focus in c.compile(_parse(sp.expression), c.res_type):
         comps: list[tuple[str, list[tuple[Branch, Converter]]]] = []
         for i, comp in enumerate(sp.components):
-            kind = _component_kind(sp, i)
+            kind = defined_kind = _component_kind(sp, i)
             convs = []
             for b in c.compile(_parse(comp.expression), focus.type):
-                conv = _static_converter(kind, b.type)
+                conv = _static_converter(defined_kind, b.type)
                 if conv is None and i > 0:
                     # Definitions with a mismatched type (e.g. DocumentReference-relationship,
                     # whose target is a Reference): convert by the element's own type.
@@ -1126,9 +1132,33 @@ def _fhirpathpy_text(expression: str, res_type: str) -> str:
                    f"(/_history/[-A-Za-z0-9.]{{1,64}})?$') or type = '{m.group(1)}')"), text)
 
 
+def _split_union(text: str) -> list[str]:
+    """The top-level operands of a union expression (``A | (B | C)`` -> ``A``, ``(B | C)``)."""
+    parts, depth, start, quoted = [], 0, 0, False
+    for i, ch in enumerate(text):
+        if ch == "'" and (i == 0 or text[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and ch in "([":
+            depth += 1
+        elif not quoted and ch in ")]":
+            depth -= 1
+        elif not quoted and ch == "|" and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts + [text[start:].strip()]
+
+
 def _fallback(sp: SearchParam, res_type: str) -> Callable:
-    options = {"returnRawData": True} if sp.type == "composite" else None
-    return fhirpathpy.compile(_fhirpathpy_text(sp.expression, res_type), _MODEL, options)
+    """A fhirpathpy evaluator ``fn(resource, context) -> values`` for one parameter.
+
+    For a composite it returns the focus nodes (with their paths, which a union would lose,
+    hence one evaluator per operand), on which :func:`_run_fallback` evaluates the components.
+    """
+    text = _fhirpathpy_text(sp.expression, res_type)
+    if sp.type != "composite":
+        return fhirpathpy.compile(text, _MODEL)
+    fns = [fhirpathpy.compile(t, _MODEL, {"returnRawData": True}) for t in _split_union(text)]
+    return lambda resource, ctx: [node for fn in fns for node in fn(resource, ctx)]
 
 
 @functools.cache
@@ -1204,7 +1234,8 @@ def _run_fallback(sp: SearchParam, fn: Callable, resource: dict, outs: list[list
             data, path = getattr(node, "data", node), getattr(node, "path", None)
             parts = []
             for i, comp in enumerate(sp.components):
-                expr = {"expression": comp.expression, "base": path} if path else comp.expression
+                text = _fhirpathpy_text(comp.expression, resource["resourceType"])
+                expr = {"expression": text, "base": path} if path else text
                 kind = _component_kind(sp, i)
                 values = fhirpathpy.evaluate(data, expr, ctx, _MODEL)
                 parts.append((kind, convert_values(kind, None, values)))

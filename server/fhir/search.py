@@ -997,11 +997,32 @@ def _value_cond(tb, leaf: Leaf, v):
     raise NotImplementedYet(f"Search on {kind} parameters is not supported")  # pragma: no cover
 
 
-class _Builder:
-    """Turns criteria nodes into SQL boolean expressions on a ``resource`` alias."""
+def _drives(node: Node) -> bool:
+    """Whether a node restricts ``resource.pk`` through an index subquery (``pk IN (...)``)."""
+    if isinstance(node, Leaf):
+        return node.kind in INDEX_TABLES and node.missing is None and node.modifier != "not"
+    return isinstance(node, Chain)
 
-    def __init__(self, snapshot: int | None):
+
+class _Builder:
+    """Turns criteria nodes into SQL boolean expressions on a ``resource`` alias.
+
+    ``sqlite``: SQLite has no statistics (no ANALYZE), so given ``res_type = ?`` it scans
+    every resource of the type through ``ix_resource_current`` and probes the criteria
+    for each. When a criterion yields an ``IN (SELECT res_pk ...)`` list, the type test is
+    written ``res_type || '' = ?`` instead, which no index serves, so the planner drives
+    the query from that (small) list by rowid. PostgreSQL plans semi-joins from its
+    statistics and gets the plain comparison.
+    """
+
+    def __init__(self, snapshot: int | None, sqlite: bool = False):
         self.snapshot = snapshot
+        self.sqlite = sqlite
+
+    def type_eq(self, t, res_type: str, nodes: list[Node]):
+        if self.sqlite and any(_drives(n) for n in nodes):
+            return (t.c.res_type + "") == res_type
+        return t.c.res_type == res_type
 
     def node(self, node: Node, t, types: tuple[str, ...] | None):
         if isinstance(node, Leaf):
@@ -1044,28 +1065,38 @@ class _Builder:
         alts = []
         for target, inner in node.targets.items():
             tt = resource.alias()
-            ids = select(tt.c.res_id).where(tt.c.res_type == target, _visible(tt, self.snapshot),
-                                           self.node(inner, tt, (target,)))
+            ids = select(tt.c.res_id).where(self.type_eq(tt, target, [inner]),
+                                           _visible(tt, self.snapshot), self.node(inner, tt, (target,)))
             alts.append(and_(ref.c.target_type == target, ref.c.target_id.in_(ids)))
         sub = select(ref.c.res_pk).where(_type_cond(ref.c.res_type, node.types),
                                          ref.c.param == node.code, or_(*alts))
+        if not self.sqlite:
+            sub = sub.offset(0)     # computed once, not re-run per candidate (see has())
         return t.c.pk.in_(sub)
 
     def has(self, node: Has, t):
         ref = INDEX_TABLES["reference"].alias()
         s = resource.alias()
-        src = select(s.c.pk).where(s.c.res_type == node.src_type, _visible(s, self.snapshot),
-                                   self.node(node.inner, s, (node.src_type,)))
-        ids = select(ref.c.target_id).where(ref.c.res_type == node.src_type, ref.c.param == node.code,
+        src = select(s.c.pk).where(self.type_eq(s, node.src_type, [node.inner]),
+                                   _visible(s, self.snapshot), self.node(node.inner, s, (node.src_type,)))
+        # Driven by the referring resources' pks (ix_idx_reference_res_pk) when the inner
+        # criterion gives a list; otherwise by (res_type, param) (see type_eq).
+        ref_type = ((ref.c.res_type + "") if self.sqlite and _drives(node.inner) else ref.c.res_type)
+        ids = select(ref.c.target_id).where(ref_type == node.src_type, ref.c.param == node.code,
                                             ref.c.target_type == node.type, ref.c.res_pk.in_(src))
+        if not self.sqlite:
+            # PostgreSQL under-estimates references per target (skewed target_id) and would
+            # probe every candidate's references; OFFSET 0 keeps the subquery from being
+            # pulled up, so the referring set is computed once and hashed.
+            ids = ids.offset(0)
         return t.c.res_id.in_(ids)
 
 
-def _where(parsed: ParsedSearch, r, snapshot: int | None) -> list:
-    b = _Builder(snapshot)
+def _where(parsed: ParsedSearch, r, snapshot: int | None, sqlite: bool = False) -> list:
+    b = _Builder(snapshot, sqlite)
     conds = [_visible(r, snapshot)]
     if parsed.type is not None:
-        conds.insert(0, r.c.res_type == parsed.type)
+        conds.insert(0, b.type_eq(r, parsed.type, [c.node for c in parsed.criteria]))
     elif parsed.types:
         conds.insert(0, r.c.res_type.in_(parsed.types))
     types = (parsed.type,) if parsed.type else parsed.types
@@ -1109,20 +1140,40 @@ def execute(conn, parsed: ParsedSearch, *, snapshot: int | None = None) -> Searc
         snap = current_snapshot(conn)
     page = SearchPage(pks=[], snapshot=snap, warnings=list(parsed.warnings))
     r = resource.alias("r")
-    where = _where(parsed, r, snap)
+    where = _where(parsed, r, snap, conn.dialect.name == "sqlite")
 
-    count_only = parsed.summary == "count" or parsed.count == 0
+    def count() -> int:
+        return int(conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one())
+
+    # §3.1.1.5.2 _total: counted unless the client says none (_summary=count always counts).
     want_total = parsed.total != "none" or parsed.summary == "count"
-    if want_total:
-        page.total = int(conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one())
-    if count_only:
+    if parsed.summary == "count" or parsed.count == 0:      # §3.1.1.5.3: _count=0 = count only
+        if want_total:
+            page.total = count()
         return page
 
-    q = (select(r.c.pk).where(*where).order_by(*_order_by(parsed, r))
-         .limit(parsed.count + 1).offset(parsed.offset))
-    rows = [row[0] for row in conn.execute(q)]
-    has_more = len(rows) > parsed.count
-    page.pks = rows[:parsed.count]
+    order = _order_by(parsed, r)
+    selective = any(_drives(c.node) or isinstance(c.node, Has) for c in parsed.criteria)
+    if want_total and selective:
+        # One pass: the page and the number of matches (a window over all of them), so the
+        # criteria are evaluated once rather than once for the page and once for a count.
+        q = (select(r.c.pk, func.count().over()).where(*where).order_by(*order)
+             .limit(parsed.count + 1).offset(parsed.offset))
+        rows = conn.execute(q).all()
+        if rows:
+            page.total = int(rows[0][1])
+        else:
+            page.total = count() if parsed.offset else 0
+        pks = [row[0] for row in rows]
+    else:
+        # Nothing narrows the type down to a short list: a covering-index count and a page
+        # that can stop early are cheaper than materialising every match for a window.
+        if want_total:
+            page.total = count()
+        q = select(r.c.pk).where(*where).order_by(*order).limit(parsed.count + 1).offset(parsed.offset)
+        pks = [row[0] for row in conn.execute(q)]
+    has_more = len(pks) > parsed.count
+    page.pks = pks[:parsed.count]
 
     link_base = [(n, v) for n, v in parsed.self_params if n not in ("_offset", "_snapshot")]
     if has_more:
@@ -1230,8 +1281,8 @@ def match_pks(conn, res_type: str, params: list[tuple[str, str]]) -> list[tuple[
     """
     parsed = parse(res_type, params, handling="strict")
     r = resource.alias("r")
-    b = _Builder(None)
-    conds = [r.c.res_type == res_type, _visible(r, None)]
+    b = _Builder(None, conn.dialect.name == "sqlite")
+    conds = [b.type_eq(r, res_type, [c.node for c in parsed.criteria]), _visible(r, None)]
     conds += [b.node(c.node, r, (res_type,)) for c in parsed.criteria]
     q = select(r.c.pk, r.c.res_id).where(*conds).order_by(r.c.pk)
     return [(int(pk), rid) for pk, rid in conn.execute(q)]

@@ -1,5 +1,5 @@
-"""Tests of server.fhir.extract: value conversion per FHIR R4 search §3.1.1, the FHIRPath
-compiler, and its equivalence with plain fhirpathpy on Synthea data."""
+"""Tests of server.fhir.extract: value conversion per FHIR R4 search (search.html#ptypes),
+the FHIRPath compiler, and its equivalence with plain fhirpathpy on Synthea data."""
 from __future__ import annotations
 
 import bz2
@@ -165,10 +165,11 @@ def test_duplicate_values_give_one_row():
 
 # --- Observation: choice types, quantity, Period, composite ---------------------------------
 
+OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 BP = {
     "resourceType": "Observation", "id": "bp", "status": "final",
-    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                              "code": "vital-signs", "display": "Vital Signs"}]}],
+    "category": [{"coding": [{"system": OBS_CATEGORY, "code": "vital-signs",
+                              "display": "Vital Signs"}]}],
     "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9",
                          "display": "Blood pressure panel"}], "text": "Blood Pressure"},
     "subject": {"reference": "Patient/p1"},
@@ -185,10 +186,10 @@ BP = {
 
 
 def test_codeable_concept_token_text_prefers_concept_text():
-    assert rows(BP, "token", "code") == {("http://loinc.org", "85354-9", "blood pressure", None, None)}
+    assert rows(BP, "token", "code") == {
+        ("http://loinc.org", "85354-9", "blood pressure", None, None)}
     assert rows(BP, "token", "category") == {
-        ("http://terminology.hl7.org/CodeSystem/observation-category", "vital-signs",
-         "vital signs", None, None)}
+        (OBS_CATEGORY, "vital-signs", "vital signs", None, None)}
     text_only = {"resourceType": "Observation", "code": {"text": "Something Odd"}}
     assert rows(text_only, "token", "code") == {(None, None, "something odd", None, None)}
 
@@ -201,7 +202,8 @@ def test_open_period_bounds():
     enc = {"resourceType": "Encounter", "period": {"start": "2021-01-01"}}
     assert rows(enc, "date", "date") == {(ts("2021-01-01T00:00:00"), ex.DATE_MAX)}
     enc = {"resourceType": "Encounter", "period": {"end": "2021"}}
-    assert dates(enc, "date") == {(ex.DATE_MIN, span("2021-01-01T00:00:00", "2022-01-01T00:00:00")[1])}
+    end = span("2021-01-01T00:00:00", "2022-01-01T00:00:00")[1]
+    assert dates(enc, "date") == {(ex.DATE_MIN, end)}
 
 
 def test_component_quantities_and_composites():
@@ -364,12 +366,14 @@ def test_imaging_study_modality_and_series():
                  "display": "Digital Radiography"},
                  "bodySite": {"system": "http://snomed.info/sct", "code": "51185008"},
                  "instance": [{"uid": "1.2.3.4.5", "sopClass": {
-                     "system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1.1"}}]}]}
+                     "system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1"}}],
+             }]}
     assert rows(study, "token", "modality") == {
         ("http://dicom.nema.org/resources/ontology/DCM", "DX", "digital radiography", None, None)}
     assert rows(study, "token", "series") == {(None, "1.2.3.4", None, None, None)}
     assert rows(study, "token", "instance") == {(None, "1.2.3.4.5", None, None, None)}
-    assert rows(study, "token", "bodysite") == {("http://snomed.info/sct", "51185008", None, None, None)}
+    assert rows(study, "token", "bodysite") == {
+        ("http://snomed.info/sct", "51185008", None, None, None)}
     assert dates(study, "started") == {span("2014-04-02T09:13:52", "2014-04-02T09:13:53")}
     assert rows(study, "reference", "patient") == {("Patient", "p1", None, None, None)}
 
@@ -407,7 +411,8 @@ def test_encounter_class_type_and_length():
 
 def test_number_and_money():
     risk = {"resourceType": "RiskAssessment",
-            "prediction": [{"probabilityDecimal": 0.25}, {"probabilityRange": {"low": {"value": 1}}}]}
+            "prediction": [{"probabilityDecimal": 0.25},
+                           {"probabilityRange": {"low": {"value": 1}}}]}
     assert rows(risk, "number", "probability") == {(0.25,)}
     claim = {"resourceType": "ChargeItem", "priceOverride": {"value": 12.5, "currency": "EUR"}}
     assert rows(claim, "quantity", "price-override") == {
@@ -424,6 +429,14 @@ def test_molecular_sequence_coordinates():
     # %resource.referenceSeq.chromosome: evaluated from the root, not the variant.
     assert rows(seq, "composite", "chromosome-variant-coordinate") == {
         ("http://chr", "1", None, None, None, None, None, 120.0, 121.0, None)}
+
+
+def test_bundle_first_entry_is_a_reference():
+    bundle = {"resourceType": "Bundle", "type": "document", "timestamp": "2020-01-01T00:00:00Z",
+              "entry": [{"resource": {"resourceType": "Composition", "id": "c1"}},
+                        {"resource": {"resourceType": "Patient", "id": "p1"}}]}
+    assert rows(bundle, "reference", "composition") == {("Composition", "c1", None, None, None)}
+    assert rows(bundle, "token", "type") == {(None, "document", None, None, None)}
 
 
 # --- dates ------------------------------------------------------------------------------------
@@ -458,7 +471,8 @@ def test_timing_events():
           "occurrenceTiming": {"event": ["2020-01-01", "2020-01-03"]}}
     assert dates(sr, "occurrence") == {span("2020-01-01T00:00:00", "2020-01-02T00:00:00"),
                                        span("2020-01-03T00:00:00", "2020-01-04T00:00:00")}
-    req = {"resourceType": "MedicationRequest",      # MedicationRequest.dosageInstruction.timing.event
+    # MedicationRequest date: MedicationRequest.dosageInstruction.timing.event
+    req = {"resourceType": "MedicationRequest",
            "dosageInstruction": [{"timing": {"event": ["2020-01-01T08:00:00Z"]}}]}
     assert dates(req, "date") == {span("2020-01-01T08:00:00", "2020-01-01T08:00:01")}
 
@@ -486,6 +500,21 @@ def test_fallback_to_fhirpathpy_for_unsupported_expressions():
     out = ex.run_plan(plan, {"resourceType": "Patient", "name": [{"given": ["Ann", "Bo"]}]})
     # select() is evaluated by fhirpathpy; single() on two names fails at runtime: no rows.
     assert set(out["string"]) == {("given-upper", "ann", "ANN"), ("given-upper", "bo", "BO")}
+
+
+def test_composite_fallback_evaluates_components_on_each_focus():
+    spec = registry().get("Observation", "component-code-value-quantity")
+    custom = SearchParam("cvq", "composite", "Observation.component.select($this)", "urn:test:3",
+                         ("Observation",), components=spec.components)
+    plan = ex.compile_params("Observation", {"cvq": custom})
+    assert "cvq" in plan.errors
+    got = {r[1:] for r in ex.run_plan(plan, BP)["composite"]}
+    assert got == rows(BP, "composite", "component-code-value-quantity") and len(got) == 2
+
+
+def test_split_union_respects_parentheses_and_strings():
+    assert ex._split_union("A.b | (C.d | C.e) | F.where(x = 'a|b')") == [
+        "A.b", "(C.d | C.e)", "F.where(x = 'a|b')"]
 
 
 def test_unsupported_constructs_raise_unsupported_in_the_compiler():
@@ -519,19 +548,6 @@ def _reference_text(expression: str, res_type: str) -> str:
         f"(/_history/[-A-Za-z0-9.]{{1,64}})?$') or type = '{m[1]}')"), text)
 
 
-def _split_union(text: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "|" and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur.strip()]
-
-
 @functools.lru_cache(maxsize=None)
 def _fhirpathpy(text: str, raw: bool = False):
     return fhirpathpy.compile(text, _MODEL, {"returnRawData": True} if raw else None)
@@ -550,7 +566,7 @@ def reference_extract(resource: dict) -> dict[str, set[tuple]]:
             values = _fhirpathpy(text)(resource, ctx)
             out[sp.type] |= set(ex.convert_values(sp.type, code, values))
             continue
-        for branch in _split_union(text):          # a union's nodes lose their path
+        for branch in ex._split_union(text):       # a union's nodes lose their path
             for node in _fhirpathpy(branch, raw=True)(resource, ctx):
                 parts = []
                 for i, comp in enumerate(sp.components):
@@ -564,7 +580,7 @@ def reference_extract(resource: dict) -> dict[str, set[tuple]]:
 
 def load_synthea_bundle(name: str) -> list[dict]:
     """Resources of a Synthea transaction Bundle, with ``urn:uuid`` references rewritten to
-    ``Type/id`` as the server's transaction processing does (FHIR R4 http §3.1.0.11.2)."""
+    ``Type/id`` as the server's transaction processing does (FHIR R4 http.html#trules)."""
     path = SYNTHEA / name
     if not SYNTHEA.is_dir():
         pytest.skip(f"Synthea sample data not found at {SYNTHEA} (../shared/data)")
