@@ -647,7 +647,7 @@ def phase_post(args, store: Store, rep: Report, log_dir: Path) -> None:
             f"{len(first) + len(rest)} bundles, {mbytes:.0f} MB JSON; store holds {n_store:,}")
     rep.add("resources/s", fmt_rate(loaded / m.wall), TARGETS["ingest"])
     rep.add("first 10% / last 10%", f"{first_rate or 0:,.0f} / {last_rate or 0:,.0f}/s")
-    rep.add("time per bundle p50 / max", f"{fmt_ms(pct(times, 50))} / {times[-1]:.2f} s" if times else "n/a")
+    rep.add("time per bundle p50 / max", f"{pct(times, 50):.2f} s / {times[-1]:.2f} s" if times else "n/a")
     rep.data["post"] = {"wall_s": m.wall, "written": loaded, "sent": total_entries, "store_resources": n_store,
                         "rate": loaded / m.wall, "first_rate": first_rate, "last_rate": last_rate,
                         "server_cores": m.srv_cores, "machine_cpu": m.busy}

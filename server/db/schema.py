@@ -82,15 +82,17 @@ def _index_table(kind: str, *indexes: tuple[str, ...]) -> Table:
                  *idx)
 
 
-idx_string = _index_table("string", ("res_type", "param", "value"))
-idx_token = _index_table("token", ("res_type", "param", "code", "system"))
-idx_date = _index_table("date", ("res_type", "param", "low"), ("res_type", "param", "high"))
-idx_reference = _index_table("reference", ("res_type", "param", "target_id", "target_type"),
-                             ("target_id", "target_type"))
-idx_quantity = _index_table("quantity", ("res_type", "param", "code", "value"))
-idx_number = _index_table("number", ("res_type", "param", "value"))
-idx_uri = _index_table("uri", ("res_type", "param", "value"))
-idx_composite = _index_table("composite", ("res_type", "param", "c1_code"))
+# Value indexes end in res_pk so they cover the lookup "which versions have this value".
+idx_string = _index_table("string", ("res_type", "param", "value", "res_pk"))
+idx_token = _index_table("token", ("res_type", "param", "code", "system", "res_pk"))
+idx_date = _index_table("date", ("res_type", "param", "low", "res_pk"),
+                        ("res_type", "param", "high", "res_pk"))
+idx_reference = _index_table("reference", ("res_type", "param", "target_id", "target_type", "res_pk"),
+                             ("target_id", "target_type", "res_pk"))
+idx_quantity = _index_table("quantity", ("res_type", "param", "code", "value", "res_pk"))
+idx_number = _index_table("number", ("res_type", "param", "value", "res_pk"))
+idx_uri = _index_table("uri", ("res_type", "param", "value", "res_pk"))
+idx_composite = _index_table("composite", ("res_type", "param", "c1_code", "res_pk"))
 
 INDEX_TABLES: dict[str, Table] = {
     "string": idx_string, "token": idx_token, "date": idx_date, "reference": idx_reference,

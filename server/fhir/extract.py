@@ -626,32 +626,30 @@ def convert_values(kind: str, code: str, values: list) -> list[tuple]:
 
 # --- composite (search.html#composite: one row per combination of component values) ----------
 
-# Positions in INDEX_COLUMNS["composite"].
-_C1_SYSTEM, _C1_CODE, _NUM, _Q_SYSTEM, _Q_CODE, _C2_SYSTEM, _C2_CODE, _LOW, _HIGH, _TEXT = range(10)
+def _composite_columns(kind: str, r: tuple, nth_number: int) -> tuple | None:
+    """Columns ``num, q_system, q_code, c2_system, c2_code, low, high, text`` that one
+    converted row of a second/third component fills (None: the row gives nothing)."""
+    if kind == "quantity":
+        return (r[1], r[2], r[3], None, None, None, None, None)
+    if kind == "token":
+        return (None, None, None, r[1], r[2], None, None, None) if r[2] is not None else None
+    if kind == "date":
+        return (None, None, None, None, None, r[1], r[2], None)
+    if kind == "string":
+        return (None, None, None, None, None, None, None, r[1])
+    if kind == "number":      # MolecularSequence coordinates: start -> low, end -> high
+        return ((None, None, None, None, None, r[1], None, None) if nth_number == 0 else
+                (None, None, None, None, None, None, r[1], None))
+    if kind == "reference":
+        ref = f"{r[1]}/{r[2]}" if r[2] is not None else r[3]
+        return (None, None, None, None, ref, None, None, None) if ref is not None else None
+    if kind == "uri":
+        return (None, None, None, None, r[1], None, None, None)
+    return None
 
 
-def _fragments(kind: str, rows: list[tuple], number_pos: int) -> list[tuple]:
-    """``((position, value), ...)`` per converted row of a second/third component."""
-    out = []
-    for r in rows:
-        if kind == "quantity":
-            out.append(((_NUM, r[1]), (_Q_SYSTEM, r[2]), (_Q_CODE, r[3])))
-        elif kind == "token":
-            if r[2] is not None:
-                out.append(((_C2_SYSTEM, r[1]), (_C2_CODE, r[2])))
-        elif kind == "date":
-            out.append(((_LOW, r[1]), (_HIGH, r[2])))
-        elif kind == "string":
-            out.append(((_TEXT, r[1]),))
-        elif kind == "number":
-            out.append(((number_pos, r[1]),))
-        elif kind == "reference":
-            ref = f"{r[1]}/{r[2]}" if r[2] is not None else r[3]
-            if ref is not None:
-                out.append(((_C2_CODE, ref),))
-        elif kind == "uri":
-            out.append(((_C2_CODE, r[1]),))
-    return list(dict.fromkeys(out))
+def _merge(columns: tuple[tuple, ...]) -> tuple:
+    return tuple(next((v for v in col if v is not None), None) for col in zip(*columns))
 
 
 def composite_rows(code: str, parts: list[tuple[str, list[tuple]]]) -> list[tuple]:
@@ -669,27 +667,19 @@ def composite_rows(code: str, parts: list[tuple[str, list[tuple]]]) -> list[tupl
         string -> ``text`` (normalised); number -> ``low`` then ``high`` (the coordinate
         pairs of MolecularSequence); reference -> ``c2_code`` ("Type/id" or the url).
     """
-    first = list(dict.fromkeys((r[1], r[2]) for r in parts[0][1] if r[2] is not None))
-    if not first:
+    firsts = [(r[1], r[2]) for r in parts[0][1] if r[2] is not None]
+    if not firsts:
         return []
     others = []
-    number_pos = _LOW
+    nth_number = 0
     for kind, rows in parts[1:]:
-        frags = _fragments(kind, rows, number_pos)
-        if kind == "number":
-            number_pos = _HIGH
-        if not frags:
+        cols = [c for r in rows if (c := _composite_columns(kind, r, nth_number)) is not None]
+        nth_number += kind == "number"
+        if not cols:
             return []
-        others.append(frags)
-    out = []
-    for c1 in first:
-        for combo in itertools.product(*others):
-            row = [c1[0], c1[1], None, None, None, None, None, None, None, None]
-            for frag in combo:
-                for pos, v in frag:
-                    row[pos] = v
-            out.append((code, *row))
-    return out
+        others.append(cols)
+    combos = others[0] if len(others) == 1 else [_merge(c) for c in itertools.product(*others)]
+    return [(code, s, c, *cols) for s, c in firsts for cols in combos]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,28 +1,33 @@
 """FHIR R4 search over the versioned store (http://hl7.org/fhir/R4/search.html).
 
-Two steps:
+Section numbers (§) in this module are those of the R4 (v4.0.1) search page.
 
 * :func:`parse` turns a resource type and the query's ``(name, value)`` pairs into a
-  :class:`ParsedSearch`: a tree of criteria (leaf tests on one search parameter,
-  chains §3.1.1.4.15, reverse chains ``_has`` §3.1.1.4.16), sort keys, paging, the
+  :class:`ParsedSearch`: a tree of criteria (leaf tests on one search parameter, chains
+  §3.1.1.4.15, reverse chains ``_has`` §3.1.1.4.16), sort keys, paging, the
   ``_include``/``_revinclude`` specs and the result parameters (§3.1.1.5).
+* :func:`execute` evaluates it as SQL (SQLAlchemy Core, valid on SQLite and PostgreSQL)
+  over ``resource`` and the typed ``idx_*`` tables *as of a snapshot* (see
+  :mod:`server.db.schema`): a version row is visible as of ``S`` iff
+  ``pk <= S AND (superseded_by IS NULL OR superseded_by > S) AND NOT deleted``. Follow-up
+  pages carry ``_snapshot=S&_offset=n``, so paging is stable while others write.
+* :func:`match_pks` serves conditional create/update/delete and conditional references:
+  the current, non-deleted matches of a query, strict handling.
 
-Section numbers are those of the R4 (v4.0.1) search page.
-* :func:`execute` evaluates it as SQL (SQLAlchemy Core, the same on SQLite and
-  PostgreSQL) over ``resource`` and the typed ``idx_*`` tables, *as of a snapshot*
-  (see :mod:`server.db.schema`): a version row is visible as of ``S`` iff
-  ``pk <= S AND (superseded_by IS NULL OR superseded_by > S) AND NOT deleted``.
-  Follow-up pages carry ``_snapshot=S&_offset=n``, so paging is stable while others
-  write.
+SQL shape: a positive test on a search parameter is ``pk IN (SELECT res_pk FROM idx_<kind>
+WHERE res_type = ? AND param = ? AND <value test>)``, an index range scan on
+``(res_type, param, value...)`` that the planner can drive the query from (by rowid on
+SQLite, a semi-join on PostgreSQL). Negations (``:not``) and ``:missing`` are correlated
+``[NOT] EXISTS`` probes by ``res_pk``. Chains select the target ids of the reference
+index from a subquery on the target type; ``_has`` selects the ids that the referring
+resources' reference rows point at. ``_sort`` keys are correlated ``min``/``max``
+subqueries on the index rows of the version. Only a search that narrows the candidates
+through such a list counts its total in the same pass (``count(*) OVER ()``).
 
-:func:`match_pks` serves conditional create/update/delete and conditional
-references: the current, non-deleted matches of a query, strict handling.
-
-Each search-parameter test becomes ``<resource>.pk IN (SELECT res_pk FROM idx_<kind>
-WHERE res_type = ? AND param = ? AND <value test>)`` (negations and ``:missing`` are
-correlated ``NOT EXISTS`` / ``EXISTS``): the index tables are indexed on
-``(res_type, param, value...)`` so each test is an index range scan, and the planner
-can drive the whole query from the most selective one.
+Planner notes: SQLite has no statistics, so the type test is written so that no index
+serves it when a criterion yields a pk list (see :class:`_Builder`). PostgreSQL needs
+statistics (autovacuum's ANALYZE, or an explicit ANALYZE after a bulk load) to order the
+joins of chains sensibly.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from server.fhir.searchparams import RESOURCE_TYPES, SearchParam, registry
 __all__ = ["ParsedSearch", "SearchPage", "parse", "execute", "match_pks",
            "Leaf", "Chain", "Has", "Criterion", "SortKey", "IncludeSpec",
            "TokenValue", "DateValue", "NumberValue", "QuantityValue", "ReferenceValue",
-           "StringValue", "UriValue", "CompositeValue", "date_range"]
+           "StringValue", "UriValue", "CompositeValue", "TypeFilter", "date_search_range"]
 
 # --------------------------------------------------------------------------- constants
 
@@ -326,12 +331,13 @@ _DATE_RE = re.compile(
     r"(Z|[+-]\d{2}:?\d{2})?)?)?)?$")
 
 
-def date_range(text: str) -> tuple[float, float]:
+def date_search_range(text: str) -> tuple[float, float]:
     """A FHIR date/dateTime/instant (possibly partial) -> ``[low, high)`` epoch seconds UTC.
 
     The range is the value's precision (§3.1.1.4.5 "range of the value", §3.1.1.4.7);
-    no time zone = UTC. A ``+`` that arrived as a space (unencoded query) is
-    restored.
+    no time zone = UTC. A ``+`` that arrived as a space (unencoded query) is restored.
+    ``high`` is exclusive, unlike the index rows (:func:`server.fhir.extract.date_range`:
+    ``high`` = end - 1 µs, inclusive); the comparisons in :func:`_date_cond` allow for both.
     """
     s = text.strip()
     s = re.sub(r" (\d{2}:?\d{2})$", r"+\1", s)
@@ -371,7 +377,7 @@ def date_range(text: str) -> tuple[float, float]:
 
 def _parse_date(raw: str) -> DateValue:
     prefix, rest = _prefix(_unescape(raw))
-    low, high = date_range(rest)
+    low, high = date_search_range(rest)
     return DateValue(prefix, low, high)
 
 
@@ -997,11 +1003,42 @@ def _value_cond(tb, leaf: Leaf, v):
     raise NotImplementedYet(f"Search on {kind} parameters is not supported")  # pragma: no cover
 
 
+def _driver_rank(node: Node) -> int | None:
+    """How well a criterion can drive a query as ``pk IN (<index subquery>)``.
+
+    None: it cannot (negations, ``:missing``, ``_has``...). Otherwise lower is better: an
+    equality on an indexed value usually selects few rows, a range or a LIKE scan many.
+    Without planner statistics (SQLite) this static guess picks the one criterion whose
+    pk list drives the query; the others become per-candidate ``EXISTS`` probes by
+    ``res_pk`` instead of lists of their own (a list for ``status=final`` or
+    ``date=ge2015`` would cost a scan of the whole parameter).
+    """
+    if isinstance(node, Chain):
+        return 3
+    if not isinstance(node, Leaf) or node.kind not in INDEX_TABLES or node.missing is not None \
+            or node.modifier == "not":
+        return None
+    kind, mod = node.kind, node.modifier
+    if kind == "reference":
+        return 0 if mod != "identifier" else 1
+    if kind == "token":
+        if mod == "text":
+            return 6
+        if all(v.code is not None for v in node.values):
+            return 1 if all(v.system is not None or v.no_system for v in node.values) else 2
+        return 5
+    if kind == "uri":
+        return 1 if mod is None else 5
+    if kind == "string":
+        return 2 if mod == "exact" else 4
+    if kind == "composite":
+        return 3
+    return 7                                   # date / number / quantity ranges
+
+
 def _drives(node: Node) -> bool:
-    """Whether a node restricts ``resource.pk`` through an index subquery (``pk IN (...)``)."""
-    if isinstance(node, Leaf):
-        return node.kind in INDEX_TABLES and node.missing is None and node.modifier != "not"
-    return isinstance(node, Chain)
+    """Whether a node can restrict ``resource.pk`` through an index subquery."""
+    return _driver_rank(node) is not None
 
 
 class _Builder:
@@ -1024,18 +1061,19 @@ class _Builder:
             return (t.c.res_type + "") == res_type
         return t.c.res_type == res_type
 
-    def node(self, node: Node, t, types: tuple[str, ...] | None):
+    def node(self, node: Node, t, types: tuple[str, ...] | None, driver: bool = True):
+        """SQL for ``node`` on alias ``t``; ``driver=False``: a probe, not a pk list."""
         if isinstance(node, Leaf):
-            return self.leaf(node, t)
+            return self.leaf(node, t, driver)
         if isinstance(node, Chain):
-            return self.chain(node, t)
+            return self.chain(node, t, driver)
         if isinstance(node, Has):
             return self.has(node, t)
         if isinstance(node, TypeFilter):
             return t.c.res_type.in_(node.types)
         raise TypeError(node)  # pragma: no cover
 
-    def leaf(self, leaf: Leaf, t):
+    def leaf(self, leaf: Leaf, t, driver: bool = True):
         if leaf.kind == "_id":
             if leaf.missing is not None:
                 return sa.false() if leaf.missing else sa.true()
@@ -1050,17 +1088,22 @@ class _Builder:
             lu = t.c.last_updated
             return or_(*[_date_cond(lu, lu, v) for v in leaf.values])
         tb = INDEX_TABLES[leaf.kind].alias()
-        base = [_type_cond(tb.c.res_type, leaf.types), tb.c.param == leaf.code]
-        if leaf.missing is not None:
-            ex = exists().where(tb.c.res_pk == t.c.pk, *base)
+        # Probes by res_pk leave res_type out: the pk implies it, and with it SQLite may
+        # prefer the (res_type, param, value) index and scan it for every candidate.
+        probe = [tb.c.res_pk == t.c.pk, tb.c.param == leaf.code]
+        if leaf.missing is not None:         # §3.1.1.4.18
+            ex = exists().where(*probe)
             return not_(ex) if leaf.missing else ex
         match = or_(*[_value_cond(tb, leaf, v) for v in leaf.values])
         if leaf.modifier == "not":
             # :not (§3.1.1.4.10): resources without a matching token, incl. those with none.
-            return not_(exists().where(tb.c.res_pk == t.c.pk, *base, match))
-        return t.c.pk.in_(select(tb.c.res_pk).where(*base, match))
+            return not_(exists().where(*probe, match))
+        if not driver:
+            return exists().where(*probe, match)
+        return t.c.pk.in_(select(tb.c.res_pk).where(_type_cond(tb.c.res_type, leaf.types),
+                                                    tb.c.param == leaf.code, match))
 
-    def chain(self, node: Chain, t):
+    def chain(self, node: Chain, t, driver: bool = True):
         ref = INDEX_TABLES["reference"].alias()
         alts = []
         for target, inner in node.targets.items():
@@ -1068,10 +1111,10 @@ class _Builder:
             ids = select(tt.c.res_id).where(self.type_eq(tt, target, [inner]),
                                            _visible(tt, self.snapshot), self.node(inner, tt, (target,)))
             alts.append(and_(ref.c.target_type == target, ref.c.target_id.in_(ids)))
+        if not driver:
+            return exists().where(ref.c.res_pk == t.c.pk, ref.c.param == node.code, or_(*alts))
         sub = select(ref.c.res_pk).where(_type_cond(ref.c.res_type, node.types),
                                          ref.c.param == node.code, or_(*alts))
-        if not self.sqlite:
-            sub = sub.offset(0)     # computed once, not re-run per candidate (see has())
         return t.c.pk.in_(sub)
 
     def has(self, node: Has, t):
@@ -1092,16 +1135,26 @@ class _Builder:
         return t.c.res_id.in_(ids)
 
 
+def _driver(criteria: list[Criterion]) -> int | None:
+    """Index of the criterion that drives the query (see :func:`_driver_rank`)."""
+    ranked = [(rank, i) for i, c in enumerate(criteria)
+              if (rank := _driver_rank(c.node)) is not None]
+    return min(ranked)[1] if ranked else None
+
+
 def _where(parsed: ParsedSearch, r, snapshot: int | None, sqlite: bool = False) -> list:
+    """The WHERE conditions of a search on alias ``r`` (as of ``snapshot``; None = current)."""
     b = _Builder(snapshot, sqlite)
+    driver = _driver(parsed.criteria)
     conds = [_visible(r, snapshot)]
     if parsed.type is not None:
-        conds.insert(0, b.type_eq(r, parsed.type, [c.node for c in parsed.criteria]))
+        driving = [parsed.criteria[driver].node] if driver is not None else []
+        conds.insert(0, b.type_eq(r, parsed.type, driving))
     elif parsed.types:
         conds.insert(0, r.c.res_type.in_(parsed.types))
     types = (parsed.type,) if parsed.type else parsed.types
-    for c in parsed.criteria:
-        conds.append(b.node(c.node, r, types))
+    for i, c in enumerate(parsed.criteria):
+        conds.append(b.node(c.node, r, types, driver is None or i == driver))
     return conds
 
 
@@ -1154,6 +1207,7 @@ def execute(conn, parsed: ParsedSearch, *, snapshot: int | None = None) -> Searc
 
     order = _order_by(parsed, r)
     selective = any(_drives(c.node) or isinstance(c.node, Has) for c in parsed.criteria)
+    selective = selective and not parsed.sort   # sort keys would be computed twice
     if want_total and selective:
         # One pass: the page and the number of matches (a window over all of them), so the
         # criteria are evaluated once rather than once for the page and once for a count.
@@ -1201,7 +1255,7 @@ def _includes(conn, parsed: ParsedSearch, pks: list[int], snap: int, warnings: l
         active = specs if round_no == 0 else iterating
         if not active or not frontier:
             break
-        meta = _meta(conn, frontier)
+        meta = _meta(conn, frontier) if any(s.reverse for s in active) else []
         found: list[int] = []
         for spec in active:
             found += (_rev_once(conn, spec, meta, snap) if spec.reverse
@@ -1235,7 +1289,10 @@ def _include_once(conn, spec: IncludeSpec, pks: list[int], snap: int) -> list[in
     t = resource.alias()
     conds = [_visible(t, snap)]
     if spec.source_type is not None:
-        conds.append(ref.c.res_type == spec.source_type)
+        # The page's pks drive (ix_idx_reference_res_pk); on SQLite keep the type test off
+        # the (res_type, param, ...) index, which would mean scanning every such reference.
+        src = (ref.c.res_type + "") if conn.dialect.name == "sqlite" else ref.c.res_type
+        conds.append(src == spec.source_type)
     if spec.param is not None:
         conds.append(ref.c.param == spec.param)
     if spec.target_type is not None:
@@ -1281,8 +1338,6 @@ def match_pks(conn, res_type: str, params: list[tuple[str, str]]) -> list[tuple[
     """
     parsed = parse(res_type, params, handling="strict")
     r = resource.alias("r")
-    b = _Builder(None, conn.dialect.name == "sqlite")
-    conds = [b.type_eq(r, res_type, [c.node for c in parsed.criteria]), _visible(r, None)]
-    conds += [b.node(c.node, r, (res_type,)) for c in parsed.criteria]
-    q = select(r.c.pk, r.c.res_id).where(*conds).order_by(r.c.pk)
+    q = select(r.c.pk, r.c.res_id).where(*_where(parsed, r, None, conn.dialect.name == "sqlite")) \
+        .order_by(r.c.pk)
     return [(int(pk), rid) for pk, rid in conn.execute(q)]

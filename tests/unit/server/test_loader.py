@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bz2
+import gzip
 import io
 import json
 import tarfile
@@ -176,7 +177,6 @@ def test_ndjson_chunks_and_bad_lines(db_url, tmp_path, monkeypatch):
     lines.append(json.dumps(_patient("dup")))            # line 7 and 8: same id in one chunk
     lines.append(json.dumps(_patient("dup", family="Other")))
     f = tmp_path / "res.ndjson.gz"
-    import gzip
     f.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
 
     report = loader.load_paths(_cfg(db_url), [str(f)], jobs=1, progress=False)

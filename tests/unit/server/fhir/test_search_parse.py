@@ -7,8 +7,8 @@ import pytest
 
 from server.errors import InvalidRequest, NotImplementedYet
 from server.fhir.search import (Chain, CompositeValue, DateValue, Has, IncludeSpec, Leaf,
-                                NumberValue, QuantityValue, ReferenceValue, SortKey,
-                                StringValue, TokenValue, TypeFilter, UriValue, date_range, parse)
+                                QuantityValue, ReferenceValue, SortKey, StringValue, TokenValue,
+                                TypeFilter, UriValue, date_search_range, parse)
 
 
 def ts(*args, tz=timezone.utc) -> float:
@@ -119,7 +119,7 @@ def test_uri():
     ("2013-01-14T10:00:00 02:00", ts(2013, 1, 14, 8), ts(2013, 1, 14, 8, 0, 1)),   # '+' decoded as ' '
 ])
 def test_date_ranges(text, low, high):
-    lo, hi = date_range(text)
+    lo, hi = date_search_range(text)
     assert lo == pytest.approx(low) and hi == pytest.approx(high)
 
 
@@ -161,7 +161,8 @@ def test_number_precision():
 def test_quantity_forms():
     (v,) = leaf("Observation", "value-quantity", "5.4|http://unitsofmeasure.org|mg").values
     assert isinstance(v, QuantityValue)
-    assert (v.prefix, v.value, v.system, v.code, v.unit_or_code) == ("eq", 5.4, "http://unitsofmeasure.org", "mg", False)
+    assert (v.prefix, v.value, v.system, v.code, v.unit_or_code) == \
+        ("eq", 5.4, "http://unitsofmeasure.org", "mg", False)
     assert v.low == pytest.approx(5.35) and v.high == pytest.approx(5.45)
     (v,) = leaf("Observation", "value-quantity", "le5.4||mg").values
     assert (v.prefix, v.system, v.code, v.unit_or_code) == ("le", None, "mg", True)
