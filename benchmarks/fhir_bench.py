@@ -233,11 +233,14 @@ class Store:
             env["SYNTHPORT_DATABASE_URL"] = self.url
         return env
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
-        if self.schema:
+        if self.schema and keep:
+            print(f"PostgreSQL schema kept: {self.schema} (URL {self.url}); "
+                  f'drop it with: DROP SCHEMA "{self.schema}" CASCADE')
+        elif self.schema:
             drop_schema(self.base_url, self.schema)
             self.schema = None
 
@@ -970,7 +973,7 @@ def parse_args(argv=None):
     ap.add_argument("--everything-page", type=int, default=1000, help="_count of paged $everything")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     ap.add_argument("--work-dir", type=Path, default=None, help="where the stores go (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the work dir (SQLite files, server logs)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (SQLite files, server logs) and the PostgreSQL schemas")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -1033,7 +1036,7 @@ def main(argv=None) -> int:
             db_desc = stores[0].db_version()
     finally:
         for s in stores:
-            s.close()
+            s.close(keep=args.keep)
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 

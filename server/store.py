@@ -7,6 +7,7 @@ condition), so concurrent identical conditional creates yield exactly one resour
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -35,7 +36,12 @@ _LOAD_COLS = (R.c.pk, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R
 
 @dataclass
 class PendingWrite:
-    """A version about to be written (body already validated)."""
+    """A version about to be written (body already validated).
+
+    :meth:`prepare` does the CPU work that does not depend on the stored state (index
+    extraction, serialising everything but ``meta.versionId``/``lastUpdated``), so that
+    callers can run it before taking the write lock.
+    """
 
     res_type: str
     res_id: str
@@ -43,10 +49,32 @@ class PendingWrite:
     method: str
     prev_pk: int | None = None
     prev_version: int = 0
+    rest: bytes | None = None  # body minus resourceType/id/meta, serialised
+    meta: dict | None = None   # meta minus versionId/lastUpdated
+    index: dict | None = None  # extract() rows
 
     @property
     def deleted(self) -> bool:
         return self.body is None
+
+    def prepare(self) -> "PendingWrite":
+        if self.body is not None:
+            body = self.body
+            body["id"] = self.res_id
+            meta = dict(body.get("meta") or {})
+            meta.pop("versionId", None)
+            meta.pop("lastUpdated", None)
+            self.meta = meta
+            self.rest = orjson.dumps({k: v for k, v in body.items()
+                                      if k not in ("resourceType", "id", "meta")})
+            self.index = extract(body)
+        return self
+
+    def render(self, version: int, stamp: str) -> bytes:
+        """Final JSON: resourceType, id, meta first (as FHIR JSON conventionally does)."""
+        head = orjson.dumps({"resourceType": self.res_type, "id": self.res_id,
+                             "meta": {**self.meta, "versionId": str(version), "lastUpdated": stamp}})
+        return head[:-1] + b"," + self.rest[1:] if len(self.rest) > 2 else head
 
 
 def parse_etag(value: str | None) -> int | None:
@@ -111,6 +139,27 @@ class SqlStore:
                                       R.c.superseded_by.is_(None))
         ).first()
 
+    @staticmethod
+    def stored(row) -> StoredResource:
+        return _row_to_stored(row)
+
+    def current_rows(self, conn: Connection, keys: list[tuple[str, str]]) -> dict:
+        """Latest version rows (deleted or not) of (type, id) pairs, in bulk."""
+        out = {}
+        by_type: dict[str, list[str]] = {}
+        for t, i in keys:
+            by_type.setdefault(t, []).append(i)
+        for t, ids in by_type.items():
+            for n in range(0, len(ids), 900):
+                for row in conn.execute(select(*_LOAD_COLS).where(
+                        R.c.res_type == t, R.c.res_id.in_(ids[n:n + 900]), R.c.superseded_by.is_(None))):
+                    out[(row.res_type, row.res_id)] = row
+        return out
+
+    def current_ids(self, conn: Connection, keys: list[tuple[str, str]]) -> set[str]:
+        """``Type/id`` of the pairs that exist and are not deleted."""
+        return {f"{t}/{i}" for (t, i), row in self.current_rows(conn, keys).items() if not row.deleted}
+
     def load(self, conn: Connection, pks: Iterable[int]) -> list[StoredResource]:
         """Load version rows by pk, in the given order."""
         pks = list(pks)
@@ -149,21 +198,10 @@ class SqlStore:
         stamp = instant(ts)
         rows, stored = [], []
         for it in items:
+            if it.body is not None and it.rest is None:
+                it.prepare()
             version = it.prev_version + 1
-            if it.body is not None:
-                body = it.body
-                body["id"] = it.res_id
-                meta = dict(body.get("meta") or {})
-                meta["versionId"] = str(version)
-                meta["lastUpdated"] = stamp
-                body["meta"] = meta
-                # Keep resourceType and id first, as FHIR JSON conventionally does.
-                body = {"resourceType": body["resourceType"], "id": it.res_id,
-                        **{k: v for k, v in body.items() if k not in ("resourceType", "id")}}
-                it.body = body
-                raw = orjson.dumps(body)
-            else:
-                raw = None
+            raw = it.render(version, stamp) if it.body is not None else None
             rows.append({"res_type": it.res_type, "res_id": it.res_id, "version": version,
                          "last_updated": ts, "deleted": it.body is None, "method": it.method,
                          "superseded_by": None, "body": raw})
@@ -175,23 +213,25 @@ class SqlStore:
         if supersede:
             conn.execute(update(R).where(R.c.pk == bindparam("old"))
                          .values(superseded_by=bindparam("new")), supersede)
-        index_rows: dict[str, list[dict]] = {}
+        index_rows: dict[str, list[tuple]] = {}
         for it, pk in zip(items, pks):
-            if it.body is None:
+            if it.index is None:
                 continue
-            for kind, tuples in extract(it.body).items():
-                if not tuples:
-                    continue
-                cols = S.INDEX_COLUMNS[kind]
-                bucket = index_rows.setdefault(kind, [])
-                for t in tuples:
-                    row = {"res_pk": pk, "res_type": it.res_type, "param": t[0]}
-                    row.update(zip(cols, t[1:]))
-                    bucket.append(row)
+            key = (pk, it.res_type)
+            for kind, tuples in it.index.items():
+                if tuples:
+                    index_rows.setdefault(kind, []).extend(key + t for t in tuples)
         for kind, bucket in index_rows.items():
-            if bucket:
-                conn.execute(insert(S.INDEX_TABLES[kind]), bucket)
+            conn.exec_driver_sql(self._index_sql(kind), bucket)
         return stored
+
+    @functools.cache
+    def _index_sql(self, kind: str) -> str:
+        """Plain INSERT for executemany with tuples: the hot path of every write."""
+        cols = ("res_pk", "res_type", "param") + S.INDEX_COLUMNS[kind]
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        return (f"INSERT INTO {S.INDEX_TABLES[kind].name} ({', '.join(cols)}) "
+                f"VALUES ({', '.join([mark] * len(cols))})")
 
     # ------------------------------------------------------------------ reads
     def read(self, ctx: RequestContext, res_type: str, res_id: str) -> StoredResource:
@@ -291,6 +331,7 @@ class SqlStore:
                if_none_exist: str | None = None) -> WriteResult:
         check_type(res_type)
         validate(body, res_type)
+        item = PendingWrite(res_type, str(uuid.uuid4()), body, "POST").prepare()
         conn = begin_write(self.engine)
         try:
             with conn.begin():
@@ -303,8 +344,7 @@ class SqlStore:
                     if found:
                         existing = self.load(conn, [found[0][0]])[0]
                         return WriteResult(200, existing)
-                res_id = str(uuid.uuid4())
-                stored = self.write_versions(conn, [PendingWrite(res_type, res_id, body, "POST")])
+                stored = self.write_versions(conn, [item])
         finally:
             conn.close()
         return WriteResult(201, stored[0])
@@ -328,6 +368,7 @@ class SqlStore:
 
     def _update_locked(self, conn, res_type, res_id, body, want_version=None,
                        method="PUT") -> WriteResult:
+        self._lock_condition(conn, f"{res_type}/{res_id}")  # two PUTs creating one id
         cur = self._latest(conn, res_type, res_id)
         if want_version is not None and (cur is None or cur.deleted or cur.version != want_version):
             have = "none" if cur is None or cur.deleted else cur.version

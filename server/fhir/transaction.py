@@ -41,6 +41,8 @@ class Entry:
     if_match: str | None = None
     raw_url: str = ""
     result: dict = field(default_factory=dict)
+    pending_refs: list = field(default_factory=list)   # reference nodes resolved under the lock
+    item: object = None                                 # prepared PendingWrite
 
 
 def process_bundle(store, ctx: RequestContext, bundle: dict) -> dict:
@@ -123,24 +125,29 @@ def _patch_ops(e: Entry) -> list:
                             "a JSON Patch (FHIRPath Patch is not supported)")
 
 
-def _walk_refs(node, mapping: dict[str, str], conditional: list):
-    """Rewrite references in place; collect unresolved conditional references."""
+def _walk_refs(node, mapping: dict[str, str], late: set[str], pending: list) -> None:
+    """Rewrite references in place (FHIR R4 http §3.1.0.11.2).
+
+    References to entries whose identity is only known under the write lock (conditional
+    creates/updates: ``late``) and conditional references (``Type?criteria``) are
+    collected in ``pending`` instead.
+    """
     if isinstance(node, dict):
         for k, v in node.items():
             if isinstance(v, str):
                 if k == "reference":
                     if v in mapping:
                         node[k] = mapping[v]
-                    elif "?" in v and not v.startswith(("http://", "https://", "urn:", "#")):
-                        conditional.append(node)
+                    elif v in late or ("?" in v and not v.startswith(("http://", "https://", "urn:", "#"))):
+                        pending.append(node)
                 elif v in mapping and v.startswith("urn:"):
                     node[k] = mapping[v]
             elif isinstance(v, (dict, list)):
-                _walk_refs(v, mapping, conditional)
+                _walk_refs(v, mapping, late, pending)
     elif isinstance(node, list):
         for v in node:
             if isinstance(v, (dict, list)):
-                _walk_refs(v, mapping, conditional)
+                _walk_refs(v, mapping, late, pending)
 
 
 def _response(status: int, stored: StoredResource | None, with_body: bool) -> dict:
@@ -157,6 +164,8 @@ def _response(status: int, stored: StoredResource | None, with_body: bool) -> di
 
 # ---------------------------------------------------------------------- transaction
 def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
+    """Atomic transaction. CPU work (validation, reference rewriting, index extraction,
+    serialisation) happens before the write lock; under it only lookups and SQL writes."""
     from server.store import PendingWrite, apply_json_patch, parse_etag, strip_meta
 
     entries = [_parse_entry(i, raw, ctx) for i, raw in enumerate(raw_entries)]
@@ -171,101 +180,179 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
         if e.method in ("POST", "PUT"):
             _validate_entry(e)
     with_body = ctx.prefer_return == "representation"
+    writes = [e for e in entries if e.method in ("POST", "PUT")]
+
+    # -- before the lock: identities known without the database
     mapping: dict[str, str] = {}
+    late: set[str] = set()
+    for e in entries:
+        if e.method == "POST":
+            e.res_type = e.resource["resourceType"]
+            if e.if_none_exist:
+                late.update(u for u in (e.full_url,) if u)
+                continue
+            e.res_id = str(uuid.uuid4())
+        elif e.method in ("PUT", "PATCH") and not e.res_id:
+            late.update(u for u in (e.full_url,) if u)
+            continue
+        if e.method in ("POST", "PUT", "PATCH"):
+            if e.method == "PUT":
+                if e.resource.get("id") not in (None, e.res_id):
+                    raise InvalidRequest(f"Bundle.entry[{e.index}]: resource id "
+                                         f"'{e.resource.get('id')}' differs from URL id '{e.res_id}'")
+                e.resource["id"] = e.res_id
+            _map(mapping, e, f"{e.res_type}/{e.res_id}")
+    for e in writes:
+        nodes: list[dict] = []
+        _walk_refs(e.resource, mapping, late, nodes)
+        e.pending_refs = [(n, None) for n in nodes]
+    # Conditional references to data already stored are resolved on a read connection
+    # and re-checked under the lock (docs/fhir.md).
+    cond_cache: dict[str, str] = {}
+    if any(e.pending_refs for e in writes):
+        with store.engine.connect() as rconn:
+            for e in writes:
+                resolved = []
+                for node, _ in e.pending_refs:
+                    ref = node["reference"]
+                    target = None if ref in late else _try_conditional(store, rconn, ref, cond_cache)
+                    if target:
+                        node["reference"] = target
+                    resolved.append((node, ref if target else None))
+                e.pending_refs = resolved
+    for e in writes:
+        if e.res_id and all(orig is not None for _, orig in e.pending_refs):
+            e.item = PendingWrite(e.res_type, e.res_id, e.resource, e.method).prepare()
+
+    # -- under the lock
     conn = begin_write(store.engine)
     try:
         with conn.begin():
             ordered = sorted(entries, key=lambda x: (_ORDER[x.method], x.index))
-            # 1. DELETE
             for e in (x for x in ordered if x.method == "DELETE"):
                 e.result = _at(e, lambda: _tx_delete(store, conn, e))
-            # 2. POST: ids, conditional creates
             creates: dict[str, str] = {}
-            pending: list[tuple[Entry, PendingWrite]] = []
-            for e in (x for x in ordered if x.method == "POST"):
-                res_type = e.resource["resourceType"]
-                if e.if_none_exist:
-                    cond = f"{res_type}?{e.if_none_exist}"
-                    if cond in creates:
-                        _map(mapping, e, f"{res_type}/{creates[cond]}")
-                        e.result = {"response": {"status": "200 OK",
-                                                 "location": f"{res_type}/{creates[cond]}"}}
-                        continue
-                    store._lock_condition(conn, cond)
-                    found = _at(e, lambda: store.match(conn, res_type, e.if_none_exist))
-                    if len(found) > 1:
-                        raise MultipleMatches(f"Bundle.entry[{e.index}]: ifNoneExist matched {len(found)}")
-                    if found:
-                        existing = store.load(conn, [found[0][0]])[0]
-                        _map(mapping, e, f"{res_type}/{existing.res_id}")
-                        creates[cond] = existing.res_id
-                        e.result = _response(200, existing, with_body)
-                        continue
-                res_id = str(uuid.uuid4())
-                if e.if_none_exist:
-                    creates[f"{res_type}?{e.if_none_exist}"] = res_id
-                _map(mapping, e, f"{res_type}/{res_id}")
-                pending.append((e, PendingWrite(res_type, res_id, e.resource, "POST")))
-            # 3. PUT / PATCH targets
-            for e in (x for x in ordered if x.method in ("PUT", "PATCH")):
-                if e.res_id is None:  # conditional update
-                    found = _at(e, lambda: store.match(conn, e.res_type, e.query))
-                    if len(found) > 1:
-                        raise MultipleMatches(f"Bundle.entry[{e.index}]: conditional {e.method} "
-                                              f"matched {len(found)} resources")
-                    if found:
-                        e.res_id = found[0][1]
-                    elif e.method == "PUT":
-                        e.res_id = (e.resource or {}).get("id") or str(uuid.uuid4())
-                    else:
-                        raise PreconditionFailed(f"Bundle.entry[{e.index}]: conditional PATCH matched nothing")
+            for e in (x for x in ordered if x.method == "POST" and x.if_none_exist):
+                cond = f"{e.res_type}?{e.if_none_exist}"
+                if cond in creates:
+                    e.res_id = creates[cond]
+                    e.result = {"response": {"status": "200 OK", "location": f"{e.res_type}/{e.res_id}"}}
+                    _map(mapping, e, f"{e.res_type}/{e.res_id}")
+                    continue
+                store._lock_condition(conn, cond)
+                found = _at(e, lambda: store.match(conn, e.res_type, e.if_none_exist))
+                if len(found) > 1:
+                    raise MultipleMatches(f"Bundle.entry[{e.index}]: ifNoneExist matched {len(found)}")
+                if found:
+                    existing = store.load(conn, [found[0][0]])[0]
+                    e.res_id = existing.res_id
+                    e.result = _response(200, existing, with_body)
+                else:
+                    e.res_id = str(uuid.uuid4())
+                creates[cond] = e.res_id
+                _map(mapping, e, f"{e.res_type}/{e.res_id}")
+            for e in (x for x in ordered if x.method in ("PUT", "PATCH") and not x.res_id):
+                found = _at(e, lambda: store.match(conn, e.res_type, e.query))
+                if len(found) > 1:
+                    raise MultipleMatches(f"Bundle.entry[{e.index}]: conditional {e.method} "
+                                          f"matched {len(found)} resources")
+                if found:
+                    e.res_id = found[0][1]
+                elif e.method == "PUT":
+                    e.res_id = (e.resource or {}).get("id") or str(uuid.uuid4())
+                else:
+                    raise PreconditionFailed(f"Bundle.entry[{e.index}]: conditional PATCH matched nothing")
                 if e.method == "PUT":
                     if e.resource.get("id") not in (None, e.res_id):
                         raise InvalidRequest(f"Bundle.entry[{e.index}]: resource id "
-                                             f"'{e.resource.get('id')}' differs from URL id '{e.res_id}'")
+                                             f"'{e.resource.get('id')}' differs from the matched "
+                                             f"{e.res_type}/{e.res_id}")
                     e.resource["id"] = e.res_id
                 _map(mapping, e, f"{e.res_type}/{e.res_id}")
-            # 4. references: urn:uuid / fullUrl and conditional
-            cond_cache: dict[str, str] = {}
-            for e in entries:
-                if e.method in ("POST", "PUT") and e.resource is not None:
-                    conditional: list[dict] = []
-                    _walk_refs(e.resource, mapping, conditional)
-                    for ref in conditional:
-                        ref["reference"] = _resolve_conditional(store, conn, e, ref["reference"], cond_cache)
-            # 5. PUT/PATCH writes need the current versions
-            for e in (x for x in ordered if x.method in ("PUT", "PATCH")):
-                cur = store._latest(conn, e.res_type, e.res_id)
+            _settle_references(store, conn, writes, mapping, cond_cache)
+            for e in writes:
+                if e.result:  # conditional create that matched: nothing to write
+                    continue
+                if e.item is None:
+                    e.item = PendingWrite(e.res_type, e.res_id, e.resource, e.method).prepare()
+            # PUT/PATCH need the current versions (locked in a stable order on PostgreSQL)
+            targets = sorted({(x.res_type, x.res_id) for x in entries if x.method in ("PUT", "PATCH")})
+            for t, i in targets:
+                store._lock_condition(conn, f"{t}/{i}")
+            current = store.current_rows(conn, targets)
+            pending = []
+            for e in (x for x in ordered if x.method in ("POST", "PUT", "PATCH") and not x.result):
+                if e.method == "POST":
+                    pending.append((e, e.item))
+                    continue
+                cur = current.get((e.res_type, e.res_id))
                 want = parse_etag(e.if_match)
                 if want is not None and (cur is None or cur.deleted or cur.version != want):
                     raise PreconditionFailed(f"Bundle.entry[{e.index}]: ifMatch {e.if_match} does not "
                                              f"match {e.res_type}/{e.res_id}")
-                body = e.resource
                 if e.method == "PATCH":
                     if cur is None or cur.deleted:
                         raise PreconditionFailed(f"Bundle.entry[{e.index}]: cannot PATCH missing "
                                                  f"{e.res_type}/{e.res_id}")
                     body = apply_json_patch(orjson.loads(cur.body), _patch_ops(e))
                     _at(e, lambda: validate(body, e.res_type))
-                elif cur is not None and not cur.deleted and strip_meta(orjson.loads(cur.body)) == strip_meta(body):
-                    from server.store import _row_to_stored
-                    e.result = _response(200, _row_to_stored(cur), with_body)
+                    e.item = PendingWrite(e.res_type, e.res_id, body, "PATCH").prepare()
+                elif cur is not None and not cur.deleted and \
+                        strip_meta(orjson.loads(cur.body)) == strip_meta(e.item.body):
+                    e.result = _response(200, store.stored(cur), with_body)
                     continue
-                pending.append((e, PendingWrite(e.res_type, e.res_id, body, e.method,
-                                                prev_pk=cur.pk if cur is not None else None,
-                                                prev_version=cur.version if cur is not None else 0)))
+                e.item.prev_pk = cur.pk if cur is not None else None
+                e.item.prev_version = cur.version if cur is not None else 0
+                pending.append((e, e.item))
             stored = store.write_versions(conn, [p for _, p in pending])
             for (e, p), s in zip(pending, stored):
                 created = e.method == "POST" or p.prev_pk is None
                 e.result = _response(201 if created else 200, s, with_body)
     finally:
         conn.close()
-    # 6. GET/HEAD after the writes are committed
+    # GET/HEAD after the writes are committed
     for e in entries:
         if e.method in ("GET", "HEAD"):
             e.result = _run_get(store, ctx, e)
     return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response",
             "entry": [e.result for e in entries]}
+
+
+def _settle_references(store, conn, writes: list[Entry], mapping: dict[str, str],
+                       cache: dict[str, str]) -> None:
+    """Under the lock: resolve late and conditional references, re-check pre-resolved ones."""
+    pre = {node["reference"] for e in writes for node, orig in e.pending_refs if orig}
+    alive = store.current_ids(conn, [tuple(r.split("/", 1)) for r in pre]) if pre else set()
+    for e in writes:
+        changed = False
+        for node, orig in e.pending_refs:
+            if orig is not None:
+                if node["reference"] in alive:
+                    continue
+                cache.pop(orig, None)
+                ref = orig
+            else:
+                ref = node["reference"]
+            node["reference"] = mapping.get(ref) or _resolve_conditional(store, conn, e, ref, cache)
+            changed = True
+        if changed:
+            e.item = None  # re-prepare with the final references
+
+
+def _try_conditional(store, conn, ref: str, cache: dict[str, str]) -> str | None:
+    if ref in cache:
+        return cache[ref]
+    res_type, _, query = ref.partition("?")
+    if res_type not in RESOURCE_TYPES or not query:
+        return None
+    try:
+        found = store.match(conn, res_type, query)
+    except SynthportError:
+        return None
+    if len(found) != 1:
+        return None
+    cache[ref] = f"{res_type}/{found[0][1]}"
+    return cache[ref]
 
 
 def _validate_entry(e: Entry) -> None:
