@@ -123,10 +123,10 @@ def cpu_times() -> tuple[float, float]:
     return total - idle, total
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User+system CPU seconds of the live processes of a process group (the server)."""
+def proc_cpu() -> dict[int, tuple[str, int, float]]:
+    """pid -> (command name, process group, user+system CPU seconds) of every process."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -135,39 +135,62 @@ def group_cpu_seconds(pgid: int) -> float:
                 raw = fh.read()
         except OSError:
             continue
+        comm = raw[raw.find("(") + 1:raw.rfind(")")]
         rest = raw.rsplit(")", 1)[-1].split()
-        # fields after "(comm)": state ppid pgrp session ... utime(12) stime(13)
-        if len(rest) > 13 and int(rest[2]) == pgid:
-            total += (int(rest[11]) + int(rest[12])) / tick
-    return total
+        if len(rest) > 13:
+            out[int(d)] = (comm, int(rest[2]), (int(rest[11]) + int(rest[12])) / tick)
+    return out
 
 
 class Meter:
-    """Wall time, machine CPU busy share and the server's CPU over a phase."""
+    """Wall time, machine CPU busy share, the server's CPU and the top CPU users over a phase.
+
+    The machine may be shared: ``top`` names the processes (by command name; the server's
+    process group as ``server``, this script as ``bench``) that used the most CPU during
+    the phase, in cores, so a figure taken while something else ran can be recognised.
+    Processes that started and ended inside the phase are not seen.
+    """
 
     def __init__(self, server_pgid: int | None = None):
         self.pgid = server_pgid
 
     def __enter__(self):
         self.load_start = loadavg()
+        self.procs0 = proc_cpu()
         self.t0 = time.perf_counter()
         self.busy0, self.total0 = cpu_times()
-        self.srv0 = group_cpu_seconds(self.pgid) if self.pgid else 0.0
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t0
         busy1, total1 = cpu_times()
+        procs1 = proc_cpu()
         self.busy = (busy1 - self.busy0) / (total1 - self.total0) if total1 > self.total0 else float("nan")
-        self.srv_cores = ((group_cpu_seconds(self.pgid) - self.srv0) / self.wall
-                          if self.pgid and self.wall > 0 else None)
+        me = os.getpid()
+        by_name: dict[str, float] = {}
+        srv = 0.0
+        for pid, (comm, pgrp, sec) in procs1.items():
+            before = self.procs0.get(pid)
+            used = sec - (before[2] if before and before[0] == comm else 0.0)
+            if used <= 0:
+                continue
+            if self.pgid and pgrp == self.pgid:
+                srv += used
+                name = "server"
+            elif pid == me:
+                name = "bench"
+            else:
+                name = comm
+            by_name[name] = by_name.get(name, 0.0) + used
+        self.srv_cores = srv / self.wall if self.pgid and self.wall > 0 else None
+        self.top = sorted(((v / self.wall, k) for k, v in by_name.items() if self.wall > 0), reverse=True)[:4]
         self.load_end = loadavg()
         return False
 
     def note(self) -> str:
         s = f"load {self.load_start.split()[0]}->{self.load_end.split()[0]}, machine CPU {self.busy:.0%}"
-        if self.srv_cores is not None:
-            s += f", server {self.srv_cores:.2f} cores"
+        if self.top:
+            s += "; cores: " + ", ".join(f"{k} {v:.2f}" for v, k in self.top if v >= 0.02)
         return s
 
 
@@ -294,6 +317,18 @@ class Store:
         with self.engine().connect() as c:
             row = c.execute(q).first()
         return (row[0], int(row[1])) if row else None
+
+    def vacuum_analyze(self) -> float | None:
+        """PostgreSQL: ``VACUUM (ANALYZE)`` every table of the schema; seconds taken."""
+        if not self.schema:
+            return None
+        t = time.perf_counter()
+        with pg_connect(self.base_url) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (self.schema,))]
+            for tbl in tables:
+                conn.execute(f'VACUUM (ANALYZE) "{self.schema}"."{tbl}"')
+        return time.perf_counter() - t
 
     def db_version(self) -> str:
         if not self.schema:
@@ -974,6 +1009,8 @@ def parse_args(argv=None):
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     ap.add_argument("--work-dir", type=Path, default=None, help="where the stores go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (SQLite files, server logs) and the PostgreSQL schemas")
+    ap.add_argument("--no-vacuum", action="store_true",
+                    help="PostgreSQL: do not VACUUM (ANALYZE) the store before the read phases")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -1020,6 +1057,12 @@ def main(argv=None) -> int:
                 subprocess.run(synthport_command() + ["load", "--data-dir", str(data_store.data_dir),
                                                       str(args.data)], env=data_store.env(), check=True,
                                stdout=subprocess.DEVNULL)
+            if data_store.schema and not args.no_vacuum:
+                log("VACUUM (ANALYZE) of the PostgreSQL store before the read phases")
+                secs = data_store.vacuum_analyze()
+                rep.section("maintenance before the read phases")
+                rep.add("PostgreSQL VACUUM (ANALYZE), all tables", f"{secs:.1f} s", "",
+                        "so that autovacuum does not run during the measurements (--no-vacuum: skip)")
             with Server(data_store, args.workers, args.threads, work) as srv:
                 log(f"server for reads: {srv.base}, master pid {srv.proc.pid}, workers {srv.pids}")
                 if "read" in args.phases:

@@ -234,15 +234,36 @@ class SqlStore:
                 f"VALUES ({', '.join([mark] * len(cols))})")
 
     # ------------------------------------------------------------------ reads
+    def _fetch_one(self, sql: str, params: tuple):
+        """Hot read path: one plain SELECT on a pooled DBAPI connection (no ORM/Core
+        statement building, no explicit transaction); read by id is the most frequent call."""
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute(sql, params)
+            row = cur.fetchone()
+            cur.close()
+        finally:
+            raw.close()
+        return row
+
+    @functools.cached_property
+    def _read_sql(self) -> str:
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        return ("SELECT res_type, res_id, version, last_updated, deleted, body, method FROM resource "
+                f"WHERE res_type = {mark} AND res_id = {mark} AND superseded_by IS NULL")
+
     def read(self, ctx: RequestContext, res_type: str, res_id: str) -> StoredResource:
         check_type(res_type)
-        with self.engine.connect() as conn:
-            row = self._latest(conn, res_type, res_id)
+        row = self._fetch_one(self._read_sql, (res_type, res_id))
+        if row is not None:
+            row = StoredResource(row[0], row[1], row[2], row[3], bool(row[4]),
+                                 bytes(row[5]) if row[5] is not None else None, row[6])
         if row is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
         if row.deleted:
             raise Gone(f"{res_type}/{res_id} was deleted (version {row.version})")
-        return _row_to_stored(row)
+        return row
 
     def vread(self, ctx: RequestContext, res_type: str, res_id: str, version: int) -> StoredResource:
         check_type(res_type)

@@ -5,6 +5,7 @@ cohorts at ``/synthetic/<cohort>/fhir``: routes only see the :class:`Source` pro
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable
 
@@ -156,26 +157,32 @@ def make_fhir_blueprint(name: str, url_prefix: str,
 def build_context(view_args: dict) -> RequestContext:
     """Request context: base URL as the client called it, Prefer, handling."""
     cfg = current_app.config["SYNTHPORT"]
-    public = cfg.get("public_base_url")
     prefix = request.blueprint and current_app.blueprints[request.blueprint].url_prefix or ""
     for k, v in view_args.items():
-        prefix = prefix.replace(f"<{k}>", str(v))
-    if public:
-        base = public.rstrip("/") + prefix
-    else:
-        base = request.host_url.rstrip("/") + prefix
-    if not _SAFE_BASE.match(base):
-        raise InvalidRequest("Invalid Host header")
-    prefer = request.headers.get("Prefer", "")
+        if f"<{k}>" in prefix:
+            prefix = prefix.replace(f"<{k}>", str(v))
+    base = _base_url(cfg.get("public_base_url") or request.host_url, prefix)
+    prefer = request.headers.get("Prefer")
     ret, handling = "representation", cfg.get("search_handling", "lenient")
-    for part in prefer.split(";") if ";" in prefer else prefer.split(","):
-        k, _, v = part.strip().partition("=")
-        if k == "return" and v in ("minimal", "representation", "OperationOutcome"):
-            ret = v
-        elif k == "handling" and v in ("strict", "lenient"):
-            handling = v
+    if prefer:
+        for part in prefer.replace(";", ",").split(","):
+            k, _, v = part.strip().partition("=")
+            if k == "return" and v in ("minimal", "representation", "OperationOutcome"):
+                ret = v
+            elif k == "handling" and v in ("strict", "lenient"):
+                handling = v
     return RequestContext(base_url=base, handling=handling, prefer_return=ret,
                           request_id=request.headers.get("X-Request-Id", ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _base_url(host_url: str, prefix: str) -> str:
+    """Absolute base for links (FHIR R4 http §3.1.0.1.7); a Host header that is not a
+    plain host[:port] is refused, since it ends up in every link we write."""
+    base = host_url.rstrip("/") + prefix
+    if not _SAFE_BASE.match(base):
+        raise InvalidRequest("Invalid Host header")
+    return base
 
 
 def check_accept() -> None:
