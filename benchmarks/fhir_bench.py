@@ -42,6 +42,7 @@ import os
 import platform
 import random
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -189,8 +190,9 @@ class Meter:
 
     def note(self) -> str:
         s = f"load {self.load_start.split()[0]}->{self.load_end.split()[0]}, machine CPU {self.busy:.0%}"
-        if self.top:
-            s += "; cores: " + ", ".join(f"{k} {v:.2f}" for v, k in self.top if v >= 0.02)
+        top = [f"{k} {v:.2f}" for v, k in self.top if v >= 0.02]
+        if top:
+            s += "; cores: " + ", ".join(top)
         return s
 
 
@@ -317,6 +319,30 @@ class Store:
         with self.engine().connect() as c:
             row = c.execute(q).first()
         return (row[0], int(row[1])) if row else None
+
+    def read_plan(self, res_type: str, res_id: str) -> str:
+        """The index the database picks for the read-by-id lookup (the server's own SQL shape).
+
+        On SQLite without ``ANALYZE`` statistics the choice between equally ranked indexes
+        follows their creation order, which is why this is printed beside the read figures.
+        """
+        from sqlalchemy import text
+        sql = ("SELECT res_type, res_id, version, last_updated, deleted, body, method FROM resource "
+               "WHERE res_type = :t AND res_id = :i AND superseded_by IS NULL")
+        try:
+            with self.engine().connect() as c:
+                if self.schema:
+                    lines = [r[0] for r in c.execute(text("EXPLAIN (COSTS OFF) " + sql), {"t": res_type, "i": res_id})]
+                    plan = next((ln.strip() for ln in lines if "Scan" in ln), lines[0].strip() if lines else "?")
+                else:
+                    rows = c.execute(text("EXPLAIN QUERY PLAN " + sql), {"t": res_type, "i": res_id}).all()
+                    plan = "; ".join(str(r[-1]) for r in rows)
+                    has_stats = c.execute(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")
+                                          ).scalar_one()
+                    plan += "" if has_stats else " (no ANALYZE statistics)"
+        except Exception as exc:  # noqa: BLE001 - a note only
+            plan = f"? ({type(exc).__name__})"
+        return plan
 
     def vacuum_analyze(self) -> float | None:
         """PostgreSQL: ``VACUUM (ANALYZE)`` every table of the schema; seconds taken."""
@@ -570,9 +596,13 @@ def phase_load(args, store: Store, rep: Report, log_dir: Path) -> None:
         cmd += ["--jobs", str(args.load_jobs)]
     log("ingest A: " + " ".join(cmd))
     out_path = log_dir / "load-a.log"
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with Meter() as m, open(out_path, "wb") as out:
         proc = subprocess.run(cmd, env=store.env(), stdin=subprocess.DEVNULL, stdout=out,
                               stderr=subprocess.STDOUT)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The loader and its worker processes (all reaped by now), in cores over the wall time.
+    loader_cores = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / m.wall
     text = out_path.read_text(errors="replace")
     n_store = store.count_resources()
     rep.section(f"ingest A: synthport load ({args.load_jobs or os.cpu_count()} jobs), fresh {store.kind} store")
@@ -583,7 +613,8 @@ def phase_load(args, store: Store, rep: Report, log_dir: Path) -> None:
     for line in text.splitlines():
         if line.startswith("FAILED "):
             rep.problem("load: " + line[:300])
-    rep.add("wall time (process start to exit)", f"{m.wall:.1f} s", "", m.note())
+    rep.add("wall time (process start to exit)", f"{m.wall:.1f} s", "",
+            f"{m.note()}; synthport load and its workers {loader_cores:.2f} cores")
     rep.add("resources in store after load", f"{n_store:,}", "",
             f"loader counted {int(ms.group(1)):,} from {ms.group(2)} files" if ms else "no loader summary line")
     rep.add("resources/s, wall (store count / wall)", fmt_rate(n_store / m.wall), TARGETS["ingest"])
@@ -596,7 +627,8 @@ def phase_load(args, store: Store, rep: Report, log_dir: Path) -> None:
                         "loader_rate": float(ms.group(4)) if ms else None,
                         "first_rate": float(mw.group(1)) if mw else None,
                         "last_rate": float(mw.group(2)) if mw else None,
-                        "machine_cpu": m.busy, "load": [m.load_start, m.load_end]}
+                        "loader_cores": loader_cores, "machine_cpu": m.busy,
+                        "load": [m.load_start, m.load_end]}
 
 
 # ------------------------------------------------------------------ ingest B: POST transactions
@@ -819,8 +851,11 @@ def phase_read(args, srv: Server, store: Store, rep: Report, work: Path) -> None
             f"{len(paths):,} ids")
         if args.warmup > 0:
             run_wrk(srv.port, ids_file, lua, args.wrk_threads, args.read_clients, args.warmup, args.seed + 1)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         with Meter(srv.proc.pid) as m:
             res = run_wrk(srv.port, ids_file, lua, args.wrk_threads, args.read_clients, args.duration, args.seed)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        res["client_cores"] = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / m.wall
         if res.get("rc") or "requests" not in res:
             rep.problem(f"read: wrk failed (rc {res.get('rc')}): {res['raw'][-500:]}")
     else:
@@ -828,8 +863,11 @@ def phase_read(args, srv: Server, store: Store, rep: Report, work: Path) -> None
         log(f"read: warm-up {args.warmup:.0f} s, then {args.duration:.0f} s with {client_desc}")
         if args.warmup > 0:
             run_python_readers(srv.port, paths, args.read_clients, args.warmup, args.seed + 1)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         with Meter(srv.proc.pid) as m:
             res = run_python_readers(srv.port, paths, args.read_clients, args.duration, args.seed)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        res["client_cores"] = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / m.wall
     if res.get("non2xx"):
         rep.problem(f"read: {res['non2xx']} responses not 2xx/3xx")
     if res.get("socket_errors"):
@@ -838,8 +876,10 @@ def phase_read(args, srv: Server, store: Store, rep: Report, work: Path) -> None
     rep.section(f"read by id: GET /fhir/<Type>/<id>, random of {len(paths):,} ids ({n_pat} Patient, "
                 f"rest Observation), {args.duration:.0f} s after {args.warmup:.0f} s warm-up")
     rep.add("client", client_desc, "", "keep-alive; client runs on the same machine")
+    obs = next(((t, i) for t, i in ids if t == "Observation"), ids[0])
+    rep.add("plan of the id lookup (Observation)", "", "", store.read_plan(*obs))
     rep.add("requests/s", f"{res.get('rps', float('nan')):,.0f}/s", TARGETS["read_rps"],
-            f"{res.get('requests', 0):,} requests; {m.note()}")
+            f"{res.get('requests', 0):,} requests; {m.note()}; client {res.get('client_cores', 0):.2f} cores")
     rep.add("latency p50", fmt_ms(d.get(50, float("nan"))), TARGETS["read_p50"])
     rep.add("latency p75 / p90", f"{fmt_ms(d.get(75, float('nan')))} / {fmt_ms(d.get(90, float('nan')))}")
     rep.add("latency p99", fmt_ms(d.get(99, float("nan"))), TARGETS["read_p99"],
