@@ -37,11 +37,13 @@ def main():
 @_common
 @click.option("--http-port", type=int, default=None, help="HTTP port (default 8080).")
 @click.option("--http-host", default=None, help="Bind address (default 0.0.0.0).")
-@click.option("--dimse-port", type=int, default=None, help="DIMSE port (default 11112).")
+@click.option("--dimse-port", type=int, default=None,
+              help="DIMSE port (default 11112; 0 switches the DIMSE listener off).")
 @click.option("--workers", type=int, default=None, help="gunicorn worker processes.")
 @click.option("--threads", type=int, default=None, help="Threads per worker.")
 def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, threads):
-    """Run the HTTP server under gunicorn (never Flask's development server)."""
+    """Run the HTTP server under gunicorn (never Flask's development server) and the
+    DIMSE listener (a child process of its own, stopped with the server)."""
     from gunicorn.app.base import BaseApplication
 
     from server.db.engine import make_engine, migrate
@@ -72,7 +74,21 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
 
     click.echo(f"synthport: FHIR at http://{cfg.http_host}:{cfg.http_port}/fhir "
                f"({cfg.workers} workers, database {_redact(cfg.resolved_database_url)})", err=True)
-    _App().run()
+    dimse = None
+    if cfg.dimse_port:
+        from server.dimse.server import spawn_dimse, stop_dimse
+
+        try:
+            dimse = spawn_dimse(cfg)
+        except (RuntimeError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"synthport: DIMSE AE {cfg.ae_title} on "
+                   f"{cfg.dimse_host or cfg.http_host}:{cfg.dimse_port}", err=True)
+    try:
+        _App().run()
+    finally:
+        if dimse is not None:
+            stop_dimse(dimse)
 
 
 @main.command()

@@ -45,7 +45,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auto_migrate", True, "Apply alembic migrations when the server or a command starts.", _bool),
     Setting("dimse_port", 11112, "DIMSE listener port.", int),
     Setting("ae_title", "SYNTHPORT", "DIMSE AE title of the real source."),
+    Setting("dimse_host", "", "Address the DIMSE listener binds to; empty means the same as http_host."),
+    Setting("dimse_peers", "", "C-MOVE destinations, AE title to host:port: "
+            "`ORTHANC=127.0.0.1:4242,PACS2=10.1.2.3:104`, or a TOML table "
+            "`[synthport.dimse_peers]` (`ORTHANC = \"127.0.0.1:4242\"`). A C-MOVE to an AE title "
+            "not listed answers 0xA801 (move destination unknown)."),
+    Setting("dimse_allowed_aets", "", "Calling AE titles allowed to associate (comma list, or a "
+            "TOML list). Empty (the default) accepts any calling AE title: fine on loopback or a "
+            "trusted network, set it when the DIMSE port is reachable by others."),
+    Setting("dimse_require_called_aet", True, "Reject associations whose called AE title is not "
+            "one this server answers to (ae_title, later cohort AE titles); false serves such "
+            "associations from the real source.", _bool),
+    Setting("dimse_max_associations", 10, "Concurrent DIMSE associations; more are rejected "
+            "(transient, local limit exceeded).", int),
+    Setting("dimse_max_pdu", 65536, "Largest P-DATA PDU (bytes) the DIMSE listener accepts; "
+            "larger PDUs cost fewer round trips per instance (pynetdicom's default is 16382, "
+            "dcmtk's 16384); 0 means unlimited.", int),
+    Setting("dimse_timeout", 60, "Seconds the DIMSE listener waits on a silent peer (network, "
+            "ACSE and DIMSE timeouts) before aborting the association.", float),
     Setting("log_level", "info", "Logging level."),
+    Setting("dicom_patient_id_system", "urn:synthport:dicom:patient-id",
+            "Identifier system of the FHIR Patient linked to a DICOM PatientID."),
+    Setting("dicom_timezone", "Z", "UTC offset assumed for DICOM dates/times without "
+            "TimezoneOffsetFromUTC when writing FHIR dateTimes (e.g. +01:00)."),
+    Setting("dicomweb_cors_origins", "*", "Origins allowed to call DICOMweb from a browser "
+            "(comma-separated, * = any, empty = no CORS headers)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

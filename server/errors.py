@@ -90,6 +90,23 @@ class InternalError(SynthportError):
     """Unexpected server failure (message is safe to show)."""
 
 
+class InsufficientStorage(SynthportError):
+    """The store ran out of disk or another resource while writing (PS3.4 A7xx)."""
+
+
+class SopClassMismatch(InvalidResource):
+    """A DICOM data set does not match its SOP Class (file meta vs data set, or a re-sent
+    SOP Instance UID with another SOP Class): PS3.4 A9xx."""
+
+
+class StudyMismatch(Conflict):
+    """STOW-RS to ``/studies/{study}`` with an instance of another study (PS3.18 §10.5)."""
+
+
+class InstanceRefused(SynthportError):
+    """A DICOM instance refused on policy, e.g. an executable file preamble (PS3.10 §7.5)."""
+
+
 # DIMSE status values (PS3.4 Annex C / PS3.7 Annex C), named rather than hex in code.
 DIMSE_SUCCESS = 0x0000
 DIMSE_REFUSED_OUT_OF_RESOURCES = 0xA700
@@ -99,6 +116,20 @@ DIMSE_REFUSED_NOT_AUTHORIZED = 0x0124
 DIMSE_MOVE_DESTINATION_UNKNOWN = 0xA801
 DIMSE_PROCESSING_FAILURE = 0x0110
 DIMSE_NO_SUCH_OBJECT_INSTANCE = 0x0112
+# Storage failure reasons (PS3.4 Table B.2-1, PS3.18 Table I.2-2 FailureReason (0008,1197)).
+DIMSE_STORE_DATASET_SOP_CLASS_MISMATCH = 0xA900
+DIMSE_STORE_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+# Study Instance UID of an instance differs from the STOW-RS target study; not named by the
+# standard (a Cxxx "cannot understand" code), same value as dcm4chee-arc uses.
+DIMSE_STORE_STUDY_UID_MISMATCH = 0xC409
+DIMSE_SOP_CLASS_NOT_SUPPORTED = 0x0122
+DIMSE_PENDING = 0xFF00                  # C-FIND/C-GET/C-MOVE: a match / a sub-operation follows
+DIMSE_PENDING_WARNING = 0xFF01          # C-FIND pending, optional keys not supported
+DIMSE_CANCEL = 0xFE00                   # matching / sub-operations ended by C-CANCEL
+DIMSE_WARNING_SUBOPS_FAILED = 0xB000    # C-GET/C-MOVE: one or more sub-operations failed
+DIMSE_STORE_WARNING_COERCION = 0xB000   # C-STORE: stored, some elements coerced
+DIMSE_STORE_WARNING_DISCARDED = 0xB006  # C-STORE: stored, some elements discarded
+DIMSE_REFUSED_SUBOPS = 0xA702           # C-GET/C-MOVE: unable to perform sub-operations
 
 
 @dataclass(frozen=True)
@@ -127,6 +158,10 @@ ERROR_TABLE: dict[type[SynthportError], ErrorInfo] = {
     Unauthorized: ErrorInfo(401, "login", 401, DIMSE_REFUSED_NOT_AUTHORIZED),
     Forbidden: ErrorInfo(403, "forbidden", 403, DIMSE_REFUSED_NOT_AUTHORIZED),
     InternalError: ErrorInfo(500, "exception", 500, DIMSE_PROCESSING_FAILURE),
+    InsufficientStorage: ErrorInfo(507, "exception", 507, DIMSE_REFUSED_OUT_OF_RESOURCES),
+    SopClassMismatch: ErrorInfo(422, "structure", 409, DIMSE_STORE_DATASET_SOP_CLASS_MISMATCH),
+    StudyMismatch: ErrorInfo(409, "conflict", 409, DIMSE_STORE_STUDY_UID_MISMATCH),
+    InstanceRefused: ErrorInfo(422, "security", 409, DIMSE_ERROR_CANNOT_UNDERSTAND),
     SynthportError: ErrorInfo(500, "exception", 500, DIMSE_PROCESSING_FAILURE),
 }
 

@@ -135,8 +135,8 @@ class SqlStore:
     @staticmethod
     def _latest(conn: Connection, res_type: str, res_id: str):
         return conn.execute(
-            select(*_LOAD_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id,
-                                      R.c.superseded_by.is_(None))
+            select(*_LOAD_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id)
+            .order_by(R.c.version.desc()).limit(1)
         ).first()
 
     @staticmethod
@@ -152,7 +152,9 @@ class SqlStore:
         for t, ids in by_type.items():
             for n in range(0, len(ids), 900):
                 for row in conn.execute(select(*_LOAD_COLS).where(
-                        R.c.res_type == t, R.c.res_id.in_(ids[n:n + 900]), R.c.superseded_by.is_(None))):
+                        R.c.res_type == t, R.c.res_id.in_(ids[n:n + 900]),
+                        # "+ 0": not an index term, so (type, id) drives the lookup (see _read_sql)
+                        (R.c.superseded_by + 0).is_(None))):
                     out[(row.res_type, row.res_id)] = row
         return out
 
@@ -250,8 +252,11 @@ class SqlStore:
     @functools.cached_property
     def _read_sql(self) -> str:
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        # The newest version is the current one; ordering on the unique (type, id, version)
+        # index leaves the planner no other choice (without statistics SQLite could pick
+        # ix_resource_current and scan every current resource of the type).
         return ("SELECT res_type, res_id, version, last_updated, deleted, body, method FROM resource "
-                f"WHERE res_type = {mark} AND res_id = {mark} AND superseded_by IS NULL")
+                f"WHERE res_type = {mark} AND res_id = {mark} ORDER BY version DESC LIMIT 1")
 
     def read(self, ctx: RequestContext, res_type: str, res_id: str) -> StoredResource:
         check_type(res_type)

@@ -46,7 +46,9 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql(conn.info.pop("begin_sql", "BEGIN"))
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # No pre-ping (a round trip per checkout on the hot read path); stale connections
+    # are recycled instead.
+    return create_engine(url, pool_recycle=1800, pool_size=5, max_overflow=10)
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -98,3 +98,104 @@ INDEX_TABLES: dict[str, Table] = {
     "string": idx_string, "token": idx_token, "date": idx_date, "reference": idx_reference,
     "quantity": idx_quantity, "number": idx_number, "uri": idx_uri, "composite": idx_composite,
 }
+
+
+# --------------------------------------------------------------------------- DICOM
+# The DICOM store (server/dicom/store.py): one row per patient, study, series and
+# instance; the Part 10 files live in the blob folder, never in SQL. Columns are the
+# attributes QIDO-RS/C-FIND match on (PS3.18 Table 10.6.1-5, PS3.4 C.6) plus the counts
+# that QIDO returns, so a search reads no file. Text matching keys have a normalised copy
+# (``*_ci`` lower-cased, ``*_fold`` lower-cased without accents, ``*_tokens`` name
+# components) because DICOM matching rules differ from SQL collations. Created by
+# migration 0002.
+UID = String(64)
+
+dicom_patient = Table(
+    "dicom_patient", metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("patient_id", String(64), nullable=False),         # "" when the header has none
+    Column("issuer", Text, nullable=False, default=""),
+    Column("patient_name", Text, nullable=False, default=""),
+    Column("patient_name_ci", Text, nullable=False, default=""),
+    Column("patient_name_fold", Text, nullable=False, default=""),
+    Column("patient_name_tokens", Text, nullable=False, default=""),
+    Column("birth_date", String(16), nullable=False, default=""),
+    Column("sex", String(16), nullable=False, default=""),
+    Column("fhir_id", String(64), nullable=True),               # linked FHIR Patient
+    Column("updated", Float, nullable=False),
+    Index("ux_dicom_patient_id", "patient_id", unique=True),
+)
+
+dicom_study = Table(
+    "dicom_study", metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("study_uid", UID, nullable=False),
+    Column("patient_pk", BigInteger, nullable=False),
+    Column("study_date", String(16), nullable=False, default=""),
+    Column("study_time", String(32), nullable=False, default=""),
+    Column("study_time_key", String(16), nullable=False, default=""),  # HHMMSS.ffffff
+    Column("accession_number", String(64), nullable=False, default=""),
+    Column("study_id", String(64), nullable=False, default=""),
+    Column("study_description", Text, nullable=False, default=""),
+    Column("referring_physician", Text, nullable=False, default=""),
+    Column("referring_physician_ci", Text, nullable=False, default=""),
+    Column("timezone_offset", String(16), nullable=False, default=""),
+    Column("modalities", String(256), nullable=False, default=""),     # "CT\\SR"
+    Column("num_series", Integer, nullable=False, default=0),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("fhir_id", String(64), nullable=True),                       # linked ImagingStudy
+    Column("updated", Float, nullable=False),
+    Index("ux_dicom_study_uid", "study_uid", unique=True),
+    Index("ix_dicom_study_patient", "patient_pk"),
+    Index("ix_dicom_study_date", "study_date", "study_time_key"),
+    Index("ix_dicom_study_accession", "accession_number"),
+)
+
+dicom_series = Table(
+    "dicom_series", metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("series_uid", UID, nullable=False),
+    Column("study_pk", BigInteger, nullable=False),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("series_number", Integer, nullable=True),
+    Column("series_description", Text, nullable=False, default=""),
+    Column("body_part", String(64), nullable=False, default=""),
+    Column("laterality", String(16), nullable=False, default=""),
+    Column("series_date", String(16), nullable=False, default=""),
+    Column("series_time", String(32), nullable=False, default=""),
+    Column("pps_start_date", String(16), nullable=False, default=""),
+    Column("pps_start_time", String(32), nullable=False, default=""),
+    Column("pps_start_time_key", String(16), nullable=False, default=""),
+    Column("sps_id", String(64), nullable=False, default=""),           # RequestAttributeSequence[0]
+    Column("requested_procedure_id", String(64), nullable=False, default=""),
+    Column("num_instances", Integer, nullable=False, default=0),
+    Column("updated", Float, nullable=False),
+    Index("ux_dicom_series_uid", "series_uid", unique=True),
+    Index("ix_dicom_series_study", "study_pk", "series_number"),
+    Index("ix_dicom_series_modality", "modality", "study_pk"),
+)
+
+dicom_instance = Table(
+    "dicom_instance", metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("sop_uid", UID, nullable=False),
+    Column("series_pk", BigInteger, nullable=False),
+    Column("study_pk", BigInteger, nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("instance_number", Integer, nullable=True),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("blob_key", String(64), nullable=False),          # sha256(SOPInstanceUID), hex
+    Column("size", BigInteger, nullable=False),
+    Column("pixel_rows", Integer, nullable=True),
+    Column("pixel_columns", Integer, nullable=True),
+    Column("bits_allocated", Integer, nullable=True),
+    Column("number_of_frames", Integer, nullable=True),
+    Column("metadata", LargeBinary, nullable=False),         # DICOM JSON (PS3.18 F.2), no bulk data
+    Column("updated", Float, nullable=False),
+    Index("ux_dicom_instance_uid", "sop_uid", unique=True),
+    Index("ix_dicom_instance_series", "series_pk", "instance_number"),
+    Index("ix_dicom_instance_study", "study_pk"),
+    Index("ix_dicom_instance_class", "sop_class_uid"),
+)
+
+DICOM_TABLES = ("dicom_patient", "dicom_study", "dicom_series", "dicom_instance")

@@ -1,0 +1,205 @@
+"""The DIMSE listener: one pynetdicom AE serving a :class:`DicomSource`.
+
+:func:`start_dimse` runs it in-process (tests, embedding); :func:`spawn_dimse` runs it
+as the child process that ``synthport serve`` starts beside gunicorn (gunicorn forks
+its workers, so the listener lives in a process of its own, with its own engine).
+
+What the AE accepts:
+
+* Verification; every storage SOP class pynetdicom knows, in every transfer syntax
+  pydicom knows (the requestor's order decides, so data are stored as sent:
+  uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG...);
+* Patient Root and Study Root Query/Retrieve FIND, GET and MOVE in the uncompressed
+  syntaxes. The storage contexts allow SCP/SCU role selection, so a C-GET requestor
+  can receive the instances on its own association.
+* TCP_NODELAY on every accepted socket (and on C-MOVE sub-associations), which
+  pynetdicom does not set: with Nagle on, loopback C-STORE stalls near 11
+  instances/s (delayed-ACK interplay).
+* Limits: ``dimse_max_associations`` concurrent associations, ``dimse_max_pdu``,
+  ``dimse_timeout`` on silent peers, optional calling AE title allow-list.
+  One bad association (garbage bytes, an abort mid-transfer) only ends its own
+  thread; the listener keeps accepting.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Mapping
+
+from pydicom.uid import (AllTransferSyntaxes, DeflatedExplicitVRLittleEndian,
+                         ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  PatientRootQueryRetrieveInformationModelGet,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from server.dimse.handlers import bind, parse_aet_list, parse_peers, set_nodelay
+
+log = logging.getLogger("synthport.dimse")
+
+#: Identifiers and commands: the uncompressed syntaxes.
+QR_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+               ExplicitVRBigEndian]
+#: Storage: everything pydicom names except the JPIP "referenced" syntaxes, which carry
+#: a URL instead of pixel data.
+STORAGE_SYNTAXES = [ts for ts in AllTransferSyntaxes if "JPIP" not in ts.name]
+QR_MODELS = [PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+             PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
+             StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove]
+
+
+class NoDelayAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket."""
+
+    def get_request(self):
+        client, address = super().get_request()
+        set_nodelay(client)
+        return client, address
+
+    def handle_error(self, request, client_address) -> None:
+        # One broken connection must never stop the listener; log it, quietly.
+        log.warning("DIMSE connection from %s failed", client_address, exc_info=True)
+
+
+def build_ae(config: Mapping[str, Any]) -> AE:
+    """The AE with every context and limit the listener supports (see module doc)."""
+    ae = AE(ae_title=str(config.get("ae_title") or "SYNTHPORT").strip())
+    ae.maximum_associations = max(1, int(config.get("dimse_max_associations") or 10))
+    ae.maximum_pdu_size = int(config.get("dimse_max_pdu") or 0)
+    timeout = float(config.get("dimse_timeout") or 60)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.require_calling_aet = parse_aet_list(config.get("dimse_allowed_aets"))
+    ae.require_called_aet = bool(config.get("dimse_require_called_aet", True))
+    ae.add_supported_context(Verification, QR_SYNTAXES)
+    for model in QR_MODELS:
+        ae.add_supported_context(model, QR_SYNTAXES)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES,
+                                 scu_role=True, scp_role=True)
+    return ae
+
+
+def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
+                port: int | None = None) -> NoDelayAssociationServer:
+    """Start the DIMSE listener for ``source`` (or a mapping AE title -> source).
+
+    Args:
+        config: resolved settings (``ae_title``, ``dimse_host`` / ``http_host``,
+            ``dimse_port``, ``dimse_peers``, ``dimse_allowed_aets``, limits).
+        source: the DicomSource to serve.
+        block: serve in this thread until :meth:`shutdown` (from another thread or a
+            signal handler); otherwise serve in a daemon thread and return at once.
+        port: overrides ``dimse_port`` (0 = any free port; read it back from
+            ``server.server_address``).
+
+    Returns:
+        The running server; ``server.shutdown()`` stops it and closes the socket.
+    """
+    parse_peers(config.get("dimse_peers"))          # fail now on a bad peer table
+    ae = build_ae(config)
+    host = str(config.get("dimse_host") or config.get("http_host") or "0.0.0.0")
+    port = int(config.get("dimse_port", 11112) if port is None else port)
+    server = ae.make_server((host, port), ae_title=ae.ae_title, evt_handlers=bind(source, config),
+                            server_class=NoDelayAssociationServer)
+    ae._servers.append(server)      # as AE.start_server does, so server.shutdown() works
+    log.info("DIMSE listener %s on %s:%d", ae.ae_title, *server.server_address[:2])
+    if block:
+        server.serve_forever()
+    else:
+        threading.Thread(target=server.serve_forever, name=f"dimse-{server.server_address[1]}",
+                         daemon=True).start()
+    return server
+
+
+# --------------------------------------------------------------------------- child process
+
+
+def _child_main(config: dict, conn) -> None:
+    """Entry point of the listener process that ``synthport serve`` spawns."""
+    from multiprocessing import parent_process
+
+    from server.dicom.store import DicomStore
+    from server.store import SqlStore
+
+    logging.basicConfig(level=str(config.get("log_level", "info")).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if str(config.get("log_level", "info")).lower() != "debug":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # one line per PDU otherwise
+    try:
+        sql = SqlStore.from_url(config["database_url"], config, auto_migrate=False)
+        server = start_dimse(config, DicomStore(sql, config))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which exits
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.close()
+        return
+    conn.send(("ok", server.server_address[1]))
+    conn.close()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = parent_process()
+    while not stop.wait(1.0):
+        if parent is not None and not parent.is_alive():
+            break                       # `synthport serve` is gone: so are we
+    server.shutdown()
+
+
+def spawn_dimse(config: Mapping[str, Any], timeout: float = 60.0):
+    """Start the listener in a child process and wait until it listens.
+
+    Returns:
+        The :class:`multiprocessing.Process`; terminate it with the server.
+
+    Raises:
+        RuntimeError: the listener could not start (port taken, bad settings...).
+    """
+    import multiprocessing
+
+    mp = multiprocessing.get_context("spawn")   # no forked engines, locks or threads
+    parent_conn, child_conn = mp.Pipe(duplex=False)
+    cfg = dict(config)
+    cfg["database_url"] = getattr(config, "resolved_database_url", None) or config["database_url"]
+    proc = mp.Process(target=_child_main, args=(cfg, child_conn), name="synthport-dimse",
+                      daemon=False)
+    proc.start()
+    child_conn.close()
+    if not parent_conn.poll(timeout):
+        proc.terminate()
+        raise RuntimeError(f"the DIMSE listener did not start within {timeout:.0f} s")
+    try:
+        kind, detail = parent_conn.recv()
+    except EOFError:
+        kind, detail = "error", f"the DIMSE process exited with status {proc.join(5) or proc.exitcode}"
+    if kind != "ok":
+        proc.join(5)
+        raise RuntimeError(f"the DIMSE listener did not start: {detail}")
+    log.info("DIMSE listener process %d on port %s", proc.pid, detail)
+    return proc
+
+
+def stop_dimse(proc, grace: float = 10.0) -> None:
+    """Stop the child started by :func:`spawn_dimse` (SIGTERM, then SIGKILL)."""
+    if proc is None or proc.exitcode is not None:
+        return
+    # gunicorn's master reaps every child on SIGCHLD, ours included, so the
+    # multiprocessing bookkeeping may never see the exit: wait on the sentinel only.
+    from multiprocessing.connection import wait
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        if wait([proc.sentinel], grace):
+            return
+
+
+__all__ = ["build_ae", "start_dimse", "spawn_dimse", "stop_dimse", "NoDelayAssociationServer"]
