@@ -12,7 +12,9 @@ What is read
       Files and members with other names are skipped (and counted).
 
 What is written
-    * ``transaction`` and ``batch`` Bundles go to :meth:`SqlStore.bundle` unchanged.
+    * ``transaction`` and ``batch`` Bundles go to :meth:`SqlStore.bundle` unchanged
+      (a batch of only POST/PUT entries is first tried as one transaction, which has the
+      same effect when every entry succeeds, and re-run as a batch if one fails).
       A failed entry of a batch is reported with its index and reason.
     * ``document``, ``collection``, ``searchset`` and ``message`` Bundles are split into
       their resources, loaded as one transaction: ``PUT Type/id`` when the resource has
@@ -416,6 +418,17 @@ def _load_resource_doc(file_key: str, doc) -> tuple[int, list[tuple[str, str]]]:
     btype = doc.get("type")
     if btype in ("transaction", "batch"):
         entries = doc.get("entry") or []
+        if btype == "batch" and all(((e or {}).get("request") or {}).get("method") in ("POST", "PUT")
+                                    for e in entries):
+            # A batch of writes that all succeed has the effect of one transaction; one
+            # commit instead of one per entry (Synthea's 0-* bundles: ~8x faster). Any
+            # failure falls back to the batch, which reports each entry on its own.
+            from server.errors import SynthportError
+            try:
+                _STORE.bundle(_CTX, {**doc, "type": "transaction"})
+                return len(entries), []
+            except SynthportError:
+                pass
         resp = _STORE.bundle(_CTX, doc)
         loaded, failures = 0, []
         for i, (req, out) in enumerate(zip(entries, resp.get("entry") or [])):

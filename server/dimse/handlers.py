@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove)
 
 from server import errors as E
-from server.errors import InternalError, InvalidRequest, SynthportError, describe
+from server.errors import InternalError, InvalidRequest, NotFound, SynthportError, describe
 from server.source import RequestContext
 
 log = logging.getLogger("synthport.dimse")
@@ -357,7 +357,11 @@ def retrieve_refs(source, ctx: RequestContext, identifier: Dataset, model: str) 
            "IMAGE": "sop_uid"}[level]
     refs, seen = [], set()
     for value in values:
-        for ref in source.instance_refs(ctx, **{**above, arg: value}):
+        try:
+            found = source.instance_refs(ctx, **{**above, arg: value})
+        except NotFound:
+            continue            # nothing under this key: zero sub-operations, not a failure
+        for ref in found:
             if ref.sop_uid not in seen:
                 seen.add(ref.sop_uid)
                 refs.append(ref)
@@ -410,7 +414,10 @@ def dataset_to_send(source, ctx: RequestContext, ref,
         return ds
     if can_send(contexts, sop_class, ExplicitVRLittleEndian):
         try:
-            ds.decompress(generate_instance_uid=False)
+            try:
+                ds.decompress(generate_instance_uid=False)
+            except TypeError:                       # pydicom < 3 keeps the UID anyway
+                ds.decompress()
             return ds
         except Exception as exc:  # noqa: BLE001 - no decoder for this syntax
             log.warning("peer refused %s for %s and it cannot be decompressed here: %s",

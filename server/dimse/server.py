@@ -67,13 +67,30 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         log.warning("DIMSE connection from %s failed", client_address, exc_info=True)
 
 
+class ListenerAE(AE):
+    """pynetdicom's AE, counting only live associations against the limit.
+
+    A peer that sends garbage gets an A-ABORT and its connection closed at once, but
+    pynetdicom's association thread then still waits ``acse_timeout`` for an
+    A-ASSOCIATE that can never come, and counts as active meanwhile: a few bad peers
+    would lock everybody out (``dimse_max_associations``). Threads whose DUL is gone
+    before any association was established are left out of the count.
+    """
+
+    @property
+    def active_associations(self):
+        return [a for a in super().active_associations
+                if a.is_established or not a.is_acceptor or a.dul.is_alive()
+                or not getattr(a, "_started_dul", False)]
+
+
 def build_ae(config: Mapping[str, Any]) -> AE:
     """The AE with every context and limit the listener supports (see module doc)."""
-    ae = AE(ae_title=str(config.get("ae_title") or "SYNTHPORT").strip())
+    ae = ListenerAE(ae_title=str(config.get("ae_title") or "SYNTHPORT").strip())
     ae.maximum_associations = max(1, int(config.get("dimse_max_associations") or 10))
     ae.maximum_pdu_size = int(config.get("dimse_max_pdu") or 0)
     timeout = float(config.get("dimse_timeout") or 60)
-    ae.acse_timeout = timeout
+    ae.acse_timeout = min(timeout, 30.0)
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.require_calling_aet = parse_aet_list(config.get("dimse_allowed_aets"))

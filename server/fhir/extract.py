@@ -1316,6 +1316,13 @@ def compile_all() -> CompileStats:
     return stats
 
 
-COMPILE_STATS = compile_all()
-log.info("search parameters: %d compiled, %d evaluated by fhirpathpy",
-         COMPILE_STATS.fast, len(COMPILE_STATS.fallback))
+def __getattr__(name: str):
+    """``COMPILE_STATS`` is computed on first use: compiling every type costs ~1.5 s, and
+    a process (a gunicorn worker, a CLI command) only compiles the types it meets."""
+    if name == "COMPILE_STATS":
+        stats = compile_all()
+        log.info("search parameters: %d compiled, %d evaluated by fhirpathpy",
+                 stats.fast, len(stats.fallback))
+        globals()["COMPILE_STATS"] = stats
+        return stats
+    raise AttributeError(name)

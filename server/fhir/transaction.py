@@ -251,6 +251,9 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
                     e.res_id = str(uuid.uuid4())
                 creates[cond] = e.res_id
                 _map(mapping, e, f"{e.res_type}/{e.res_id}")
+                # A conditional reference with the same criteria names this entry's target
+                # even before it is written (Synthea's Location -> Organization?identifier=…).
+                mapping[cond] = f"{e.res_type}/{e.res_id}"
             for e in (x for x in ordered if x.method in ("PUT", "PATCH") and not x.res_id):
                 found = _at(e, lambda: store.match(conn, e.res_type, e.query))
                 if len(found) > 1:

@@ -390,3 +390,19 @@ def test_all_routes_answer_errors_as_operation_outcome(client):
                 assert body["issue"][0]["severity"] == "error"
                 checked += 1
     assert checked >= 15
+
+
+def test_conditional_reference_to_conditional_create_in_same_transaction(client):
+    bundle = _tx([
+        {"fullUrl": "urn:uuid:org", "resource": {"resourceType": "Organization", "name": "H",
+                                                  "identifier": [{"system": "urn:h", "value": "1"}]},
+         "request": {"method": "POST", "url": "Organization", "ifNoneExist": "identifier=urn:h|1"}},
+        {"resource": {"resourceType": "Location", "name": "L",
+                      "managingOrganization": {"reference": "Organization?identifier=urn:h|1"}},
+         "request": {"method": "POST", "url": "Location"}},
+    ])
+    r = post(client, "", bundle)
+    assert r.status_code == 200, r.data
+    org = r.get_json(force=True)["entry"][0]["response"]["location"].split("/_history")[0]
+    loc = r.get_json(force=True)["entry"][1]["response"]["location"].split("/_history")[0]
+    assert client.get(f"/fhir/{loc}").get_json(force=True)["managingOrganization"]["reference"] == org

@@ -1,0 +1,142 @@
+"""DICOM JSON (PS3.18 Annex F.2) with bulk data left out as ``BulkDataURI``.
+
+Values that are bulk data (Pixel Data, Float/Double Float Pixel Data, and binary values
+longer than :data:`BULK_THRESHOLD` bytes, also inside sequences) are never written
+inline: they become ``{"vr": .., "BulkDataURI": ..}`` pointing at the WADO-RS
+``/bulkdata/{tag path}`` resource of their instance (PS3.18 §10.4.1.1.3 and F.2.6).
+
+The stored form (what :class:`server.dicom.store.DicomStore` keeps per instance) writes
+those URIs as ``synthport-bulk:<path relative to the DICOMweb base>``;
+:func:`absolutize` turns them into absolute URLs with one byte replacement, so serving
+``/metadata`` never re-encodes JSON.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import orjson
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+
+log = logging.getLogger("synthport.dicom")
+
+BULK_THRESHOLD = 1024
+BULK_PREFIX = "synthport-bulk:"
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+class BulkRef(bytes):
+    """An empty value standing for bulk data that was left out; ``path`` is the
+    ``BulkDataURI`` relative to the DICOMweb base."""
+
+    path: str
+
+    def __new__(cls, path: str) -> "BulkRef":
+        obj = super().__new__(cls, b"")
+        obj.path = path
+        return obj
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """``studies/{s}/series/{se}/instances/{i}`` (relative to the DICOMweb base)."""
+    return f"studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+
+
+def is_bulk(elem: DataElement) -> bool:
+    """Whether an element is bulk data (PixelData always; binary VRs above 1 KB)."""
+    if elem.tag in PIXEL_TAGS:
+        return True
+    if isinstance(elem.value, BulkRef):
+        return True
+    if elem.VR in BINARY_VRS:
+        value = elem.value
+        try:
+            return value is not None and len(value) > BULK_THRESHOLD
+        except TypeError:
+            return False
+    return False
+
+
+def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dict:
+    """A dataset as a DICOM JSON object (PS3.18 F.2).
+
+    Args:
+        ds: the dataset (group length and file meta elements are left out).
+        bulk_uri: ``bulk_uri(path, absolute=False)`` gives the ``BulkDataURI`` of a
+            value: ``path`` is its tag path in this instance (``7FE00010``,
+            ``00540016/0/00181072``), or with ``absolute=True`` the path a
+            :class:`BulkRef` value carries (relative to the DICOMweb base).
+    """
+    out: dict[str, dict] = {}
+    for elem in ds:
+        tag = int(elem.tag)
+        if tag & 0xFFFF == 0 or tag >> 16 == 0x0002:
+            continue
+        key = f"{tag:08X}"
+        try:
+            if elem.VR == "SQ":
+                items = [to_json(item, bulk_uri, f"{_path}{key}/{i}/")
+                         for i, item in enumerate(elem.value or [])]
+                out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            elif is_bulk(elem):
+                if isinstance(elem.value, BulkRef):
+                    out[key] = {"vr": elem.VR, "BulkDataURI": bulk_uri(elem.value.path, absolute=True)}
+                elif elem.value is None or len(elem.value) == 0:
+                    out[key] = {"vr": elem.VR}
+                else:
+                    out[key] = {"vr": elem.VR, "BulkDataURI": bulk_uri(f"{_path}{key}")}
+            else:
+                out[key] = elem.to_json_dict(None, 2**62)
+        except Exception as exc:  # noqa: BLE001 - one malformed value must not lose the rest
+            log.warning("element %s not representable in DICOM JSON: %s", key, exc)
+            out[key] = {"vr": elem.VR if elem.VR != "SQ" else "SQ"}
+    return out
+
+
+def stored_json(ds: Dataset, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+    """The stored form of an instance's metadata: DICOM JSON bytes whose bulk data URIs
+    are ``synthport-bulk:studies/.../instances/{i}/bulkdata/{tag path}``."""
+    base = instance_path(study_uid, series_uid, sop_uid) + "/bulkdata/"
+
+    def uri(path: str, absolute: bool = False) -> str:
+        return BULK_PREFIX + (path if absolute else base + path)
+
+    return orjson.dumps(to_json(ds, uri))
+
+
+def absolutize(raw: bytes, dicomweb_base: str) -> bytes:
+    """Stored JSON -> served JSON: ``synthport-bulk:`` URIs become absolute URLs."""
+    return raw.replace(b'"' + BULK_PREFIX.encode(), b'"' + dicomweb_base.encode() + b"/")
+
+
+def from_stored(raw: bytes | dict, keep: set[int] | None = None) -> Dataset:
+    """A dataset from the stored form; bulk data become empty :class:`BulkRef` values.
+
+    Args:
+        raw: stored JSON (bytes or already parsed).
+        keep: only these top-level tags (None = all).
+    """
+    data = orjson.loads(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+    if keep is not None:
+        data = {k: v for k, v in data.items() if int(k, 16) in keep}
+
+    def handler(tag: str, vr: str, uri: str) -> BulkRef:
+        return BulkRef(uri[len(BULK_PREFIX):] if uri.startswith(BULK_PREFIX) else uri)
+
+    return Dataset.from_json(data, bulk_data_uri_handler=handler)
+
+
+def datasets_json(datasets: list[Dataset], dicomweb_base: str) -> bytes:
+    """A JSON array of datasets as served (BulkDataURIs absolute under ``dicomweb_base``)."""
+    parts = []
+    for ds in datasets:
+        inst = instance_path(ds.get("StudyInstanceUID", ""), ds.get("SeriesInstanceUID", ""),
+                             ds.get("SOPInstanceUID", ""))
+
+        def uri(path: str, absolute: bool = False, _inst=inst) -> str:
+            return f"{dicomweb_base}/{path}" if absolute else f"{dicomweb_base}/{_inst}/bulkdata/{path}"
+
+        parts.append(orjson.dumps(to_json(ds, uri)))
+    return b"[" + b",".join(parts) + b"]"
