@@ -9,7 +9,10 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from server.config import load_config
+from server.dicom.store import DicomStore
 from server.errors import HTTP_ISSUE_CODES, SynthportError, describe, operation_outcome, outcome_for
+from server.http.dicomweb import (error_response, http_error_response, is_dicomweb_path,
+                                  make_dicomweb_blueprint)
 from server.http.fhir_api import check_accept, make_fhir_blueprint
 from server.store import SqlStore
 
@@ -28,9 +31,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config["SYNTHPORT"] = cfg
     app.config["MAX_CONTENT_LENGTH"] = int(cfg["max_body_bytes"])
     store = SqlStore.from_url(cfg.resolved_database_url, cfg, auto_migrate=bool(cfg["auto_migrate"]))
-    app.extensions["synthport"] = {"store": store}
+    dicom = DicomStore(store, cfg)
+    app.extensions["synthport"] = {"store": store, "dicom": dicom}
 
     app.register_blueprint(make_fhir_blueprint("fhir", "/fhir", lambda: store))
+    app.register_blueprint(make_dicomweb_blueprint("dicomweb", "/dicomweb", lambda: dicom))
 
     @app.before_request
     def _accept():
@@ -39,6 +44,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(SynthportError)
     def _synthport_error(err: SynthportError):
+        if is_dicomweb_path(request.path):
+            return error_response(describe(err).dicomweb_status, err.message)
         status, oo = outcome_for(err)
         if status >= 500:
             log.error("request failed: %s", err.message)
@@ -46,6 +53,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):
+        if is_dicomweb_path(request.path):
+            return http_error_response(err)
         status = err.code or 500
         msg = err.description or err.name
         if status == 413:
@@ -56,12 +65,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):
         log.exception("unexpected error on %s %s", request.method, request.path)
+        if is_dicomweb_path(request.path):
+            return error_response(500, f"Internal error: {type(err).__name__}")
         return _oo_response(operation_outcome(f"Internal error: {type(err).__name__}", "exception"), 500)
 
     @app.get("/")
     def _root():
         return Response(orjson.dumps({"name": "synthport", "fhir": "/fhir",
-                                      "metadata": "/fhir/metadata"}), content_type="application/json")
+                                      "metadata": "/fhir/metadata", "dicomweb": "/dicomweb"}),
+                        content_type="application/json")
 
     return app
 

@@ -61,8 +61,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dimse_max_pdu", 65536, "Largest P-DATA PDU (bytes) the DIMSE listener accepts; "
             "larger PDUs cost fewer round trips per instance (pynetdicom's default is 16382, "
             "dcmtk's 16384); 0 means unlimited.", int),
-    Setting("dimse_timeout", 60, "Seconds the DIMSE listener waits on a silent peer (network, "
-            "ACSE and DIMSE timeouts) before aborting the association.", float),
+    Setting("dimse_timeout", 60, "Seconds the DIMSE listener waits on a silent peer (network "
+            "and DIMSE timeouts; at most 30 s for the association request) before aborting "
+            "the association.", float),
     Setting("log_level", "info", "Logging level."),
     Setting("dicom_patient_id_system", "urn:synthport:dicom:patient-id",
             "Identifier system of the FHIR Patient linked to a DICOM PatientID."),

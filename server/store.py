@@ -180,6 +180,14 @@ class SqlStore:
             k = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": k})
 
+    def lock_condition(self, conn: Connection, key: str) -> None:
+        """Serialise on ``key`` for the rest of the caller's write transaction.
+
+        Public form of the lock conditional writes take (``Patient?identifier=s|v``), so
+        other writers (the DICOM store linking Patient/ImagingStudy) queue with them.
+        """
+        self._lock_condition(conn, key)
+
     def _match_at_most_one(self, conn: Connection, res_type: str, params: list[tuple[str, str]],
                            what: str) -> list[tuple[int, str]]:
         """Lock the condition, match it, refuse several matches (FHIR R4 http §3.1.0.4.3)."""

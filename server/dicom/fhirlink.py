@@ -116,11 +116,11 @@ def patient_resource(res_id: str, system: str, patient_id: str, name: str, birth
     return body
 
 
-def patient_identifier_query(system: str, patient_id: str, study_uid: str) -> str:
-    """The ``identifier`` search value that finds the Patient of a header."""
+def patient_identifier(system: str, patient_id: str, study_uid: str) -> tuple[str, str]:
+    """(system, value) of the identifier that finds the Patient of a header."""
     if patient_id:
-        return f"{system}|{patient_id}"
-    return f"{NO_PATIENT_ID_SYSTEM}|{study_uid}"
+        return system, patient_id
+    return NO_PATIENT_ID_SYSTEM, study_uid
 
 
 def endpoint_resource(res_id: str, address: str) -> dict:

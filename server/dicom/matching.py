@@ -272,7 +272,8 @@ def matches(kind: str, crit: Criterion | None, value: Any) -> bool:
         if crit.op == "wild" and any((_wild_regex(p).match(v) if has_wildcards(p) else v == p)
                                      for p in crit.values):
             return True
-        if crit.op == "range" and (crit.lo is None or v >= crit.lo) and (crit.hi is None or v <= crit.hi):
+        if crit.op == "range" and (crit.lo is None or v >= crit.lo) \
+                and (crit.hi is None or v <= crit.hi):
             return True
         if crit.op == "tokens":
             toks = name_tokens(v)

@@ -22,9 +22,14 @@ What the AE accepts:
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import select
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any, Mapping
 
@@ -37,6 +42,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from server.dimse.handlers import bind, parse_aet_list, parse_peers, set_nodelay
@@ -65,6 +71,27 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
     def handle_error(self, request, client_address) -> None:
         # One broken connection must never stop the listener; log it, quietly.
         log.warning("DIMSE connection from %s failed", client_address, exc_info=True)
+
+
+class _Context(PresentationContext):
+    """A presentation context that copies fast.
+
+    pynetdicom deep-copies every supported context for every association; with ~170
+    storage SOP classes times ~35 transfer syntaxes that is 60+ ms per association.
+    UIDs are immutable strings, so copying the list is enough.
+    """
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._transfer_syntax = list(self._transfer_syntax)
+        return new
+
+
+def _fast_copying(cx: PresentationContext) -> _Context:
+    new = object.__new__(_Context)
+    new.__dict__.update(copy.deepcopy(cx).__dict__)
+    return new
 
 
 class ListenerAE(AE):
@@ -112,8 +139,8 @@ def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
         config: resolved settings (``ae_title``, ``dimse_host`` / ``http_host``,
             ``dimse_port``, ``dimse_peers``, ``dimse_allowed_aets``, limits).
         source: the DicomSource to serve.
-        block: serve in this thread until :meth:`shutdown` (from another thread or a
-            signal handler); otherwise serve in a daemon thread and return at once.
+        block: serve in this thread until KeyboardInterrupt (or ``shutdown()`` from
+            another thread); otherwise serve in a daemon thread and return at once.
         port: overrides ``dimse_port`` (0 = any free port; read it back from
             ``server.server_address``).
 
@@ -125,11 +152,15 @@ def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
     host = str(config.get("dimse_host") or config.get("http_host") or "0.0.0.0")
     port = int(config.get("dimse_port", 11112) if port is None else port)
     server = ae.make_server((host, port), ae_title=ae.ae_title, evt_handlers=bind(source, config),
+                            contexts=[_fast_copying(cx) for cx in ae.supported_contexts],
                             server_class=NoDelayAssociationServer)
     ae._servers.append(server)      # as AE.start_server does, so server.shutdown() works
     log.info("DIMSE listener %s on %s:%d", ae.ae_title, *server.server_address[:2])
     if block:
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            server.shutdown()
     else:
         threading.Thread(target=server.serve_forever, name=f"dimse-{server.server_address[1]}",
                          daemon=True).start()
@@ -137,86 +168,92 @@ def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
 
 
 # --------------------------------------------------------------------------- child process
+#
+# `synthport serve` starts the listener as a plain subprocess (`python -m server.dimse`),
+# not a multiprocessing.Process: gunicorn forks its workers from the same master, and a
+# multiprocessing child would be "inherited" by every worker's atexit bookkeeping.
+
+CHILD_CONFIG_ENV = "SYNTHPORT_DIMSE_CHILD_CONFIG"
 
 
-def _child_main(config: dict, conn) -> None:
-    """Entry point of the listener process that ``synthport serve`` spawns."""
-    from multiprocessing import parent_process
-
+def child_main(config: dict, ready_fd: int) -> int:
+    """The listener process: start, report ``ok <port>`` or ``error <why>`` on
+    ``ready_fd``, serve until SIGTERM/SIGINT or until the parent is gone."""
     from server.dicom.store import DicomStore
     from server.store import SqlStore
 
     logging.basicConfig(level=str(config.get("log_level", "info")).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if str(config.get("log_level", "info")).lower() != "debug":
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # one line per PDU otherwise
-    try:
-        sql = SqlStore.from_url(config["database_url"], config, auto_migrate=False)
-        server = start_dimse(config, DicomStore(sql, config))
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which exits
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        conn.close()
-        return
-    conn.send(("ok", server.server_address[1]))
-    conn.close()
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # a line per PDU otherwise
+    parent = os.getppid()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    parent = parent_process()
+    with os.fdopen(ready_fd, "w") as ready:
+        try:
+            sql = SqlStore.from_url(config["database_url"], config, auto_migrate=False)
+            server = start_dimse(config, DicomStore(sql, config))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which exits
+            log.debug("DIMSE listener failed to start", exc_info=True)
+            ready.write("error " + " ".join(f"{type(exc).__name__}: {exc}".split()) + "\n")
+            return 1
+        ready.write(f"ok {server.server_address[1]}\n")
     while not stop.wait(1.0):
-        if parent is not None and not parent.is_alive():
-            break                       # `synthport serve` is gone: so are we
+        if os.getppid() != parent:
+            log.info("synthport serve is gone: DIMSE listener stops")
+            break
     server.shutdown()
+    sql.engine.dispose()
+    return 0
 
 
-def spawn_dimse(config: Mapping[str, Any], timeout: float = 60.0):
-    """Start the listener in a child process and wait until it listens.
+def spawn_dimse(config: Mapping[str, Any], timeout: float = 60.0) -> subprocess.Popen:
+    """Start the listener as a child process and wait until it listens.
 
     Returns:
-        The :class:`multiprocessing.Process`; terminate it with the server.
+        The child; stop it with :func:`stop_dimse`.
 
     Raises:
         RuntimeError: the listener could not start (port taken, bad settings...).
     """
-    import multiprocessing
-
-    mp = multiprocessing.get_context("spawn")   # no forked engines, locks or threads
-    parent_conn, child_conn = mp.Pipe(duplex=False)
     cfg = dict(config)
     cfg["database_url"] = getattr(config, "resolved_database_url", None) or config["database_url"]
-    proc = mp.Process(target=_child_main, args=(cfg, child_conn), name="synthport-dimse",
-                      daemon=False)
-    proc.start()
-    child_conn.close()
-    if not parent_conn.poll(timeout):
-        proc.terminate()
-        raise RuntimeError(f"the DIMSE listener did not start within {timeout:.0f} s")
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, CHILD_CONFIG_ENV: json.dumps(cfg, default=str)}
     try:
-        kind, detail = parent_conn.recv()
-    except EOFError:
-        kind, detail = "error", f"the DIMSE process exited with status {proc.join(5) or proc.exitcode}"
+        proc = subprocess.Popen([sys.executable, "-m", "server.dimse", str(write_fd)], env=env,
+                                pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd) as ready:
+        line = ready.readline() if select.select([ready], [], [], timeout)[0] else ""
+    kind, _, detail = line.strip().partition(" ")
     if kind != "ok":
-        proc.join(5)
-        raise RuntimeError(f"the DIMSE listener did not start: {detail}")
+        stop_dimse(proc)
+        why = detail or (f"no answer within {timeout:.0f} s" if proc.poll() is None
+                         else f"exit status {proc.returncode}")
+        raise RuntimeError(f"the DIMSE listener did not start: {why}")
     log.info("DIMSE listener process %d on port %s", proc.pid, detail)
     return proc
 
 
-def stop_dimse(proc, grace: float = 10.0) -> None:
+def stop_dimse(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
     """Stop the child started by :func:`spawn_dimse` (SIGTERM, then SIGKILL)."""
-    if proc is None or proc.exitcode is not None:
+    if proc is None:
         return
-    # gunicorn's master reaps every child on SIGCHLD, ours included, so the
-    # multiprocessing bookkeeping may never see the exit: wait on the sentinel only.
-    from multiprocessing.connection import wait
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for stop in (proc.terminate, proc.kill):
+        if proc.poll() is not None:       # exited (or reaped by gunicorn's SIGCHLD handler)
+            return
         try:
-            os.kill(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
+            stop()
+            proc.wait(grace)
             return
-        if wait([proc.sentinel], grace):
+        except subprocess.TimeoutExpired:
+            continue
+        except (ProcessLookupError, ChildProcessError):
             return
 
 
-__all__ = ["build_ae", "start_dimse", "spawn_dimse", "stop_dimse", "NoDelayAssociationServer"]
+__all__ = ["build_ae", "start_dimse", "spawn_dimse", "stop_dimse", "child_main",
+           "NoDelayAssociationServer", "ListenerAE"]

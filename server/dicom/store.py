@@ -1,0 +1,820 @@
+"""The real DICOM source: Part 10 files in a blob folder, their index in SQL, linked to FHIR.
+
+Layout:
+
+* files: ``<data_dir>/dicom/<2 hex>/<sha256(SOPInstanceUID)>.dcm``. No path is ever
+  built from a tag value (only from the hash), a file is written to a temporary name
+  in its final folder and moved into place with ``os.replace``, so readers see the old
+  or the new file, never half of one.
+* SQL (``server/db/schema.py``, migration 0002): ``dicom_patient``, ``dicom_study``,
+  ``dicom_series``, ``dicom_instance`` with the matching keys as indexed columns, the
+  counts QIDO returns, and each instance's DICOM JSON (no bulk data), so QIDO-RS,
+  C-FIND and WADO-RS ``/metadata`` never read a file.
+* FHIR: in the same SQL transaction as the DICOM rows, the Patient (matched by
+  identifier, created from the header when absent) and exactly one ImagingStudy per
+  study (rewritten from the rows) plus one DICOMweb Endpoint (see
+  :mod:`server.dicom.fhirlink`). An ImagingStudy loaded through FHIR without files
+  stays FHIR-only: QIDO lists studies with stored instances only.
+
+Concurrency: a store takes the FHIR conditional-write locks of its Patient and
+ImagingStudy criteria (SQLite: the database write lock at BEGIN IMMEDIATE;
+PostgreSQL: transaction-scoped advisory locks), so the same study arriving on two
+connections, or a FHIR conditional create of the same Patient, cannot duplicate rows.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import orjson
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+from sqlalchemy import exists, func, insert, literal, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from server.db import schema as S
+from server.db.engine import begin_write, is_sqlite
+from server.dicom import attributes as A
+from server.dicom import fhirlink
+from server.dicom.dicomjson import from_stored, stored_json
+from server.dicom.matching import Criterion, fold, name_tokens, parse, sql_condition, time_key
+from server.dicom.source import LEVELS, InstanceRef, StoreOutcome
+from server.errors import (InsufficientStorage, InstanceRefused, InvalidRequest, InvalidResource,
+                           NotFound, SopClassMismatch)
+from server.source import RequestContext
+from server.store import PendingWrite, SqlStore, strip_meta
+
+log = logging.getLogger("synthport.dicom")
+
+P, ST, SE, I = S.dicom_patient, S.dicom_study, S.dicom_series, S.dicom_instance
+_UID_RE = re.compile(r"^[0-9A-Za-z._\-]{1,64}$")
+_BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
+_EXECUTABLE_PREAMBLES = (b"MZ", b"\x7fELF")
+_BIG = 2**31 - 1
+
+# Where each matching key lives: (table, column) and, for person names, the
+# lower-cased / folded / token columns.
+_COLUMNS: dict[str, tuple[Any, str]] = {
+    "PatientID": (P, "patient_id"), "IssuerOfPatientID": (P, "issuer"),
+    "PatientName": (P, "patient_name"), "PatientBirthDate": (P, "birth_date"),
+    "PatientSex": (P, "sex"),
+    "StudyInstanceUID": (ST, "study_uid"), "StudyDate": (ST, "study_date"),
+    "StudyTime": (ST, "study_time_key"), "AccessionNumber": (ST, "accession_number"),
+    "StudyID": (ST, "study_id"), "StudyDescription": (ST, "study_description"),
+    "ReferringPhysicianName": (ST, "referring_physician"), "ModalitiesInStudy": (ST, "modalities"),
+    "SeriesInstanceUID": (SE, "series_uid"), "Modality": (SE, "modality"),
+    "SeriesNumber": (SE, "series_number"), "SeriesDescription": (SE, "series_description"),
+    "BodyPartExamined": (SE, "body_part"), "Laterality": (SE, "laterality"),
+    "SeriesDate": (SE, "series_date"),
+    "PerformedProcedureStepStartDate": (SE, "pps_start_date"),
+    "PerformedProcedureStepStartTime": (SE, "pps_start_time_key"),
+    "RequestAttributesSequence.ScheduledProcedureStepID": (SE, "sps_id"),
+    "RequestAttributesSequence.RequestedProcedureID": (SE, "requested_procedure_id"),
+    "SOPInstanceUID": (I, "sop_uid"), "SOPClassUID": (I, "sop_class_uid"),
+    "InstanceNumber": (I, "instance_number"), "Rows": (I, "pixel_rows"),
+    "Columns": (I, "pixel_columns"), "BitsAllocated": (I, "bits_allocated"),
+    "NumberOfFrames": (I, "number_of_frames"),
+}
+_PN_COLUMNS = {"PatientName": ("patient_name_ci", "patient_name_fold", "patient_name_tokens"),
+               "ReferringPhysicianName": ("referring_physician_ci", None, None)}
+_FUZZY_KEYS = frozenset({"PatientName"})
+
+# Return attributes read from columns: keyword -> (table, column).
+_RETURN_COLUMNS: dict[str, tuple[Any, str]] = {
+    **{k: v for k, v in _COLUMNS.items() if "." not in k},
+    "StudyTime": (ST, "study_time"), "SeriesTime": (SE, "series_time"),
+    "PerformedProcedureStepStartTime": (SE, "pps_start_time"),
+    "TimezoneOffsetFromUTC": (ST, "timezone_offset"),
+    "NumberOfStudyRelatedSeries": (ST, "num_series"),
+    "NumberOfStudyRelatedInstances": (ST, "num_instances"),
+    "NumberOfSeriesRelatedInstances": (SE, "num_instances"),
+    "AvailableTransferSyntaxUID": (I, "transfer_syntax_uid"),
+}
+_TABLE_LEVEL = {P: "PATIENT", ST: "STUDY", SE: "SERIES", I: "IMAGE"}
+_LEVEL_TABLE = {v: k for k, v in _TABLE_LEVEL.items()}
+_CONSTANTS = {"SpecificCharacterSet": "ISO_IR 192", "InstanceAvailability": "ONLINE"}
+_PATIENT_COUNTS = A.COUNTS["PATIENT"]
+
+
+# --------------------------------------------------------------------------- parsing
+@dataclass
+class ParsedInstance:
+    """Everything the store needs from one instance, read once before any lock."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    patient: dict
+    study: dict
+    series: dict
+    instance: dict
+    metadata: bytes
+    warnings: list[str] = field(default_factory=list)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A string value (first value of a multi-valued one), stripped; "" when absent."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - malformed value
+        return ""
+    if value is None:
+        return ""
+    value = getattr(value, "value", value)
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else ""
+    return str(value).strip().strip("\x00").strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    text = _text(ds, keyword)
+    try:
+        n = int(float(text)) if text else None
+    except ValueError:
+        return None
+    return n if n is None or -_BIG <= n <= _BIG else None
+
+
+def _clip(value: str, n: int) -> str:
+    return value[:n]
+
+
+def _uid(ds: Dataset, keyword: str, what: str) -> str:
+    value = _text(ds, keyword)
+    if not value:
+        raise InvalidResource(f"The instance has no {what} ({keyword})")
+    if not _UID_RE.match(value):
+        raise InvalidResource(f"{keyword} '{value[:80]}' is not a valid UID")
+    return value
+
+
+def parse_instance(data: bytes) -> ParsedInstance:
+    """Validate a Part 10 file and extract what the SQL rows and FHIR need.
+
+    Raises:
+        InstanceRefused: executable preamble.
+        InvalidResource: not a DICOM file, or required UIDs missing or invalid.
+        SopClassMismatch: file meta and data set disagree on SOP class or instance.
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise InvalidResource("Not a DICOM PS3.10 file (no 128-byte preamble and 'DICM' prefix)")
+    if data[:2] == _EXECUTABLE_PREAMBLES[0] or data[:4] == _EXECUTABLE_PREAMBLES[1]:
+        raise InstanceRefused("Refused: the file preamble holds an executable header "
+                              "(PS3.10 §7.5 security; re-send with a zeroed preamble)")
+    try:
+        ds = dcmread(io.BytesIO(data))
+    except (InvalidDicomError, Exception) as exc:  # noqa: BLE001 - any parse failure
+        raise InvalidResource(f"Cannot parse the DICOM file: {type(exc).__name__}: {exc}") from None
+    meta = ds.file_meta
+    ts = str(meta.get("TransferSyntaxUID", "") or "").strip()
+    if not ts:
+        raise InvalidResource("The file meta information has no Transfer Syntax UID")
+    sop_uid = _uid(ds, "SOPInstanceUID", "SOP Instance UID")
+    sop_class = _uid(ds, "SOPClassUID", "SOP Class UID")
+    meta_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    meta_inst = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+    if meta_class and meta_class != sop_class:
+        raise SopClassMismatch(f"Media Storage SOP Class UID {meta_class} differs from the data "
+                               f"set's SOP Class UID {sop_class}")
+    if meta_inst and meta_inst != sop_uid:
+        raise SopClassMismatch(f"Media Storage SOP Instance UID {meta_inst} differs from the data "
+                               f"set's SOP Instance UID {sop_uid}")
+    study_uid = _uid(ds, "StudyInstanceUID", "Study Instance UID")
+    series_uid = _uid(ds, "SeriesInstanceUID", "Series Instance UID")
+    warnings: list[str] = []
+    pid = _text(ds, "PatientID")
+    if len(pid) > 64:
+        raise InvalidResource("PatientID longer than 64 characters")
+    name = _text(ds, "PatientName")
+    patient = {"patient_id": pid, "issuer": _text(ds, "IssuerOfPatientID"),
+               "patient_name": name, "patient_name_ci": name.lower(),
+               "patient_name_fold": fold(name), "patient_name_tokens": name_tokens(name),
+               "birth_date": _clip(_text(ds, "PatientBirthDate"), 16),
+               "sex": _clip(_text(ds, "PatientSex"), 16)}
+    ref = _text(ds, "ReferringPhysicianName")
+    st_time = _clip(_text(ds, "StudyTime"), 32)
+    study = {"study_uid": study_uid, "study_date": _clip(_text(ds, "StudyDate"), 16),
+             "study_time": st_time, "study_time_key": time_key(st_time),
+             "accession_number": _clip(_text(ds, "AccessionNumber"), 64),
+             "study_id": _clip(_text(ds, "StudyID"), 64),
+             "study_description": _text(ds, "StudyDescription"),
+             "referring_physician": ref, "referring_physician_ci": ref.lower(),
+             "timezone_offset": _clip(_text(ds, "TimezoneOffsetFromUTC"), 16)}
+    sps_id = rp_id = ""
+    try:
+        ras = ds.get("RequestAttributesSequence")
+        if ras:
+            sps_id = _clip(_text(ras[0], "ScheduledProcedureStepID"), 64)
+            rp_id = _clip(_text(ras[0], "RequestedProcedureID"), 64)
+    except Exception:  # noqa: BLE001
+        pass
+    pps_time = _clip(_text(ds, "PerformedProcedureStepStartTime"), 32)
+    series = {"series_uid": series_uid, "modality": _clip(_text(ds, "Modality"), 16),
+              "series_number": _int(ds, "SeriesNumber"),
+              "series_description": _text(ds, "SeriesDescription"),
+              "body_part": _clip(_text(ds, "BodyPartExamined"), 64),
+              "laterality": _clip(_text(ds, "Laterality"), 16),
+              "series_date": _clip(_text(ds, "SeriesDate"), 16),
+              "series_time": _clip(_text(ds, "SeriesTime"), 32),
+              "pps_start_date": _clip(_text(ds, "PerformedProcedureStepStartDate"), 16),
+              "pps_start_time": pps_time, "pps_start_time_key": time_key(pps_time),
+              "sps_id": sps_id, "requested_procedure_id": rp_id}
+    instance = {"sop_uid": sop_uid, "sop_class_uid": sop_class,
+                "instance_number": _int(ds, "InstanceNumber"), "transfer_syntax_uid": ts,
+                "size": len(data), "pixel_rows": _int(ds, "Rows"),
+                "pixel_columns": _int(ds, "Columns"), "bits_allocated": _int(ds, "BitsAllocated"),
+                "number_of_frames": _int(ds, "NumberOfFrames")}
+    metadata = stored_json(ds, study_uid, series_uid, sop_uid)
+    return ParsedInstance(sop_uid, sop_class, study_uid, series_uid, ts, patient, study, series,
+                          instance, metadata, warnings)
+
+
+def blob_key(sop_uid: str) -> str:
+    """The file name stem of an instance: sha256 of its SOP Instance UID (hex)."""
+    return hashlib.sha256(sop_uid.encode("utf-8")).hexdigest()
+
+
+def _escape(value: str) -> str:
+    """Escape a value for a FHIR search parameter (``\\``, ``,``, ``|``, ``$``)."""
+    for ch in ("\\", ",", "|", "$"):
+        value = value.replace(ch, "\\" + ch)
+    return value
+
+
+def _token(system: str, value: str) -> str:
+    """A FHIR token search value ``system|value`` with both parts escaped."""
+    return f"{_escape(system)}|{_escape(value)}"
+
+
+# --------------------------------------------------------------------------- the store
+class DicomStore:
+    """SQL + blob implementation of :class:`server.dicom.source.DicomSource` (real data).
+
+    Args:
+        sql_store: the FHIR store (its engine holds the DICOM tables too).
+        config: resolved settings (``data_dir``, ``ae_title``, ``dicom_patient_id_system``,
+            ``dicom_timezone``, ``public_base_url``, ``http_port``).
+    """
+
+    name = "real"
+    writable = True
+
+    def __init__(self, sql_store: SqlStore, config: Mapping[str, Any] | None = None):
+        cfg = dict(config or {})
+        self.sql = sql_store
+        self.engine = sql_store.engine
+        self.sqlite = is_sqlite(self.engine)
+        self.ae_title = str(cfg.get("ae_title") or "SYNTHPORT").strip()
+        self.blob_root = Path(cfg.get("data_dir") or "./synthport-data").resolve() / "dicom"
+        self.patient_system = str(cfg.get("dicom_patient_id_system") or "urn:synthport:dicom:patient-id")
+        self.default_tz = _fhir_tz(str(cfg.get("dicom_timezone") or "Z"))
+        self.public_base_url = str(cfg.get("public_base_url") or "").rstrip("/")
+        self.http_port = cfg.get("http_port") or 8080
+
+    # ------------------------------------------------------------------ files
+    def blob_path(self, key: str) -> Path:
+        """Path of a blob from its hex key (never from a tag value)."""
+        if not _BLOB_RE.match(key):
+            raise ValueError("invalid blob key")
+        return self.blob_root / key[:2] / f"{key}.dcm"
+
+    def _write_temp(self, key: str, data: bytes) -> tuple[Path, Path]:
+        final = self.blob_path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=final.parent)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage("Out of disk space for DICOM files") from None
+            raise
+        return Path(tmp), final
+
+    # ------------------------------------------------------------------ writes
+    def store_instance(self, ctx: RequestContext, data: bytes) -> StoreOutcome:
+        """Store one Part 10 file (see :meth:`DicomSource.store_instance`)."""
+        parsed = parse_instance(bytes(data))
+        tmp, final = self._write_temp(blob_key(parsed.sop_uid), data)
+        try:
+            for attempt in range(3):
+                try:
+                    replaced = self._store_rows(ctx, parsed, tmp, final)
+                    break
+                except (IntegrityError, OperationalError) as exc:
+                    # A concurrent first store of the same patient/series on PostgreSQL
+                    # (unique keys), or a deadlock victim: the retry sees the other's rows.
+                    if attempt == 2:
+                        raise
+                    log.info("retrying store of %s after %s", parsed.sop_uid, type(exc).__name__)
+        finally:
+            if tmp.exists():
+                tmp.unlink(missing_ok=True)
+        return StoreOutcome(parsed.sop_class_uid, parsed.sop_uid, parsed.study_uid,
+                            parsed.series_uid, replaced,
+                            "; ".join(parsed.warnings) if parsed.warnings else None)
+
+    def _store_rows(self, ctx: RequestContext, parsed: ParsedInstance, tmp: Path, final: Path) -> bool:
+        now = time.time()
+        conn = begin_write(self.engine)
+        try:
+            with conn.begin():
+                pquery = _token(*fhirlink.patient_identifier(
+                    self.patient_system, parsed.patient["patient_id"], parsed.study_uid))
+                self.sql.lock_condition(conn, f"Patient?identifier={pquery}")
+                squery = _token(fhirlink.STUDY_UID_SYSTEM, f"urn:oid:{parsed.study_uid}")
+                self.sql.lock_condition(conn, f"ImagingStudy?identifier={squery}")
+
+                old = conn.execute(select(I.c.pk, I.c.series_pk, I.c.study_pk, I.c.sop_class_uid)
+                                   .where(I.c.sop_uid == parsed.sop_uid)).first()
+                if old is not None and old.sop_class_uid != parsed.sop_class_uid:
+                    raise SopClassMismatch(
+                        f"SOP Instance {parsed.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
+                        f"not {parsed.sop_class_uid}")
+                patient_pk = self._upsert(conn, P, "patient_id", parsed.patient, now)
+                study_pk = self._upsert(conn, ST, "study_uid",
+                                        {**parsed.study, "patient_pk": patient_pk}, now)
+                series_pk = self._upsert(conn, SE, "series_uid",
+                                         {**parsed.series, "study_pk": study_pk}, now)
+                row = {**parsed.instance, "series_pk": series_pk, "study_pk": study_pk,
+                       "blob_key": blob_key(parsed.sop_uid), "metadata": parsed.metadata}
+                if old is None:
+                    conn.execute(insert(I).values(**row, updated=now))
+                else:
+                    conn.execute(update(I).where(I.c.pk == old.pk).values(**row, updated=now))
+                series_pks = {series_pk} | ({old.series_pk} if old is not None else set())
+                study_pks = [study_pk]
+                if old is not None and old.study_pk != study_pk:
+                    study_pks.append(old.study_pk)        # the instance moved to another study
+                self._refresh_counts(conn, series_pks, study_pks, now)
+                for pk in study_pks:
+                    self._link_fhir(conn, ctx, pk)
+                if tmp.exists():          # not yet moved by an attempt whose commit failed
+                    os.replace(tmp, final)
+        finally:
+            conn.close()
+        return old is not None
+
+    def _upsert(self, conn, table, key: str, values: dict, now: float) -> int:
+        """Insert a row, or update the existing one with the values that are not empty
+        (an instance that lacks an attribute does not blank what its siblings gave)."""
+        pk = conn.execute(select(table.c.pk).where(table.c[key] == values[key])).scalar()
+        if pk is None:
+            return conn.execute(insert(table).values(**values, updated=now)
+                                .returning(table.c.pk)).scalar_one()
+        changes = {k: v for k, v in values.items() if v not in ("", None)}
+        conn.execute(update(table).where(table.c.pk == pk).values(**changes, updated=now))
+        return pk
+
+    def _refresh_counts(self, conn, series_pks: set[int], study_pks: list[int], now: float) -> None:
+        for pk in series_pks:
+            n = conn.execute(select(func.count()).select_from(I).where(I.c.series_pk == pk)).scalar_one()
+            if n:
+                conn.execute(update(SE).where(SE.c.pk == pk).values(num_instances=n))
+            else:
+                conn.execute(SE.delete().where(SE.c.pk == pk))
+        for pk in study_pks:
+            n_inst = conn.execute(select(func.count()).select_from(I)
+                                  .where(I.c.study_pk == pk)).scalar_one()
+            mods = conn.execute(select(SE.c.modality).where(SE.c.study_pk == pk, SE.c.modality != "")
+                                .distinct().order_by(SE.c.modality)).scalars().all()
+            n_series = conn.execute(select(func.count()).select_from(SE)
+                                    .where(SE.c.study_pk == pk)).scalar_one()
+            conn.execute(update(ST).where(ST.c.pk == pk).values(
+                num_instances=n_inst, num_series=n_series, modalities=_clip("\\".join(mods), 256),
+                updated=now))
+
+    # ------------------------------------------------------------------ FHIR link
+    def _dicomweb_base(self, ctx: RequestContext) -> str:
+        if self.public_base_url:
+            return f"{self.public_base_url}/dicomweb"
+        if ctx.base_url and ctx.base_url.rstrip("/").endswith("/dicomweb"):
+            return ctx.base_url.rstrip("/")
+        return f"http://localhost:{self.http_port}/dicomweb"
+
+    def _current(self, conn, res_type: str, res_id: str | None):
+        if not res_id:
+            return None
+        row = self.sql.current_rows(conn, [(res_type, res_id)]).get((res_type, res_id))
+        return row if row is not None and not row.deleted else None
+
+    def _endpoint_id(self, conn, ctx: RequestContext) -> str:
+        query = _token(fhirlink.ENDPOINT_IDENTIFIER_SYSTEM, "dicomweb")
+        self.sql.lock_condition(conn, f"Endpoint?identifier={query}")
+        found = self.sql.match(conn, "Endpoint", [("identifier", query)])
+        if found:
+            return found[0][1]
+        res_id = str(uuid.uuid4())
+        body = fhirlink.endpoint_resource(res_id, self._dicomweb_base(ctx))
+        self.sql.write_versions(conn, [PendingWrite("Endpoint", res_id, body, "POST")])
+        return res_id
+
+    def _patient_id(self, conn, prow, study_uid: str) -> str:
+        cur = self._current(conn, "Patient", prow.fhir_id)
+        if cur is not None:
+            return prow.fhir_id
+        query = _token(*fhirlink.patient_identifier(self.patient_system, prow.patient_id, study_uid))
+        found = self.sql.match(conn, "Patient", [("identifier", query)])
+        if found:
+            res_id = found[0][1]
+        else:
+            res_id = str(uuid.uuid4())
+            body = fhirlink.patient_resource(res_id, self.patient_system, prow.patient_id,
+                                             prow.patient_name, prow.birth_date, prow.sex, study_uid)
+            self.sql.write_versions(conn, [PendingWrite("Patient", res_id, body, "POST")])
+        if prow.patient_id:
+            conn.execute(update(P).where(P.c.pk == prow.pk).values(fhir_id=res_id))
+        return res_id
+
+    def _link_fhir(self, conn, ctx: RequestContext, study_pk: int) -> None:
+        """Create/update the Patient, Endpoint and ImagingStudy of one study."""
+        study = conn.execute(select(ST).where(ST.c.pk == study_pk)).mappings().first()
+        prow = conn.execute(select(P).where(P.c.pk == study["patient_pk"])).first()
+        patient_id = self._patient_id(conn, prow, study["study_uid"])
+        endpoint_id = self._endpoint_id(conn, ctx)
+        series = conn.execute(select(SE).where(SE.c.study_pk == study_pk).order_by(
+            func.coalesce(SE.c.series_number, _BIG), SE.c.pk)).mappings().all()
+        instances = conn.execute(
+            select(I.c.series_pk, I.c.sop_uid, I.c.sop_class_uid, I.c.instance_number)
+            .where(I.c.study_pk == study_pk)
+            .order_by(I.c.series_pk, func.coalesce(I.c.instance_number, _BIG), I.c.pk)).mappings().all()
+        cur = self._current(conn, "ImagingStudy", study["fhir_id"])
+        if cur is None:
+            query = _token(fhirlink.STUDY_UID_SYSTEM, f"urn:oid:{study['study_uid']}")
+            found = self.sql.match(conn, "ImagingStudy", [("identifier", query)])
+            if found:
+                cur = self._current(conn, "ImagingStudy", found[0][1])
+        res_id = cur.res_id if cur is not None else str(uuid.uuid4())
+        self.sql.lock_condition(conn, f"ImagingStudy/{res_id}")
+        body = fhirlink.imaging_study_resource(res_id, dict(study), [dict(s) for s in series],
+                                               [dict(i) for i in instances], f"Patient/{patient_id}",
+                                               f"Endpoint/{endpoint_id}", self.default_tz)
+        if cur is not None:
+            old = orjson.loads(cur.body)
+            if strip_meta(old) == body:
+                if study["fhir_id"] != res_id:
+                    conn.execute(update(ST).where(ST.c.pk == study_pk).values(fhir_id=res_id))
+                return
+        self.sql.write_versions(conn, [PendingWrite(
+            "ImagingStudy", res_id, body, "PUT" if cur is not None else "POST",
+            prev_pk=cur.pk if cur is not None else None,
+            prev_version=cur.version if cur is not None else 0)])
+        if study["fhir_id"] != res_id:
+            conn.execute(update(ST).where(ST.c.pk == study_pk).values(fhir_id=res_id))
+
+    # ------------------------------------------------------------------ queries
+    def _criteria(self, query: Mapping[str, str], fuzzy: bool) -> tuple[list, list[str]]:
+        """Parsed (keyword, kind, Criterion) triples and the canonical query keywords."""
+        crits, names = [], []
+        for name, value in (query or {}).items():
+            if not name:
+                continue
+            kw = A.canonical_name(name)
+            names.append(kw)
+            mk = A.MATCH_KEYS.get(kw)
+            if mk is None:
+                continue          # not a supported matching key: universal, returned if known
+            crit = parse(mk.kind, kw, "" if value is None else str(value),
+                         fuzzy=fuzzy and kw in _FUZZY_KEYS)
+            if crit is not None:
+                crits.append((kw, mk.kind, crit))
+        return crits, names
+
+    def _condition(self, kw: str, kind: str, crit: Criterion, tables: dict):
+        table, col = _COLUMNS[kw]
+        t = tables[table]
+        if kind == "modalities":
+            se2 = SE.alias()
+            return exists(select(literal(1)).where(
+                se2.c.study_pk == t.c.pk,
+                sql_condition(crit, se2.c.modality, sqlite=self.sqlite)))
+        extra = {}
+        if kw in _PN_COLUMNS:
+            ci, fo, tok = _PN_COLUMNS[kw]
+            extra = {"ci_col": t.c[ci], "fold_col": t.c[fo] if fo else t.c[ci],
+                     "tokens_col": t.c[tok] if tok else t.c[ci]}
+        return sql_condition(crit, t.c[col], sqlite=self.sqlite, **extra)
+
+    def _conditions(self, level: str, crits: list, tables: dict) -> list:
+        """WHERE terms: keys at or above ``level`` directly, lower levels through EXISTS."""
+        depth = LEVELS.index(level)
+        direct, below = [], {}
+        for kw, kind, crit in crits:
+            table = _COLUMNS[kw][0]
+            lvl = LEVELS.index(_TABLE_LEVEL[table])
+            if lvl <= depth:
+                direct.append(self._condition(kw, kind, crit, tables))
+            else:
+                below.setdefault(lvl, []).append((kw, kind, crit))
+        if below:
+            deepest = max(below)
+            sub = {}
+            chain = [_LEVEL_TABLE[LEVELS[d]] for d in range(depth + 1, deepest + 1)]
+            for tbl in chain:
+                sub[tbl] = tbl.alias()
+            inner = dict(tables)
+            inner.update(sub)
+            links = []
+            parent = tables[_LEVEL_TABLE[level]]
+            for tbl in chain:
+                a = sub[tbl]
+                if tbl is ST:
+                    links.append(a.c.patient_pk == parent.c.pk)
+                elif tbl is SE:
+                    links.append(a.c.study_pk == parent.c.pk)
+                else:
+                    links.append(a.c.series_pk == parent.c.pk)
+                parent = a
+            terms = [self._condition(kw, kind, crit, inner)
+                     for lvl in below for kw, kind, crit in below[lvl]]
+            direct.append(exists(select(literal(1)).where(*links, *terms)))
+        return direct
+
+    def find(self, ctx: RequestContext, level: str, query: dict[str, str], *,
+             includefields: set[str] | None = None, include_all: bool = False,
+             fuzzy: bool = False, limit: int | None = None, offset: int = 0) -> list[Dataset]:
+        """Query the index (see :meth:`DicomSource.find`); reads no file."""
+        level = (level or "").upper()
+        if level not in LEVELS:
+            raise InvalidRequest(f"Unknown query level '{level}' (PATIENT, STUDY, SERIES, IMAGE)")
+        if limit is not None and limit < 0 or offset < 0:
+            raise InvalidRequest("limit and offset must not be negative")
+        crits, names = self._criteria(query, fuzzy)
+        wanted = self._wanted(level, names, includefields)
+        depth = LEVELS.index(level)
+        tables = {t: t for t in (P, ST, SE, I)[:depth + 1]}
+        cols = [c for t in (P, ST, SE, I)[:depth + 1] for c in t.c
+                if c.name not in ("metadata",)]
+        labelled = [c.label(f"{_TABLE_LEVEL[c.table][:2]}_{c.name}") for c in cols]
+        stmt = select(*labelled)
+        if depth >= 1:
+            stmt = stmt.select_from(P.join(ST, ST.c.patient_pk == P.c.pk))
+        if depth >= 2:
+            stmt = stmt.join(SE, SE.c.study_pk == ST.c.pk)
+        if depth >= 3:
+            stmt = stmt.join(I, I.c.series_pk == SE.c.pk)
+        where = self._conditions(level, crits, tables)
+        if level == "PATIENT":
+            st2 = ST.alias()
+            where.append(exists(select(literal(1)).where(st2.c.patient_pk == P.c.pk,
+                                                         st2.c.num_instances > 0)))
+            order = [P.c.patient_id, P.c.pk]
+        elif level == "STUDY":
+            where.append(ST.c.num_instances > 0)
+            order = [ST.c.study_date.desc(), ST.c.study_time_key.desc(), ST.c.pk.desc()]
+        elif level == "SERIES":
+            where.append(SE.c.num_instances > 0)
+            order = [ST.c.pk, func.coalesce(SE.c.series_number, _BIG), SE.c.pk]
+        else:
+            order = [ST.c.pk, func.coalesce(SE.c.series_number, _BIG), SE.c.pk,
+                     func.coalesce(I.c.instance_number, _BIG), I.c.pk]
+        stmt = stmt.where(*where).order_by(*order)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        if offset:
+            stmt = stmt.offset(offset)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(stmt).mappings()]
+            if not rows:
+                return []
+            extra = self._patient_counts(conn, rows) if level == "PATIENT" else {}
+            meta = self._representative_metadata(conn, level, rows, wanted, include_all)
+        return [self._dataset(level, row, wanted, include_all, extra.get(row["PA_pk"]),
+                              meta.get(self._entity_pk(level, row))) for row in rows]
+
+    @staticmethod
+    def _entity_pk(level: str, row: dict) -> int:
+        return row[{"PATIENT": "PA_pk", "STUDY": "ST_pk", "SERIES": "SE_pk", "IMAGE": "IM_pk"}[level]]
+
+    @staticmethod
+    def _wanted(level: str, names: list[str], includefields: set[str] | None) -> list[str]:
+        """Keywords (or hex tags) to return, top-level (``Seq.Attr`` -> ``Seq``)."""
+        out: list[str] = list(A.DEFAULTS[level])
+        for lvl in LEVELS[:LEVELS.index(level) + 1]:
+            out.append(A.LEVEL_UNIQUE_KEY[lvl])
+        explicit = []
+        for name in list(names) + [A.canonical_name(f) for f in (includefields or ()) if f]:
+            top = name.split(".", 1)[0]
+            explicit.append(top)
+        seen = set()
+        ordered = []
+        for kw in out + explicit:
+            if kw not in seen:
+                seen.add(kw)
+                ordered.append(kw)
+        return ordered
+
+    def _patient_counts(self, conn, rows: list[dict]) -> dict[int, tuple[int, int, int]]:
+        pks = [r["PA_pk"] for r in rows]
+        q = (select(ST.c.patient_pk, func.count(), func.sum(ST.c.num_series),
+                    func.sum(ST.c.num_instances))
+             .where(ST.c.patient_pk.in_(pks), ST.c.num_instances > 0).group_by(ST.c.patient_pk))
+        return {pk: (int(a or 0), int(b or 0), int(c or 0)) for pk, a, b, c in conn.execute(q)}
+
+    def _representative_metadata(self, conn, level: str, rows: list[dict], wanted: list[str],
+                                 include_all: bool) -> dict[int, bytes]:
+        """Stored JSON of one instance per entity, when some wanted attribute is not a
+        column (IMAGE: the instance itself; SERIES/STUDY/PATIENT: its first instance)."""
+        needs = include_all or any(
+            kw not in _RETURN_COLUMNS and kw not in _CONSTANTS and kw not in A.COUNTS[level]
+            and kw not in _PATIENT_COUNTS and kw not in ("RequestAttributesSequence", "RetrieveAETitle")
+            and not _below(kw, level) for kw in wanted)
+        if not needs:
+            return {}
+        if level == "IMAGE":
+            pks = [r["IM_pk"] for r in rows]
+            q = select(I.c.pk, I.c.metadata).where(I.c.pk.in_(pks))
+            return {pk: raw for pk, raw in conn.execute(q)}
+        col = {"SERIES": I.c.series_pk, "STUDY": I.c.study_pk}.get(level)
+        keys = [self._entity_pk(level, r) for r in rows]
+        if level == "PATIENT":
+            first = (select(ST.c.patient_pk.label("k"), func.min(I.c.pk).label("ipk"))
+                     .select_from(I.join(ST, I.c.study_pk == ST.c.pk))
+                     .where(ST.c.patient_pk.in_(keys)).group_by(ST.c.patient_pk)).subquery()
+        else:
+            first = (select(col.label("k"), func.min(I.c.pk).label("ipk"))
+                     .where(col.in_(keys)).group_by(col)).subquery()
+        q = select(first.c.k, I.c.metadata).join(first, I.c.pk == first.c.ipk)
+        return {k: raw for k, raw in conn.execute(q)}
+
+    def _dataset(self, level: str, row: dict, wanted: list[str], include_all: bool,
+                 pcounts: tuple | None, raw_meta: bytes | None) -> Dataset:
+        depth = LEVELS.index(level)
+        ds = Dataset()
+        if raw_meta is not None:
+            if include_all and level == "IMAGE":
+                ds = from_stored(raw_meta)
+            else:
+                allowed = None
+                if include_all:
+                    allowed = {"STUDY": A.STUDY_LEVEL_KEYWORDS, "SERIES": A.SERIES_LEVEL_KEYWORDS,
+                               "PATIENT": {k for k in A.STUDY_LEVEL_KEYWORDS
+                                           if k.startswith(("Patient", "Issuer", "Other", "Ethnic"))}
+                               }.get(level, set())
+                tags = {A.tag_of(k) for k in wanted} | {A.tag_of(k) for k in (allowed or ())}
+                ds = from_stored(raw_meta, keep={t for t in tags if t is not None})
+        for kw in wanted:
+            if _below(kw, level):
+                continue          # a key of a lower level has no single value here
+            value, known = self._column_value(kw, level, depth, row, pcounts)
+            tag = A.tag_of(kw)
+            if tag is None:
+                continue
+            if known:
+                if value in (None, "", []) and kw in A.OMIT_WHEN_EMPTY and tag not in ds:
+                    continue
+                _put(ds, kw, value)
+            elif tag not in ds:
+                if kw in A.OMIT_WHEN_EMPTY or (kw in A.DEFAULTS[level] and kw not in _CONSTANTS):
+                    continue
+                _put(ds, kw, None)
+        if include_all and level == "IMAGE":
+            _put(ds, "AvailableTransferSyntaxUID", row.get("IM_transfer_syntax_uid"))
+            _put(ds, "InstanceAvailability", "ONLINE")
+            for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                value, _ = self._column_value(kw, level, depth, row, None)
+                _put(ds, kw, value)
+        return ds
+
+    def _column_value(self, kw: str, level: str, depth: int, row: dict,
+                      pcounts: tuple | None) -> tuple[Any, bool]:
+        """(value, known): the value of ``kw`` for this entity from the row, if the row
+        holds it (known=False: look in the stored metadata)."""
+        if kw in _CONSTANTS:
+            return _CONSTANTS[kw], True
+        if kw == "RetrieveAETitle":
+            return self.ae_title, True
+        if kw in _PATIENT_COUNTS:
+            if level != "PATIENT":
+                return None, False
+            idx = _PATIENT_COUNTS.index(kw)
+            return (pcounts or (0, 0, 0))[idx], True
+        if kw == "RequestAttributesSequence":
+            if depth < 2:
+                return None, False
+            sps, rp = row.get("SE_sps_id"), row.get("SE_requested_procedure_id")
+            if not (sps or rp):
+                return [], True
+            item = Dataset()
+            item.ScheduledProcedureStepID = sps or ""
+            item.RequestedProcedureID = rp or ""
+            return Sequence([item]), True
+        loc = _RETURN_COLUMNS.get(kw)
+        if loc is None:
+            return None, False
+        table, col = loc
+        lvl = LEVELS.index(_TABLE_LEVEL[table])
+        if lvl > depth:
+            return None, False
+        value = row.get(f"{_TABLE_LEVEL[table][:2]}_{col}")
+        if kw == "ModalitiesInStudy":
+            return ([m for m in (value or "").split("\\") if m]), True
+        return value, True
+
+    # ------------------------------------------------------------------ retrieve
+    def _instance_query(self, study_uid, series_uid, sop_uid, patient_id, *cols):
+        stmt = (select(*cols).select_from(I.join(SE, I.c.series_pk == SE.c.pk)
+                                          .join(ST, I.c.study_pk == ST.c.pk)
+                                          .join(P, ST.c.patient_pk == P.c.pk)))
+        if study_uid is not None:
+            stmt = stmt.where(ST.c.study_uid == study_uid)
+        if series_uid is not None:
+            stmt = stmt.where(SE.c.series_uid == series_uid)
+        if sop_uid is not None:
+            stmt = stmt.where(I.c.sop_uid == sop_uid)
+        if patient_id is not None:
+            stmt = stmt.where(P.c.patient_id == patient_id)
+        return stmt.order_by(ST.c.pk, func.coalesce(SE.c.series_number, _BIG), SE.c.pk,
+                             func.coalesce(I.c.instance_number, _BIG), I.c.pk)
+
+    @staticmethod
+    def _not_found(study_uid, series_uid, sop_uid, patient_id) -> NotFound:
+        named = (("patient", patient_id), ("study", study_uid), ("series", series_uid),
+                 ("instance", sop_uid))
+        parts = [f"{k} {v}" for k, v in named if v is not None]
+        return NotFound("No stored instances for " + ", ".join(parts))
+
+    def instance_refs(self, ctx: RequestContext, study_uid: str | None = None,
+                      series_uid: str | None = None, sop_uid: str | None = None, *,
+                      patient_id: str | None = None) -> list[InstanceRef]:
+        """Stored instances under the given UIDs (see :meth:`DicomSource.instance_refs`)."""
+        stmt = self._instance_query(study_uid, series_uid, sop_uid, patient_id,
+                                    P.c.patient_id, ST.c.study_uid, SE.c.series_uid, I.c.sop_uid,
+                                    I.c.sop_class_uid, I.c.transfer_syntax_uid, I.c.instance_number,
+                                    I.c.size)
+        with self.engine.connect() as conn:
+            refs = [InstanceRef(*r) for r in conn.execute(stmt)]
+        if not refs and any(v is not None for v in (study_uid, series_uid, sop_uid, patient_id)):
+            raise self._not_found(study_uid, series_uid, sop_uid, patient_id)
+        return refs
+
+    def metadata_json(self, ctx: RequestContext, study_uid: str, series_uid: str | None = None,
+                      sop_uid: str | None = None) -> list[bytes]:
+        """Stored DICOM JSON per instance (the ``/metadata`` fast path, no file read)."""
+        stmt = self._instance_query(study_uid, series_uid, sop_uid, None, I.c.metadata)
+        with self.engine.connect() as conn:
+            out = [bytes(r[0]) for r in conn.execute(stmt)]
+        if not out:
+            raise self._not_found(study_uid, series_uid, sop_uid, None)
+        return out
+
+    def open_instance(self, ctx: RequestContext, ref: InstanceRef) -> bytes:
+        """The stored Part 10 bytes (see :meth:`DicomSource.open_instance`)."""
+        try:
+            return self.blob_path(blob_key(ref.sop_uid)).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"Instance {ref.sop_uid} is not stored") from None
+
+
+def _below(keyword: str, level: str) -> bool:
+    """Whether a matching key belongs to a level below ``level``."""
+    key_level = A.level_of(keyword)
+    return key_level is not None and LEVELS.index(key_level) > LEVELS.index(level)
+
+
+def _fhir_tz(value: str) -> str:
+    """The ``dicom_timezone`` setting as a FHIR offset (``Z``, ``+01:00``; ``+0100`` is
+    accepted); an invalid value falls back to ``Z`` with a log line."""
+    value = value.strip()
+    if value == "Z" or re.fullmatch(r"[+-]\d{2}:\d{2}", value):
+        return value
+    if re.fullmatch(r"[+-]\d{4}", value):
+        return f"{value[:3]}:{value[3:]}"
+    log.warning("dicom_timezone '%s' is not an offset like +01:00; using Z", value)
+    return "Z"
+
+
+def _put(ds: Dataset, keyword: str, value: Any) -> None:
+    """Set an attribute by keyword or hex tag with its dictionary VR."""
+    tag = A.tag_of(keyword)
+    if tag is None:
+        return
+    vr = A.vr_of(keyword)
+    if vr == "SQ":
+        value = value if value else []
+    elif value is not None and vr in ("IS", "US", "UL", "SS", "SL") \
+            and not isinstance(value, (list, Sequence)):
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            value = None
+    try:
+        ds.add_new(tag, vr, value)
+    except Exception:  # noqa: BLE001 - a value the VR refuses: return the key empty
+        ds.add_new(tag, vr, None)
+
+
+__all__ = ["DicomStore", "parse_instance", "blob_key"]

@@ -1,0 +1,343 @@
+"""DicomStore: files, SQL rows, FHIR link, DICOM matching; on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import os
+
+import orjson
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from server.db import schema as S
+from server.dicom.dicomjson import BulkRef
+from server.dicom.store import DicomStore, blob_key
+from server.errors import (InstanceRefused, InvalidRequest, InvalidResource, NotFound,
+                           SopClassMismatch)
+from server.fhir.validation import validate
+from server.source import RequestContext
+from server.store import SqlStore
+from tests.unit.server.dicom.factory import dataset, instance, part10, series_of
+
+CTX = RequestContext(base_url="http://dicom.test/dicomweb")
+
+
+@pytest.fixture
+def stores(db_url, tmp_path):
+    sql = SqlStore.from_url(db_url, {})
+    yield sql, DicomStore(sql, {"data_dir": str(tmp_path), "dicom_timezone": "+01:00"})
+    sql.engine.dispose()
+
+
+@pytest.fixture
+def dicom(stores):
+    return stores[1]
+
+
+def count(sql, table) -> int:
+    with sql.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def fhir(sql, res_type, params=()):
+    return [orjson.loads(r.body) for r in sql.search(RequestContext(), res_type, list(params)).matches]
+
+
+# --------------------------------------------------------------------------- storage
+def test_store_replace_without_duplicates(stores, tmp_path):
+    sql, dicom = stores
+    study, series, files = series_of(2)
+    outs = [dicom.store_instance(CTX, f) for f in files]
+    assert [o.replaced for o in outs] == [False, False]
+    again = dicom.store_instance(CTX, files[0])
+    assert again.replaced and again.sop_instance_uid == outs[0].sop_instance_uid
+    assert again.study_uid == study and again.series_uid == series
+    assert (count(sql, S.dicom_patient), count(sql, S.dicom_study), count(sql, S.dicom_series),
+            count(sql, S.dicom_instance)) == (1, 1, 1, 2)
+    key = blob_key(outs[0].sop_instance_uid)
+    path = tmp_path / "dicom" / key[:2] / f"{key}.dcm"
+    assert path.read_bytes() == files[0]
+    refs = dicom.instance_refs(CTX, study)
+    assert [r.instance_number for r in refs] == [1, 2]
+    assert dicom.open_instance(CTX, refs[1]) == files[1]
+    assert len(fhir(sql, "ImagingStudy")) == 1 and len(fhir(sql, "Patient")) == 1
+    [study_ds] = dicom.find(CTX, "STUDY", {"StudyInstanceUID": study})
+    assert study_ds.NumberOfStudyRelatedInstances == 2
+
+
+def test_executable_preamble_and_garbage_refused(stores):
+    sql, dicom = stores
+    data = instance()
+    with pytest.raises(InstanceRefused):
+        dicom.store_instance(CTX, b"MZ" + data[2:])
+    with pytest.raises(InstanceRefused):
+        dicom.store_instance(CTX, b"\x7fELF" + data[4:])
+    with pytest.raises(InvalidResource):
+        dicom.store_instance(CTX, b"not dicom at all" * 20)
+    with pytest.raises(InvalidResource):
+        dicom.store_instance(CTX, data[:128] + b"DICM" + b"\x02\x00garbage")
+    ds = dataset()
+    del ds.SOPInstanceUID
+    with pytest.raises(InvalidResource, match="SOP Instance UID"):
+        dicom.store_instance(CTX, part10(ds))
+    # file meta says MR Image Storage, the data set CT Image Storage (same length UIDs)
+    mismatched = data.replace(b"1.2.840.10008.5.1.4.1.1.2\x00", b"1.2.840.10008.5.1.4.1.1.4\x00", 1)
+    assert mismatched != data
+    with pytest.raises(SopClassMismatch):
+        dicom.store_instance(CTX, mismatched)
+    assert count(sql, S.dicom_instance) == 0 and fhir(sql, "ImagingStudy") == []
+
+
+def test_same_sop_uid_with_other_sop_class_refused(dicom):
+    data = dataset()
+    dicom.store_instance(CTX, part10(data))
+    other = dataset("MR_small.dcm", study=data.StudyInstanceUID, series=data.SeriesInstanceUID,
+                    sop=data.SOPInstanceUID)
+    with pytest.raises(SopClassMismatch):
+        dicom.store_instance(CTX, part10(other))
+
+
+def test_tag_values_never_become_paths(stores, tmp_path):
+    sql, dicom = stores
+    evil = dataset(PatientID="../../../../tmp/evil", StudyDescription="../../x")
+    out = dicom.store_instance(CTX, part10(evil))
+    for bad_uid in ("../../../../tmp/evil", "1.2/../../3", "/etc/passwd"):
+        with pytest.raises(InvalidResource, match="not a valid UID"):
+            dicom.store_instance(CTX, part10(dataset(sop=bad_uid)))
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "synthport.db"
+             and not p.name.startswith("synthport.db")]
+    key = blob_key(out.sop_instance_uid)
+    assert files == [tmp_path / "dicom" / key[:2] / f"{key}.dcm"]
+    assert not list(tmp_path.parent.glob("evil*")) and not os.path.exists("/tmp/evil")
+    [pat] = dicom.find(CTX, "PATIENT", {"PatientID": "../../../../tmp/evil"})
+    assert pat.PatientID == "../../../../tmp/evil"
+
+
+# --------------------------------------------------------------------------- FHIR link
+def test_fhir_patient_and_one_imaging_study_per_study(stores):
+    sql, dicom = stores
+    s1, se1, files1 = series_of(2, PatientID="PX-1", PatientName="Doe^Jane",
+                                PatientBirthDate="19700501", PatientSex="F", Modality="CT",
+                                StudyDate="20240102", StudyTime="101500", AccessionNumber="ACC1",
+                                TimezoneOffsetFromUTC="")   # -> the dicom_timezone setting
+    s2, se2, files2 = series_of(1, "MR_small.dcm", PatientID="PX-1", PatientName="Doe^Jane",
+                                StudyDate="20240310", StudyTime="", AccessionNumber="ACC2")
+    for f in files1 + files2:
+        dicom.store_instance(CTX, f)
+    [patient] = fhir(sql, "Patient")
+    assert patient["identifier"] == [{"system": "urn:synthport:dicom:patient-id", "value": "PX-1"}]
+    assert patient["name"][0]["family"] == "Doe" and patient["name"][0]["given"] == ["Jane"]
+    assert patient["gender"] == "female" and patient["birthDate"] == "1970-05-01"
+    studies = fhir(sql, "ImagingStudy")
+    assert len(studies) == 2
+    for body in studies + [patient] + fhir(sql, "Endpoint"):
+        validate(body)
+    by_uid = {s["identifier"][0]["value"]: s for s in studies}
+    one = by_uid[f"urn:oid:{s1}"]
+    assert one["status"] == "available" and one["subject"] == {"reference": f"Patient/{patient['id']}"}
+    assert one["started"] == "2024-01-02T10:15:00+01:00"
+    assert one["numberOfSeries"] == 1 and one["numberOfInstances"] == 2
+    assert one["modality"] == [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}]
+    assert [i["number"] for i in one["series"][0]["instance"]] == [1, 2]
+    assert one["series"][0]["uid"] == se1
+    assert one["series"][0]["instance"][0]["sopClass"]["code"] == "urn:oid:1.2.840.10008.5.1.4.1.1.2"
+    [endpoint] = fhir(sql, "Endpoint")
+    assert endpoint["address"] == "http://dicom.test/dicomweb"
+    assert endpoint["connectionType"]["code"] == "dicom-wado-rs"
+    assert one["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}]
+    assert by_uid[f"urn:oid:{s2}"]["started"] == "2024-03-10"
+
+    def ids(params):
+        return {s["id"] for s in fhir(sql, "ImagingStudy", params)}
+    assert ids([("patient", f"Patient/{patient['id']}")]) == {s["id"] for s in studies}
+    assert ids([("modality", "CT")]) == {one["id"]}
+    assert ids([("modality", "http://dicom.nema.org/resources/ontology/DCM|MR")]) == \
+        {by_uid[f"urn:oid:{s2}"]["id"]}
+    assert ids([("started", "ge2024-03-01")]) == {by_uid[f"urn:oid:{s2}"]["id"]}
+    assert ids([("identifier", f"urn:oid:{s1}")]) == {one["id"]}
+    assert ids([("series", se1)]) == {one["id"]}
+
+    # one more instance: the same ImagingStudy gets a new version, nothing new is created
+    dicom.store_instance(CTX, instance(study=s1, series=se1, PatientID="PX-1", InstanceNumber=3))
+    assert len(fhir(sql, "ImagingStudy")) == 2 and len(fhir(sql, "Patient")) == 1
+    again = sql.read(RequestContext(), "ImagingStudy", one["id"])
+    assert orjson.loads(again.body)["numberOfInstances"] == 3 and again.version == 3
+
+
+def test_existing_fhir_patient_is_linked_not_duplicated(stores):
+    sql, dicom = stores
+    created = sql.create(RequestContext(), "Patient", {
+        "resourceType": "Patient", "name": [{"family": "Fhirfirst"}],
+        "identifier": [{"system": "urn:synthport:dicom:patient-id", "value": "P,1|x"}]})
+    dicom.store_instance(CTX, instance(PatientID="P,1|x", PatientName="Other^Name"))
+    [patient] = fhir(sql, "Patient")
+    assert patient["id"] == created.resource.res_id
+    assert patient["name"] == [{"family": "Fhirfirst"}]        # FHIR demographics not overwritten
+    [study] = fhir(sql, "ImagingStudy")
+    assert study["subject"]["reference"] == f"Patient/{patient['id']}"
+
+
+def test_fhir_only_imaging_study_is_not_listed_by_qido(stores):
+    sql, dicom = stores
+    pat = sql.create(RequestContext(), "Patient", {"resourceType": "Patient"}).resource.res_id
+    uid = generate_uid()
+    sql.create(RequestContext(), "ImagingStudy", {
+        "resourceType": "ImagingStudy", "status": "available",
+        "identifier": [{"system": "urn:dietf:rfc:3986", "value": f"urn:oid:{uid}"}],
+        "subject": {"reference": f"Patient/{pat}"}})
+    assert dicom.find(CTX, "STUDY", {}) == []
+    with pytest.raises(NotFound):
+        dicom.instance_refs(CTX, uid)
+    stored = dicom.store_instance(CTX, instance())
+    found = dicom.find(CTX, "STUDY", {})
+    assert [d.StudyInstanceUID for d in found] == [stored.study_uid]
+    assert len(fhir(sql, "ImagingStudy")) == 2
+
+
+def test_stored_instance_adopts_fhir_imaging_study_with_its_uid(stores):
+    sql, dicom = stores
+    pat = sql.create(RequestContext(), "Patient", {"resourceType": "Patient"}).resource.res_id
+    uid = generate_uid()
+    made = sql.create(RequestContext(), "ImagingStudy", {
+        "resourceType": "ImagingStudy", "status": "registered",
+        "identifier": [{"system": "urn:dietf:rfc:3986", "value": f"urn:oid:{uid}"}],
+        "subject": {"reference": f"Patient/{pat}"}}).resource.res_id
+    dicom.store_instance(CTX, instance(study=uid))
+    [study] = fhir(sql, "ImagingStudy")
+    assert study["id"] == made and study["status"] == "available" and study["numberOfInstances"] == 1
+
+
+# --------------------------------------------------------------------------- queries
+def test_one_result_per_entity_at_each_level(dicom):
+    study, series, files = series_of(3, PatientID="ONE", Modality="CT")
+    for f in files:
+        dicom.store_instance(CTX, f)
+    [st] = dicom.find(CTX, "STUDY", {"PatientID": "ONE"})
+    assert st.StudyInstanceUID == study and st.NumberOfStudyRelatedInstances == 3
+    assert st.NumberOfStudyRelatedSeries == 1 and st.ModalitiesInStudy == "CT"
+    [se] = dicom.find(CTX, "SERIES", {"StudyInstanceUID": study})
+    assert se.SeriesInstanceUID == series and se.NumberOfSeriesRelatedInstances == 3
+    assert se.StudyInstanceUID == study
+    images = dicom.find(CTX, "IMAGE", {"SeriesInstanceUID": series})
+    assert [i.InstanceNumber for i in images] == [1, 2, 3]
+    assert all(i.StudyInstanceUID == study and i.SeriesInstanceUID == series for i in images)
+    [pat] = dicom.find(CTX, "PATIENT", {"PatientID": "ONE"})
+    assert (pat.NumberOfPatientRelatedStudies, pat.NumberOfPatientRelatedSeries,
+            pat.NumberOfPatientRelatedInstances) == (1, 1, 3)
+    assert [i.InstanceNumber for i in dicom.find(CTX, "IMAGE", {}, limit=2, offset=1)] == [2, 3]
+
+
+@pytest.fixture
+def corpus(dicom):
+    """Four studies with names, dates, times, modalities and accession numbers to match."""
+    rows = [
+        dict(PatientID="A1", PatientName="Doe^Jane", StudyDate="20240105", StudyTime="073000",
+             AccessionNumber="ACC-100", Modality="CT", ReferringPhysicianName="House^Gregory"),
+        dict(PatientID="A2", PatientName="Müller^Hans", StudyDate="20240220", StudyTime="141516.25",
+             AccessionNumber="acc-200", Modality="MR", ReferringPhysicianName="Grey^Meredith"),
+        dict(PatientID="A3", PatientName="DOE^JOHN^Q", StudyDate="20231231", StudyTime="2359",
+             AccessionNumber="ACC-300", Modality="CT", ReferringPhysicianName=""),
+        dict(PatientID="A4", PatientName="Smith^Anne", StudyDate="", StudyTime="",
+             AccessionNumber="", Modality="US", ReferringPhysicianName=""),
+    ]
+    uids, first = {}, dict(rows[0])
+    for row in rows:
+        name = "MR_small.dcm" if row["Modality"] == "MR" else "CT_small.dcm"
+        study, _, files = series_of(1, name, **row)
+        for f in files:
+            dicom.store_instance(CTX, f)
+        uids[row["PatientID"]] = study
+    first.update(Modality="MR", SeriesNumber=7)   # a second series, MR, in A1's study
+    dicom.store_instance(CTX, instance("MR_small.dcm", study=uids["A1"], **first))
+    return uids
+
+
+def _pids(dicom, query, level="STUDY", **kw):
+    return sorted(str(d.PatientID) for d in dicom.find(CTX, level, query, **kw))
+
+
+def test_matching_semantics(dicom, corpus):
+    assert _pids(dicom, {}) == ["A1", "A2", "A3", "A4"]
+    assert _pids(dicom, {"PatientName": "", "PatientID": "*"}) == ["A1", "A2", "A3", "A4"]
+    # person names: case-insensitive single value and wildcards
+    assert _pids(dicom, {"PatientName": "doe^jane"}) == ["A1"]
+    assert _pids(dicom, {"PatientName": "DOE*"}) == ["A1", "A3"]
+    assert _pids(dicom, {"PatientName": "*an*"}) == ["A1", "A2", "A4"]
+    assert _pids(dicom, {"PatientName": "?OE^J*"}) == ["A1", "A3"]
+    assert _pids(dicom, {"PatientName": "muller*"}) == []
+    # fuzzy: accents and case ignored, word prefixes of any component
+    assert _pids(dicom, {"PatientName": "muller"}, fuzzy=True) == ["A2"]
+    assert _pids(dicom, {"PatientName": "jo"}, fuzzy=True) == ["A3"]
+    assert _pids(dicom, {"PatientName": "doe ja"}, fuzzy=True) == ["A1"]
+    assert _pids(dicom, {"PatientName": "ane"}, fuzzy=True) == []
+    assert _pids(dicom, {"PatientName": "MÜL*"}, fuzzy=True) == ["A2"]
+    # other strings are case-sensitive
+    assert _pids(dicom, {"AccessionNumber": "ACC-*"}) == ["A1", "A3"]
+    assert _pids(dicom, {"AccessionNumber": "acc-200"}) == ["A2"]
+    assert _pids(dicom, {"AccessionNumber": "ACC_100"}) == []          # no SQL wildcard leak
+    assert _pids(dicom, {"ReferringPhysicianName": "house^gregory"}) == ["A1"]
+    # dates and times: single, ranges (open ends), never matching an empty value
+    assert _pids(dicom, {"StudyDate": "20240105"}) == ["A1"]
+    assert _pids(dicom, {"StudyDate": "20240101-20240301"}) == ["A1", "A2"]
+    assert _pids(dicom, {"StudyDate": "20240201-"}) == ["A2"]
+    assert _pids(dicom, {"StudyDate": "-20240105"}) == ["A1", "A3"]
+    assert _pids(dicom, {"StudyTime": "0700-0800"}) == ["A1"]
+    assert _pids(dicom, {"StudyTime": "14"}) == ["A2"]
+    assert _pids(dicom, {"StudyTime": "2300-"}) == ["A3"]
+    # UID lists (backslash and comma), modalities, lower-level keys
+    assert _pids(dicom, {"StudyInstanceUID": f"{corpus['A1']}\\{corpus['A2']}"}) == ["A1", "A2"]
+    assert _pids(dicom, {"StudyInstanceUID": f"{corpus['A3']},{corpus['A4']}"}) == ["A3", "A4"]
+    assert _pids(dicom, {"ModalitiesInStudy": "MR"}) == ["A1", "A2"]
+    assert _pids(dicom, {"ModalitiesInStudy": "US\\MR"}) == ["A1", "A2", "A4"]
+    assert _pids(dicom, {"Modality": "CT"}) == ["A1", "A3"]              # series key at STUDY level
+    assert _pids(dicom, {"SeriesNumber": "7"}) == ["A1"]
+    assert _pids(dicom, {"Modality": "MR"}, level="SERIES") == ["A1", "A2"]
+    assert _pids(dicom, {"PatientName": "doe*", "Modality": "MR"}, level="IMAGE") == ["A1"]
+    [a1] = dicom.find(CTX, "STUDY", {"PatientID": "A1"})
+    assert list(a1.ModalitiesInStudy) == ["CT", "MR"] and a1.NumberOfStudyRelatedSeries == 2
+    # a key that is not a matching key is returned but matches universally
+    [one] = dicom.find(CTX, "STUDY", {"PatientID": "A2", "PatientAge": "999Y"})
+    assert "PatientAge" in one
+
+
+def test_bad_queries_are_refused(dicom, corpus):
+    for query in ({"StudyDate": "2024-01-05"}, {"StudyDate": "yesterday"},
+                  {"StudyInstanceUID": "1.2.*"}, {"NotAKeyword": "x"}, {"SeriesNumber": "one"},
+                  {"StudyTime": "25x"}):
+        with pytest.raises(InvalidRequest):
+            dicom.find(CTX, "STUDY", query)
+    with pytest.raises(InvalidRequest):
+        dicom.find(CTX, "FRAME", {})
+
+
+def test_return_attributes_and_includefields(dicom):
+    study, series, files = series_of(1, PatientID="INC", PatientAge="042Y", SliceThickness="2.5")
+    dicom.store_instance(CTX, files[0])
+    [st] = dicom.find(CTX, "STUDY", {"PatientID": "INC"}, includefields={"PatientAge", "00081030"})
+    for kw in ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+               "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
+               "PatientSex", "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
+               "NumberOfStudyRelatedInstances", "InstanceAvailability", "SpecificCharacterSet"):
+        assert kw in st, kw
+    assert st.PatientAge == "042Y" and "StudyDescription" in st and "SOPInstanceUID" not in st
+    [img] = dicom.find(CTX, "IMAGE", {"StudyInstanceUID": study}, includefields={"00180050"})
+    assert float(img.SliceThickness) == 2.5 and img.Rows == 128 and img.BitsAllocated == 16
+    [full] = dicom.find(CTX, "IMAGE", {"StudyInstanceUID": study}, include_all=True)
+    assert isinstance(full.PixelData, BulkRef) and full.PixelData.path.endswith("/bulkdata/7FE00010")
+    assert full.AvailableTransferSyntaxUID == "1.2.840.10008.1.2.1" and len(full) > 100
+    [raw] = dicom.metadata_json(CTX, study, series)
+    assert b'"BulkDataURI":"synthport-bulk:studies/' in raw
+
+
+def test_instance_refs_order_and_not_found(dicom):
+    study, s1, files = series_of(2, SeriesNumber=2)
+    _, s2, more = series_of(2, study=study, SeriesNumber=1)
+    for f in reversed(files + more):
+        dicom.store_instance(CTX, f)
+    refs = dicom.instance_refs(CTX, study)
+    assert [(r.series_uid, r.instance_number) for r in refs] == [(s2, 1), (s2, 2), (s1, 1), (s1, 2)]
+    assert len(dicom.instance_refs(CTX, study, s1)) == 2
+    assert len(dicom.instance_refs(CTX, patient_id=refs[0].patient_id)) == 4
+    for kw in ({"study_uid": "1.2.3"}, {"study_uid": study, "series_uid": "9.9"},
+               {"sop_uid": "4.5.6"}, {"patient_id": "nobody"}):
+        with pytest.raises(NotFound):
+            dicom.instance_refs(CTX, **kw)
