@@ -17,7 +17,8 @@ from typing import Callable
 
 import orjson
 from pydicom import Dataset
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.datadict import dictionary_VR
 
 log = logging.getLogger("synthport.dicom")
 
@@ -59,6 +60,38 @@ def is_bulk(elem: DataElement) -> bool:
     return False
 
 
+# Cache of the DICOM JSON of plain (not bulk, not SQ) elements read from a file, keyed
+# by everything their JSON depends on: tag, explicit VR, the value bytes as read, the
+# byte order and the character set. Instances of one series repeat most of their
+# header, so storing them converts and encodes only the few values that differ.
+_ELEM_CACHE: dict[tuple, dict] = {}
+_ELEM_CACHE_MAX = 50_000
+_CACHE_VALUE_MAX = 512
+_NO_CACHE_VRS = frozenset({"SQ", "UN", "OB", "OD", "OF", "OL", "OV", "OW"})
+
+
+def _cached_vr(raw) -> str | None:
+    """The VR a raw element certainly converts to (None: convert it to know)."""
+    vr = raw.VR
+    if vr is None:
+        if not raw.is_implicit_VR or (int(raw.tag) >> 16) & 1:
+            return None
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return None
+    if vr in _NO_CACHE_VRS or " or " in vr:
+        return None
+    return vr
+
+
+def _charset_key(ds: Dataset) -> tuple:
+    try:
+        return tuple(ds._character_set)
+    except Exception:  # noqa: BLE001 - an odd SpecificCharacterSet: no cache
+        return ("?",)
+
+
 def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dict:
     """A dataset as a DICOM JSON object (PS3.18 F.2).
 
@@ -70,11 +103,41 @@ def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dic
             :class:`BulkRef` value carries (relative to the DICOMweb base).
     """
     out: dict[str, dict] = {}
-    for elem in ds:
-        tag = int(elem.tag)
+    charset: tuple | None = None
+    for tag in sorted(ds.keys()):
+        tag = int(tag)
         if tag & 0xFFFF == 0 or tag >> 16 == 0x0002:
             continue
         key = f"{tag:08X}"
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is not None:
+            # Fast paths on the element as read (no value conversion).
+            rvr = raw.VR
+            if rvr in BINARY_VRS and rvr != "UN" and (tag in PIXEL_TAGS
+                                                       or len(raw.value) > BULK_THRESHOLD):
+                out[key] = ({"vr": rvr, "BulkDataURI": bulk_uri(f"{_path}{key}")}
+                            if len(raw.value) else {"vr": rvr})
+                continue
+            vr = _cached_vr(raw) if len(raw.value) <= _CACHE_VALUE_MAX else None
+            if vr is not None:
+                if charset is None:
+                    charset = _charset_key(ds)
+                ckey = (tag, vr, raw.value, raw.is_little_endian, charset)
+                hit = _ELEM_CACHE.get(ckey)
+                if hit is None:
+                    try:
+                        hit = ds[tag].to_json_dict(None, 2**62)
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("element %s not representable in DICOM JSON: %s", key, exc)
+                        out[key] = {"vr": vr}
+                        continue
+                    if hit.get("vr") == vr:
+                        if len(_ELEM_CACHE) >= _ELEM_CACHE_MAX:
+                            _ELEM_CACHE.clear()
+                        _ELEM_CACHE[ckey] = hit
+                out[key] = hit
+                continue
+        elem = ds[tag]
         try:
             if elem.VR == "SQ":
                 items = [to_json(item, bulk_uri, f"{_path}{key}/{i}/")

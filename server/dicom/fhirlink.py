@@ -8,7 +8,8 @@ write transaction and writes the results with ``SqlStore.write_versions``.
   overwritten (FHIR stays the authority on demographics).
 * ImagingStudy (FHIR R4 imagingstudy.html): one per Study Instance UID, identified by
   ``{system: urn:dietf:rfc:3986, value: urn:oid:<uid>}`` (the system the R4 examples
-  use), rewritten after every stored instance from the SQL rows.
+  use), updated after every stored instance: a new instance is added to the current
+  body's instance list, anything else rebuilds it from the SQL rows.
 * Endpoint: one ``dicom-wado-rs`` endpoint for the DICOMweb base, created once.
 """
 from __future__ import annotations
@@ -141,9 +142,20 @@ def _coding(code: str) -> dict:
     return {"system": DCM_SYSTEM, "code": code}
 
 
+def instance_item(inst: dict) -> dict:
+    """The ``series.instance`` entry of one ``dicom_instance`` row."""
+    item: dict[str, Any] = {"uid": inst["sop_uid"],
+                            "sopClass": {"system": SOP_CLASS_SYSTEM,
+                                         "code": f"urn:oid:{inst['sop_class_uid']}"}}
+    if inst.get("instance_number") is not None and inst["instance_number"] >= 0:
+        item["number"] = inst["instance_number"]
+    return item
+
+
 def imaging_study_resource(res_id: str, study: dict, series: Iterable[dict],
                            instances: Iterable[dict], patient_ref: str, endpoint_ref: str | None,
-                           default_tz: str = "Z") -> dict:
+                           default_tz: str = "Z",
+                           items_by_series: dict[int, list[dict]] | None = None) -> dict:
     """An ImagingStudy from the SQL rows of one study.
 
     Args:
@@ -155,10 +167,15 @@ def imaging_study_resource(res_id: str, study: dict, series: Iterable[dict],
         patient_ref: ``Patient/<id>``.
         endpoint_ref: ``Endpoint/<id>`` or None.
         default_tz: offset for times without TimezoneOffsetFromUTC.
+        items_by_series: instead of ``instances``, the ready ``series.instance`` entries
+            per series pk, in order (the incremental update of a stored study).
     """
     by_series: dict[int, list[dict]] = {}
-    for inst in instances:
-        by_series.setdefault(inst["series_pk"], []).append(inst)
+    if items_by_series is not None:
+        by_series = items_by_series
+    else:
+        for inst in instances:
+            by_series.setdefault(inst["series_pk"], []).append(instance_item(inst))
     tz = study.get("timezone_offset")
     out_series = []
     modalities: list[str] = []
@@ -184,14 +201,7 @@ def imaging_study_resource(res_id: str, study: dict, series: Iterable[dict],
         started = fhir_datetime(se.get("series_date"), se.get("series_time"), tz, default_tz)
         if started:
             entry["started"] = started
-        entry["instance"] = []
-        for inst in insts:
-            item: dict[str, Any] = {"uid": inst["sop_uid"],
-                                    "sopClass": {"system": SOP_CLASS_SYSTEM,
-                                                 "code": f"urn:oid:{inst['sop_class_uid']}"}}
-            if inst.get("instance_number") is not None and inst["instance_number"] >= 0:
-                item["number"] = inst["instance_number"]
-            entry["instance"].append(item)
+        entry["instance"] = list(insts)
         total += len(insts)
         out_series.append(entry)
     body: dict[str, Any] = {

@@ -194,6 +194,9 @@ def parse_instance(data: bytes) -> ParsedInstance:
                                f"set's SOP Instance UID {sop_uid}")
     study_uid = _uid(ds, "StudyInstanceUID", "Study Instance UID")
     series_uid = _uid(ds, "SeriesInstanceUID", "Series Instance UID")
+    # First, while most elements are still as read: the JSON of values repeated from
+    # earlier instances comes from a cache (see dicomjson.to_json), without conversion.
+    metadata = stored_json(ds, study_uid, series_uid, sop_uid)
     warnings: list[str] = []
     pid = _text(ds, "PatientID")
     if len(pid) > 64:
@@ -237,7 +240,6 @@ def parse_instance(data: bytes) -> ParsedInstance:
                 "size": len(data), "pixel_rows": _int(ds, "Rows"),
                 "pixel_columns": _int(ds, "Columns"), "bits_allocated": _int(ds, "BitsAllocated"),
                 "number_of_frames": _int(ds, "NumberOfFrames")}
-    metadata = stored_json(ds, study_uid, series_uid, sop_uid)
     return ParsedInstance(sop_uid, sop_class, study_uid, series_uid, ts, patient, study, series,
                           instance, metadata, warnings)
 
@@ -283,6 +285,7 @@ class DicomStore:
         self.default_tz = _fhir_tz(str(cfg.get("dicom_timezone") or "Z"))
         self.public_base_url = str(cfg.get("public_base_url") or "").rstrip("/")
         self.http_port = cfg.get("http_port") or 8080
+        self._endpoint_known: str | None = None
 
     # ------------------------------------------------------------------ files
     def blob_path(self, key: str) -> Path:
@@ -360,8 +363,13 @@ class DicomStore:
                 if old is not None and old.study_pk != study_pk:
                     study_pks.append(old.study_pk)        # the instance moved to another study
                 self._refresh_counts(conn, series_pks, study_pks, now)
+                added = None
+                if old is None:           # a new instance: added to the ImagingStudy as is
+                    added = {"series_pk": series_pk, "sop_uid": parsed.sop_uid,
+                             "sop_class_uid": parsed.sop_class_uid,
+                             "instance_number": parsed.instance["instance_number"]}
                 for pk in study_pks:
-                    self._link_fhir(conn, ctx, pk)
+                    self._link_fhir(conn, ctx, pk, added)
                 if tmp.exists():          # not yet moved by an attempt whose commit failed
                     os.replace(tmp, final)
         finally:
@@ -412,6 +420,13 @@ class DicomStore:
         return row if row is not None and not row.deleted else None
 
     def _endpoint_id(self, conn, ctx: RequestContext) -> str:
+        known = self._endpoint_known
+        if known is not None and self._current(conn, "Endpoint", known) is not None:
+            return known          # one indexed read instead of a locked search
+        self._endpoint_known = res_id = self._find_or_create_endpoint(conn, ctx)
+        return res_id
+
+    def _find_or_create_endpoint(self, conn, ctx: RequestContext) -> str:
         query = _token(fhirlink.ENDPOINT_IDENTIFIER_SYSTEM, "dicomweb")
         self.sql.lock_condition(conn, f"Endpoint?identifier={query}")
         found = self.sql.match(conn, "Endpoint", [("identifier", query)])
@@ -439,18 +454,21 @@ class DicomStore:
             conn.execute(update(P).where(P.c.pk == prow.pk).values(fhir_id=res_id))
         return res_id
 
-    def _link_fhir(self, conn, ctx: RequestContext, study_pk: int) -> None:
-        """Create/update the Patient, Endpoint and ImagingStudy of one study."""
+    def _link_fhir(self, conn, ctx: RequestContext, study_pk: int, added: dict | None = None) -> None:
+        """Create/update the Patient, Endpoint and ImagingStudy of one study.
+
+        ``added`` (a new instance of this study: series_pk, sop_uid, sop_class_uid,
+        instance_number) lets the ImagingStudy be updated from its current body (the
+        instance inserted in its series' list) rather than rebuilt from every instance
+        row; whenever the current body does not match the rows' counts, or the order of
+        the new entry is not certain, it is rebuilt as before.
+        """
         study = conn.execute(select(ST).where(ST.c.pk == study_pk)).mappings().first()
         prow = conn.execute(select(P).where(P.c.pk == study["patient_pk"])).first()
         patient_id = self._patient_id(conn, prow, study["study_uid"])
         endpoint_id = self._endpoint_id(conn, ctx)
         series = conn.execute(select(SE).where(SE.c.study_pk == study_pk).order_by(
             func.coalesce(SE.c.series_number, _BIG), SE.c.pk)).mappings().all()
-        instances = conn.execute(
-            select(I.c.series_pk, I.c.sop_uid, I.c.sop_class_uid, I.c.instance_number)
-            .where(I.c.study_pk == study_pk)
-            .order_by(I.c.series_pk, func.coalesce(I.c.instance_number, _BIG), I.c.pk)).mappings().all()
         cur = self._current(conn, "ImagingStudy", study["fhir_id"])
         if cur is None:
             query = _token(fhirlink.STUDY_UID_SYSTEM, f"urn:oid:{study['study_uid']}")
@@ -459,11 +477,23 @@ class DicomStore:
                 cur = self._current(conn, "ImagingStudy", found[0][1])
         res_id = cur.res_id if cur is not None else str(uuid.uuid4())
         self.sql.lock_condition(conn, f"ImagingStudy/{res_id}")
+        old = orjson.loads(cur.body) if cur is not None else None
+        items = None
+        if added is not None and old is not None and study["fhir_id"] == res_id:
+            items = _items_with(old, study, series, added)
+        if items is None:
+            instances = conn.execute(
+                select(I.c.series_pk, I.c.sop_uid, I.c.sop_class_uid, I.c.instance_number)
+                .where(I.c.study_pk == study_pk)
+                .order_by(I.c.series_pk, func.coalesce(I.c.instance_number, _BIG), I.c.pk)
+            ).mappings().all()
+        else:
+            instances = ()
         body = fhirlink.imaging_study_resource(res_id, dict(study), [dict(s) for s in series],
                                                [dict(i) for i in instances], f"Patient/{patient_id}",
-                                               f"Endpoint/{endpoint_id}", self.default_tz)
-        if cur is not None:
-            old = orjson.loads(cur.body)
+                                               f"Endpoint/{endpoint_id}", self.default_tz,
+                                               items_by_series=items)
+        if old is not None:
             if strip_meta(old) == body:
                 if study["fhir_id"] != res_id:
                     conn.execute(update(ST).where(ST.c.pk == study_pk).values(fhir_id=res_id))
@@ -777,6 +807,44 @@ class DicomStore:
             return self.blob_path(blob_key(ref.sop_uid)).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"Instance {ref.sop_uid} is not stored") from None
+
+
+def _items_with(old: dict, study, series, added: dict) -> dict[int, list[dict]] | None:
+    """The ``series.instance`` entries per series pk of a stored ImagingStudy body plus
+    the new instance ``added`` at its place (instance number, then arrival), or None
+    when the body does not hold exactly the instances the rows count before this one."""
+    try:
+        if old.get("numberOfInstances") != study["num_instances"] - 1:
+            return None
+        by_uid = {e["uid"]: e.get("instance") or [] for e in old.get("series") or ()}
+        if len(by_uid) != len(old.get("series") or ()):
+            return None
+        out: dict[int, list[dict]] = {}
+        for se in series:
+            n = se["num_instances"] or 0
+            items = list(by_uid.pop(se["series_uid"], ()))
+            if se["pk"] == added["series_pk"]:
+                n -= 1
+            if len(items) != n:
+                return None
+            out[se["pk"]] = items
+        if by_uid or added["series_pk"] not in out:
+            return None
+        items = out[added["series_pk"]]
+        new = fhirlink.instance_item(added)
+        number = added["instance_number"]
+        if number is None:
+            items.append(new)                 # no number: after the others, by arrival
+            return out
+        if number < 0 or any(not isinstance(i.get("number"), int) for i in items):
+            return None
+        pos = len(items)
+        while pos and items[pos - 1]["number"] > number:
+            pos -= 1
+        items.insert(pos, new)
+        return out
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def _below(keyword: str, level: str) -> bool:
