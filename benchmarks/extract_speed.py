@@ -19,28 +19,13 @@ import time
 from pathlib import Path
 
 from server.fhir import extract as ex
+from server.fhir.transaction import resolve_local_references
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synthea-us-120"
 
 
 def load(path: Path) -> list[dict]:
-    bundle = json.loads(bz2.decompress(path.read_bytes()))
-    ids = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
-           for e in bundle["entry"] if "fullUrl" in e}
-
-    def fix(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "reference" and isinstance(v, str) and v in ids:
-                    node[k] = ids[v]
-                else:
-                    fix(v)
-        elif isinstance(node, list):
-            for v in node:
-                fix(v)
-    resources = [e["resource"] for e in bundle["entry"]]
-    fix(resources)
-    return resources
+    return resolve_local_references(json.loads(bz2.decompress(path.read_bytes())))
 
 
 def main() -> None:

@@ -150,6 +150,17 @@ def _walk_refs(node, mapping: dict[str, str], late: set[str], pending: list) -> 
                 _walk_refs(v, mapping, late, pending)
 
 
+def resolve_local_references(bundle: dict) -> list[dict]:
+    """The resources of a Bundle with references to entries' ``fullUrl`` rewritten to
+    ``Type/id`` (keeping the resources' own ids), as a transaction would resolve them."""
+    mapping = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
+               for e in bundle.get("entry") or [] if "fullUrl" in e and "id" in e.get("resource", {})}
+    resources = [e["resource"] for e in bundle.get("entry") or [] if "resource" in e]
+    for r in resources:
+        _walk_refs(r, mapping, set(), [])
+    return resources
+
+
 def _response(status: int, stored: StoredResource | None, with_body: bool) -> dict:
     resp = {"status": _STATUS_TEXT.get(status, str(status))}
     if stored is not None and not stored.deleted:

@@ -16,6 +16,7 @@ from fhirpathpy.models import models
 
 from server.db.schema import INDEX_COLUMNS
 from server.fhir import extract as ex
+from server.fhir.transaction import resolve_local_references
 from server.fhir.searchparams import SearchParam, registry
 
 SYNTHEA = Path(__file__).resolve().parents[5] / "shared" / "data" / "synthea-us-120"
@@ -584,23 +585,7 @@ def load_synthea_bundle(name: str) -> list[dict]:
     path = SYNTHEA / name
     if not SYNTHEA.is_dir():
         pytest.skip(f"Synthea sample data not found at {SYNTHEA} (../shared/data)")
-    bundle = json.loads(bz2.decompress(path.read_bytes()))
-    ids = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
-           for e in bundle["entry"] if "fullUrl" in e}
-
-    def fix(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "reference" and isinstance(v, str) and v in ids:
-                    node[k] = ids[v]
-                else:
-                    fix(v)
-        elif isinstance(node, list):
-            for v in node:
-                fix(v)
-    resources = [e["resource"] for e in bundle["entry"]]
-    fix(resources)
-    return resources
+    return resolve_local_references(json.loads(bz2.decompress(path.read_bytes())))
 
 
 @pytest.mark.shared_data
