@@ -48,6 +48,7 @@ from server.db.engine import begin_write, is_sqlite
 from server.dicom import attributes as A
 from server.dicom import fhirlink
 from server.dicom.dicomjson import from_stored, stored_json
+from server.fhir.extract import extract
 from server.dicom.matching import Criterion, fold, name_tokens, parse, sql_condition, time_key
 from server.dicom.source import LEVELS, InstanceRef, StoreOutcome
 from server.errors import (InsufficientStorage, InstanceRefused, InvalidRequest, InvalidResource,
@@ -498,8 +499,8 @@ class DicomStore:
                 if study["fhir_id"] != res_id:
                     conn.execute(update(ST).where(ST.c.pk == study_pk).values(fhir_id=res_id))
                 return
-        self.sql.write_versions(conn, [PendingWrite(
-            "ImagingStudy", res_id, body, "PUT" if cur is not None else "POST",
+        self.sql.write_versions(conn, [_imaging_study_write(
+            res_id, body, "PUT" if cur is not None else "POST",
             prev_pk=cur.pk if cur is not None else None,
             prev_version=cur.version if cur is not None else 0)])
         if study["fhir_id"] != res_id:
@@ -807,6 +808,49 @@ class DicomStore:
             return self.blob_path(blob_key(ref.sop_uid)).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"Instance {ref.sop_uid} is not stored") from None
+
+
+_ITEM_KEYS = frozenset({"uid", "sopClass", "number"})
+
+
+def _imaging_study_write(res_id: str, body: dict, method: str, **prev) -> PendingWrite:
+    """The version of an ImagingStudy built here, prepared with its search index.
+
+    FHIRPath extraction over every ``series.instance`` costs ~0.1 ms per instance (0.1 s
+    for a 1,000-instance study, at every stored instance). The instance entries built
+    by :func:`fhirlink.instance_item` give exactly two parameters, ``instance`` (uid)
+    and ``dicom-class`` (sopClass), so the rest of the body is extracted without them
+    and their token rows are added directly; any other shape is extracted in full.
+    """
+    pw = PendingWrite("ImagingStudy", res_id, body, method, **prev)
+    items = [i for se in body.get("series") or () for i in se.get("instance") or ()]
+    for item in items:
+        sop = item.get("sopClass")
+        if (not isinstance(item, dict) or not item.keys() <= _ITEM_KEYS
+                or not isinstance(item.get("uid"), str) or not item["uid"]
+                or not isinstance(sop, dict) or sop.keys() != {"system", "code"}
+                or not isinstance(sop["system"], str) or not isinstance(sop["code"], str)
+                or not sop["system"] or not sop["code"]):
+            return pw             # prepared (extract in full) by write_versions
+    light = {**body, "series": [{k: v for k, v in se.items() if k != "instance"}
+                                for se in body.get("series") or ()]}
+    if not light["series"]:
+        del light["series"]
+    light["id"] = res_id
+    index = extract(light)
+    tokens = list(index.get("token") or ())
+    tokens += dict.fromkeys(("dicom-class", i["sopClass"]["system"], i["sopClass"]["code"],
+                             None, None, None) for i in items)
+    tokens += dict.fromkeys(("instance", None, i["uid"], None, None, None) for i in items)
+    index["token"] = tokens
+    body["id"] = res_id
+    meta = dict(body.get("meta") or {})
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    pw.meta = meta
+    pw.rest = orjson.dumps({k: v for k, v in body.items() if k not in ("resourceType", "id", "meta")})
+    pw.index = index
+    return pw
 
 
 def _items_with(old: dict, study, series, added: dict) -> dict[int, list[dict]] | None:
