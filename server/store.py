@@ -247,7 +247,7 @@ class SqlStore:
     def _fetch_one(self, sql: str, params: tuple):
         """Hot read path: one plain SELECT on a pooled DBAPI connection (no ORM/Core
         statement building, no explicit transaction); read by id is the most frequent call."""
-        raw = self.engine.raw_connection()
+        raw = self._read_engine.raw_connection()
         try:
             cur = raw.cursor()
             cur.execute(sql, params)
@@ -256,6 +256,17 @@ class SqlStore:
         finally:
             raw.close()
         return row
+
+    @functools.cached_property
+    def _read_engine(self) -> Engine:
+        """PostgreSQL: an autocommit pool for single-statement reads, so a read by id is one
+        round trip (no BEGIN, no ROLLBACK on return to the pool). SQLite: the same engine."""
+        if is_sqlite(self.engine):
+            return self.engine
+        from sqlalchemy import create_engine
+
+        return create_engine(self.engine.url, isolation_level="AUTOCOMMIT", pool_reset_on_return=None,
+                             pool_recycle=1800, pool_size=5, max_overflow=10)
 
     @functools.cached_property
     def _read_sql(self) -> str:
