@@ -61,6 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from tests.e2e.server import synthport_command  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "synthea-us-120"
 PG_EXAMPLE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -410,16 +411,6 @@ def drop_schema(base: str, schema: str) -> None:
 
 
 # ------------------------------------------------------------------ the server
-def synthport_command() -> list[str]:
-    beside = Path(sys.executable).parent / "synthport"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("synthport")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
-
-
 class Server:
     """``synthport serve`` in its own process group (same logic as tests/e2e/server.py)."""
 
