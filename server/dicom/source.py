@@ -181,3 +181,22 @@ class StoredMetadataSource(Protocol):
             NotFound: nothing stored under these UIDs.
         """
         ...
+
+
+@runtime_checkable
+class BatchStoreSource(Protocol):
+    """Optional batch store for STOW-RS (not part of :class:`DicomSource`).
+
+    A source that can store a request's instances together (one transaction, one
+    FHIR ImagingStudy version per study per request) offers this; STOW-RS uses it when
+    present and otherwise calls :meth:`DicomSource.store_instance` per part.
+    """
+
+    def store_many(self, ctx: RequestContext, items: list[bytes]) -> list[StoreOutcome | Exception]:
+        """Store several Part 10 files; one entry per item, in order: its
+        :class:`StoreOutcome`, or the exception that refused it (a
+        :class:`server.errors.SynthportError` as :meth:`DicomSource.store_instance`
+        raises, or another exception for an unexpected failure). A refused item never
+        keeps the others from being stored.
+        """
+        ...

@@ -312,11 +312,14 @@ class DicomStore:
     def store_instance(self, ctx: RequestContext, data: bytes) -> StoreOutcome:
         """Store one Part 10 file (see :meth:`DicomSource.store_instance`)."""
         parsed = parse_instance(bytes(data))
+        return self._store_parsed(ctx, parsed, data)
+
+    def _store_parsed(self, ctx: RequestContext, parsed: ParsedInstance, data: bytes) -> StoreOutcome:
         tmp, final = self._write_temp(blob_key(parsed.sop_uid), data)
         try:
             for attempt in range(3):
                 try:
-                    replaced = self._store_rows(ctx, parsed, tmp, final)
+                    replaced = self._store_rows(ctx, [(parsed, tmp, final)])[0]
                     break
                 except (IntegrityError, OperationalError) as exc:
                     # A concurrent first store of the same patient/series on PostgreSQL
@@ -327,55 +330,141 @@ class DicomStore:
         finally:
             if tmp.exists():
                 tmp.unlink(missing_ok=True)
-        return StoreOutcome(parsed.sop_class_uid, parsed.sop_uid, parsed.study_uid,
-                            parsed.series_uid, replaced,
-                            "; ".join(parsed.warnings) if parsed.warnings else None)
+        return _outcome(parsed, replaced)
 
-    def _store_rows(self, ctx: RequestContext, parsed: ParsedInstance, tmp: Path, final: Path) -> bool:
+    def store_many(self, ctx: RequestContext, items: list[bytes]) -> list[StoreOutcome | Exception]:
+        """Store several Part 10 files (see :class:`server.dicom.source.BatchStoreSource`).
+
+        Every part is parsed and validated first (a part that fails gets its error at
+        its place in the result, the others go on). The good ones are written in ONE
+        SQL transaction: their DICOM rows, then each affected study's Patient and
+        ImagingStudy once (one ImagingStudy version per study per call). When that
+        transaction fails, the good parts are stored one by one with the single-instance
+        path, so each gets its own outcome or reason.
+
+        Files: as in :meth:`store_instance`, each is written to a temporary name first
+        and moved into place with ``os.replace`` just before the commit; a commit that
+        fails after the moves may leave a blob file whose row never committed (an
+        orphan, or the new bytes of an instance whose old row stays: the same window
+        :meth:`store_instance` has). The per-instance fallback rewrites them.
+
+        Returns:
+            One entry per item, in order: a :class:`StoreOutcome`, or the exception
+            (a :class:`server.errors.SynthportError`, or another exception for an
+            unexpected failure) that refused it.
+        """
+        results: list[StoreOutcome | Exception | None] = [None] * len(items)
+        good: list[tuple[int, ParsedInstance, bytes]] = []
+        for i, data in enumerate(items):
+            try:
+                good.append((i, parse_instance(bytes(data)), data))
+            except Exception as exc:  # noqa: BLE001 - one bad part never fails the others
+                results[i] = exc
+        staged: list[tuple[int, ParsedInstance, bytes, Path, Path]] = []
+        try:
+            for i, parsed, data in good:
+                try:
+                    tmp, final = self._write_temp(blob_key(parsed.sop_uid), data)
+                except Exception as exc:  # noqa: BLE001
+                    results[i] = exc
+                    continue
+                staged.append((i, parsed, data, tmp, final))
+            if len(staged) > 1:
+                try:
+                    replaced = self._store_rows(ctx, [(p, t, f) for _, p, _, t, f in staged])
+                except Exception as exc:  # noqa: BLE001 - reported per instance below
+                    log.info("batch store of %d instances failed (%s: %s); storing one by one",
+                             len(staged), type(exc).__name__, exc)
+                else:
+                    for (i, parsed, *_), rep in zip(staged, replaced):
+                        results[i] = _outcome(parsed, rep)
+                    staged = []
+        finally:
+            for *_, tmp, _final in staged:
+                if tmp.exists():
+                    tmp.unlink(missing_ok=True)
+        for i, parsed, data, _tmp, _final in staged:
+            try:
+                results[i] = self._store_parsed(ctx, parsed, data)
+            except Exception as exc:  # noqa: BLE001
+                results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def _store_rows(self, ctx: RequestContext,
+                    batch: list[tuple[ParsedInstance, Path, Path]]) -> list[bool]:
+        """Write the rows of ``batch`` (parsed, temp file, final path), refresh the counts
+        and link each affected study to FHIR once, all in one transaction; move the
+        files into place just before the commit. Returns, per item, whether it replaced
+        a stored instance."""
         now = time.time()
         conn = begin_write(self.engine)
         try:
             with conn.begin():
-                pquery = _token(*fhirlink.patient_identifier(
-                    self.patient_system, parsed.patient["patient_id"], parsed.study_uid))
-                self.sql.lock_condition(conn, f"Patient?identifier={pquery}")
-                squery = _token(fhirlink.STUDY_UID_SYSTEM, f"urn:oid:{parsed.study_uid}")
-                self.sql.lock_condition(conn, f"ImagingStudy?identifier={squery}")
-
-                old = conn.execute(select(I.c.pk, I.c.series_pk, I.c.study_pk, I.c.sop_class_uid)
-                                   .where(I.c.sop_uid == parsed.sop_uid)).first()
-                if old is not None and old.sop_class_uid != parsed.sop_class_uid:
-                    raise SopClassMismatch(
-                        f"SOP Instance {parsed.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
-                        f"not {parsed.sop_class_uid}")
-                patient_pk = self._upsert(conn, P, "patient_id", parsed.patient, now)
-                study_pk = self._upsert(conn, ST, "study_uid",
-                                        {**parsed.study, "patient_pk": patient_pk}, now)
-                series_pk = self._upsert(conn, SE, "series_uid",
-                                         {**parsed.series, "study_pk": study_pk}, now)
-                row = {**parsed.instance, "series_pk": series_pk, "study_pk": study_pk,
-                       "blob_key": blob_key(parsed.sop_uid), "metadata": parsed.metadata}
-                if old is None:
-                    conn.execute(insert(I).values(**row, updated=now))
-                else:
-                    conn.execute(update(I).where(I.c.pk == old.pk).values(**row, updated=now))
-                series_pks = {series_pk} | ({old.series_pk} if old is not None else set())
-                study_pks = [study_pk]
-                if old is not None and old.study_pk != study_pk:
-                    study_pks.append(old.study_pk)        # the instance moved to another study
+                # Locks in one global order (every Patient key, then every study key,
+                # sorted) so that concurrent batches cannot deadlock.
+                pkeys = {_token(*fhirlink.patient_identifier(
+                    self.patient_system, p.patient["patient_id"], p.study_uid)) for p, _, _ in batch}
+                skeys = {_token(fhirlink.STUDY_UID_SYSTEM, f"urn:oid:{p.study_uid}")
+                         for p, _, _ in batch}
+                for key in sorted(pkeys):
+                    self.sql.lock_condition(conn, f"Patient?identifier={key}")
+                for key in sorted(skeys):
+                    self.sql.lock_condition(conn, f"ImagingStudy?identifier={key}")
+                replaced: list[bool] = []
+                series_pks: set[int] = set()
+                study_pks: list[int] = []
+                added: dict[int, list[dict] | None] = {}   # study pk -> new instances, or
+                for parsed, _tmp, _final in batch:         # None: rebuild from the rows
+                    old, series_pk, study_pk = self._instance_rows(conn, parsed, now)
+                    replaced.append(old is not None)
+                    series_pks.add(series_pk)
+                    pks = [study_pk]
+                    if old is not None:
+                        series_pks.add(old.series_pk)
+                        if old.study_pk != study_pk:
+                            pks.append(old.study_pk)   # the instance moved to another study
+                    for pk in pks:
+                        if pk not in study_pks:
+                            study_pks.append(pk)
+                            added[pk] = []
+                        if old is not None:
+                            added[pk] = None
+                        elif added[pk] is not None:
+                            added[pk].append({"series_pk": series_pk, "sop_uid": parsed.sop_uid,
+                                              "sop_class_uid": parsed.sop_class_uid,
+                                              "instance_number": parsed.instance["instance_number"]})
                 self._refresh_counts(conn, series_pks, study_pks, now)
-                added = None
-                if old is None:           # a new instance: added to the ImagingStudy as is
-                    added = {"series_pk": series_pk, "sop_uid": parsed.sop_uid,
-                             "sop_class_uid": parsed.sop_class_uid,
-                             "instance_number": parsed.instance["instance_number"]}
                 for pk in study_pks:
-                    self._link_fhir(conn, ctx, pk, added)
-                if tmp.exists():          # not yet moved by an attempt whose commit failed
-                    os.replace(tmp, final)
+                    self._link_fhir(conn, ctx, pk, added[pk])
+                for _parsed, tmp, final in batch:
+                    if tmp.exists():      # not yet moved by an attempt whose commit failed
+                        os.replace(tmp, final)
         finally:
             conn.close()
-        return old is not None
+        return replaced
+
+    def _instance_rows(self, conn, parsed: ParsedInstance, now: float):
+        """Upsert the patient, study, series and instance rows of one instance (the
+        caller holds its locks). Returns (the previous instance row or None, series pk,
+        study pk)."""
+        old = conn.execute(select(I.c.pk, I.c.series_pk, I.c.study_pk, I.c.sop_class_uid)
+                           .where(I.c.sop_uid == parsed.sop_uid)).first()
+        if old is not None and old.sop_class_uid != parsed.sop_class_uid:
+            raise SopClassMismatch(
+                f"SOP Instance {parsed.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
+                f"not {parsed.sop_class_uid}")
+        patient_pk = self._upsert(conn, P, "patient_id", parsed.patient, now)
+        study_pk = self._upsert(conn, ST, "study_uid",
+                                {**parsed.study, "patient_pk": patient_pk}, now)
+        series_pk = self._upsert(conn, SE, "series_uid",
+                                 {**parsed.series, "study_pk": study_pk}, now)
+        row = {**parsed.instance, "series_pk": series_pk, "study_pk": study_pk,
+               "blob_key": blob_key(parsed.sop_uid), "metadata": parsed.metadata}
+        if old is None:
+            conn.execute(insert(I).values(**row, updated=now))
+        else:
+            conn.execute(update(I).where(I.c.pk == old.pk).values(**row, updated=now))
+        return old, series_pk, study_pk
 
     def _upsert(self, conn, table, key: str, values: dict, now: float) -> int:
         """Insert a row, or update the existing one with the values that are not empty
@@ -455,14 +544,16 @@ class DicomStore:
             conn.execute(update(P).where(P.c.pk == prow.pk).values(fhir_id=res_id))
         return res_id
 
-    def _link_fhir(self, conn, ctx: RequestContext, study_pk: int, added: dict | None = None) -> None:
+    def _link_fhir(self, conn, ctx: RequestContext, study_pk: int,
+                   added: list[dict] | None = None) -> None:
         """Create/update the Patient, Endpoint and ImagingStudy of one study.
 
-        ``added`` (a new instance of this study: series_pk, sop_uid, sop_class_uid,
-        instance_number) lets the ImagingStudy be updated from its current body (the
-        instance inserted in its series' list) rather than rebuilt from every instance
-        row; whenever the current body does not match the rows' counts, or the order of
-        the new entry is not certain, it is rebuilt as before.
+        ``added`` (the instances new to this study in this transaction, in arrival
+        order: series_pk, sop_uid, sop_class_uid, instance_number) lets the ImagingStudy
+        be updated from its current body (each instance inserted in its series' list)
+        rather than rebuilt from every instance row; whenever the current body does not
+        match the rows' counts, or the order of a new entry is not certain, it is
+        rebuilt as before.
         """
         study = conn.execute(select(ST).where(ST.c.pk == study_pk)).mappings().first()
         prow = conn.execute(select(P).where(P.c.pk == study["patient_pk"])).first()
@@ -480,7 +571,7 @@ class DicomStore:
         self.sql.lock_condition(conn, f"ImagingStudy/{res_id}")
         old = orjson.loads(cur.body) if cur is not None else None
         items = None
-        if added is not None and old is not None and study["fhir_id"] == res_id:
+        if added and old is not None and study["fhir_id"] == res_id:
             items = _items_with(old, study, series, added)
         if items is None:
             instances = conn.execute(
@@ -853,42 +944,51 @@ def _imaging_study_write(res_id: str, body: dict, method: str, **prev) -> Pendin
     return pw
 
 
-def _items_with(old: dict, study, series, added: dict) -> dict[int, list[dict]] | None:
+def _items_with(old: dict, study, series, added: list[dict]) -> dict[int, list[dict]] | None:
     """The ``series.instance`` entries per series pk of a stored ImagingStudy body plus
-    the new instance ``added`` at its place (instance number, then arrival), or None
-    when the body does not hold exactly the instances the rows count before this one."""
+    the new instances ``added`` (in arrival order) at their places (instance number,
+    then arrival), or None when the body does not hold exactly the instances the rows
+    count before these ones."""
     try:
-        if old.get("numberOfInstances") != study["num_instances"] - 1:
+        if old.get("numberOfInstances") != study["num_instances"] - len(added):
             return None
         by_uid = {e["uid"]: e.get("instance") or [] for e in old.get("series") or ()}
         if len(by_uid) != len(old.get("series") or ()):
             return None
+        new_per_series: dict[int, int] = {}
+        for a in added:
+            new_per_series[a["series_pk"]] = new_per_series.get(a["series_pk"], 0) + 1
         out: dict[int, list[dict]] = {}
         for se in series:
-            n = se["num_instances"] or 0
+            n = (se["num_instances"] or 0) - new_per_series.get(se["pk"], 0)
             items = list(by_uid.pop(se["series_uid"], ()))
-            if se["pk"] == added["series_pk"]:
-                n -= 1
             if len(items) != n:
                 return None
             out[se["pk"]] = items
-        if by_uid or added["series_pk"] not in out:
+        if by_uid or not new_per_series.keys() <= out.keys():
             return None
-        items = out[added["series_pk"]]
-        new = fhirlink.instance_item(added)
-        number = added["instance_number"]
-        if number is None:
-            items.append(new)                 # no number: after the others, by arrival
-            return out
-        if number < 0 or any(not isinstance(i.get("number"), int) for i in items):
-            return None
-        pos = len(items)
-        while pos and items[pos - 1]["number"] > number:
-            pos -= 1
-        items.insert(pos, new)
+        for a in added:
+            items = out[a["series_pk"]]
+            new = fhirlink.instance_item(a)
+            number = a["instance_number"]
+            if number is None:
+                items.append(new)             # no number: after the others, by arrival
+                continue
+            if number < 0 or any(not isinstance(i.get("number"), int) for i in items):
+                return None
+            pos = len(items)
+            while pos and items[pos - 1]["number"] > number:
+                pos -= 1
+            items.insert(pos, new)
         return out
     except (KeyError, TypeError, AttributeError):
         return None
+
+
+def _outcome(parsed: ParsedInstance, replaced: bool) -> StoreOutcome:
+    return StoreOutcome(parsed.sop_class_uid, parsed.sop_uid, parsed.study_uid,
+                        parsed.series_uid, replaced,
+                        "; ".join(parsed.warnings) if parsed.warnings else None)
 
 
 def _below(keyword: str, level: str) -> bool:

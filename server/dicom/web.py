@@ -22,7 +22,8 @@ from server.dicom import multipart as M
 from server.dicom import pixels
 from server.dicom.dicomjson import absolutize, datasets_json
 from server.dicom.matching import is_universal
-from server.dicom.source import DicomSource, InstanceRef, StoredMetadataSource
+from server.dicom.source import (BatchStoreSource, DicomSource, InstanceRef, StoreOutcome,
+                                 StoredMetadataSource)
 from server.errors import (DIMSE_PROCESSING_FAILURE, InvalidRequest, InvalidResource, NotAcceptable,
                            NotFound, StudyMismatch, SynthportError, UnsupportedMediaType, describe)
 from server.source import RequestContext
@@ -232,27 +233,48 @@ def stow(source: DicomSource, ctx: RequestContext, content_type: str | None, bod
         raise UnsupportedMediaType(f"Content-Type '{content_type}' is not supported; send "
                                    "multipart/related; type=\"application/dicom\"")
     stored, failed, headers, studies = [], [], [], []
-    for part_type, data in parts:
-        head = _peek(data)
-        sop_class = str(head.get("SOPClassUID", "") or "")
-        sop_uid = str(head.get("SOPInstanceUID", "") or "")
+    heads = [_peek(data) for _, data in parts]
+    results: list[StoreOutcome | Exception | None] = [None] * len(parts)
+    todo: list[int] = []
+    for i, (part_type, data) in enumerate(parts):
+        head = heads[i]
         try:
             if part_type is not None and part_type.mime not in ("application/dicom", "*/*"):
                 raise InvalidResource(f"Part of type '{part_type.mime}' is not application/dicom")
             if study is not None and str(head.get("StudyInstanceUID", "")) not in ("", study):
-                raise StudyMismatch(f"Instance {sop_uid} belongs to study "
+                raise StudyMismatch(f"Instance {head.get('SOPInstanceUID', '')} belongs to study "
                                     f"{head.get('StudyInstanceUID')}, not {study}")
-            outcome = source.store_instance(ctx, data)
         except SynthportError as err:
-            info = describe(err)
+            results[i] = err
+            continue
+        todo.append(i)
+    if isinstance(source, BatchStoreSource) and len(todo) > 1:
+        try:
+            batch = source.store_many(ctx, [parts[i][1] for i in todo])
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its parts, not the request
+            batch = [exc] * len(todo)
+        for i, res in zip(todo, batch):
+            results[i] = res
+    else:
+        for i in todo:
+            try:
+                results[i] = source.store_instance(ctx, parts[i][1])
+            except Exception as exc:  # noqa: BLE001 - one bad part never fails the others
+                results[i] = exc
+    for head, res in zip(heads, results):
+        sop_class = str(head.get("SOPClassUID", "") or "")
+        sop_uid = str(head.get("SOPInstanceUID", "") or "")
+        if isinstance(res, SynthportError):
+            info = describe(res)
             failed.append((sop_class, sop_uid, info.dimse_status))
-            headers.append(warning_header(f"{sop_uid or 'part'}: {err.message}"))
+            headers.append(warning_header(f"{sop_uid or 'part'}: {res.message}"))
             continue
-        except Exception as exc:  # noqa: BLE001 - one bad part never fails the others
-            log.exception("STOW-RS: storing %s failed", sop_uid or "a part")
+        if not isinstance(res, StoreOutcome):
+            log.error("STOW-RS: storing %s failed", sop_uid or "a part", exc_info=res)
             failed.append((sop_class, sop_uid, DIMSE_PROCESSING_FAILURE))
-            headers.append(warning_header(f"{sop_uid or 'part'}: internal error {type(exc).__name__}"))
+            headers.append(warning_header(f"{sop_uid or 'part'}: internal error {type(res).__name__}"))
             continue
+        outcome = res
         stored.append(outcome)
         if outcome.study_uid not in studies:
             studies.append(outcome.study_uid)

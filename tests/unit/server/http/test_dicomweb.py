@@ -10,7 +10,11 @@ import pydicom
 import pytest
 from PIL import Image
 
+from sqlalchemy import select
+
 from server.app import create_app
+from server.db.engine import begin_write
+from server.dicom.store import ST
 from server.dicom.multipart import parse_media_type, split_multipart
 from tests.unit.server.dicom.factory import dataset, instance, multipart, part10, series_of
 
@@ -354,3 +358,77 @@ def test_fhir_sees_the_stowed_study(client, ct_study):
     r = client.get(f"/fhir/ImagingStudy?patient={res['subject']['reference']}&modality=CT&started=2024-03-15")
     assert len(r.get_json(force=True)["entry"]) == 1
     assert re.match(r"^\d{4}-\d{2}-\d{2}", res["started"])
+
+
+# --------------------------------------------------------------------------- STOW-RS batches
+def _imaging_study(client, study: str) -> dict:
+    [entry] = client.get(f"/fhir/ImagingStudy?identifier=urn:oid:{study}").get_json(force=True)["entry"]
+    return entry["resource"]
+
+
+def _instance_uids(res: dict) -> list[list[str]]:
+    return [[i["uid"] for i in se["instance"]] for se in res["series"]]
+
+
+def test_stow_batch_gives_one_imaging_study_version_per_request(client):
+    study, series, files = series_of(5)
+    files = [files[3], files[0], files[4], files[2], files[1]]        # out of order
+    r = stow(client, files)
+    assert r.status_code == 200, r.data
+    res = _imaging_study(client, study)
+    assert res["meta"]["versionId"] == "1"
+    assert res["numberOfInstances"] == 5
+    assert [i["number"] for i in res["series"][0]["instance"]] == [1, 2, 3, 4, 5]
+    # A second request to the study that exists: one more version, the new instances
+    # in place (another series, and numbers between the stored ones in the first).
+    _, series2, more = series_of(2, study=study)
+    extra = [instance(study=study, series=series, InstanceNumber=n) for n in (0, 3)]
+    r = stow(client, more + extra)
+    assert r.status_code == 200, r.data
+    res = _imaging_study(client, study)
+    assert res["meta"]["versionId"] == "2"
+    assert res["numberOfInstances"] == 9 and res["numberOfSeries"] == 2
+    by_uid = {se["uid"]: se for se in res["series"]}
+    assert [i["number"] for i in by_uid[series]["instance"]] == [0, 1, 2, 3, 3, 4, 5]
+    assert by_uid[series]["instance"][4]["uid"] == pydicom.dcmread(io.BytesIO(extra[1])).SOPInstanceUID
+    assert len(by_uid[series2]["instance"]) == 2
+    history = client.get(f"/fhir/ImagingStudy/{res['id']}/_history").get_json(force=True)
+    assert len(history["entry"]) == 2
+    # The incrementally built body equals the one rebuilt from the rows (no new version).
+    store = client.application.extensions["synthport"]["dicom"]
+    conn = begin_write(store.engine)
+    with conn.begin():
+        pk = conn.execute(select(ST.c.pk).where(ST.c.study_uid == study)).scalar_one()
+        store._link_fhir(conn, None, pk, None)
+    conn.close()
+    assert _imaging_study(client, study)["meta"]["versionId"] == "2"
+
+
+def test_stow_batch_partial_failure_stores_the_good_ones(client):
+    study, series, files = series_of(3)
+    r = stow(client, [files[0], b"this is not a DICOM file at all" * 10, files[1], files[2]])
+    assert r.status_code == 202, r.data
+    body = r.get_json(force=True)
+    assert len(body["00081199"]["Value"]) == 3
+    assert len(body["00081198"]["Value"]) == 1
+    res = _imaging_study(client, study)
+    assert res["meta"]["versionId"] == "1" and res["numberOfInstances"] == 3
+
+
+def test_stow_batch_falls_back_to_one_by_one_when_the_transaction_fails(client):
+    stored = dataset()
+    assert stow(client, [part10(stored)]).status_code == 200
+    # Same SOP Instance UID with another SOP class: refused inside the transaction, so
+    # the batch is rolled back and stored one by one; the others still get stored.
+    clash = dataset("MR_small.dcm", study=stored.StudyInstanceUID, sop=stored.SOPInstanceUID)
+    study, series, files = series_of(2)
+    r = stow(client, [files[0], part10(clash), files[1]])
+    assert r.status_code == 202, r.data
+    body = r.get_json(force=True)
+    assert len(body["00081199"]["Value"]) == 2
+    [failed] = body["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [stored.SOPInstanceUID]
+    assert "SOP Class" in r.headers["Warning"]
+    res = _imaging_study(client, study)
+    assert res["numberOfInstances"] == 2 and res["meta"]["versionId"] == "2"   # one by one
+    assert client.get(url_of(stored), headers={"Accept": DICOM_ACCEPT}).status_code == 200
