@@ -61,6 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from server.loader import rate_windows  # noqa: E402
 from tests.e2e.server import synthport_command  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "synthea-us-120"
@@ -198,28 +199,8 @@ class Meter:
 
 
 def windows(marks: list[tuple[float, int]], t0: float) -> tuple[float | None, float | None]:
-    """Rate over the first and the last tenth of the resources (completion order).
-
-    Same definition as ``server.loader._windows``: first = resources up to the completion
-    that crossed 10 % divided by the time from the start; last = resources after the last
-    completion at or below 90 % divided by the time from that completion to the end.
-    """
-    total = sum(n for _, n in marks)
-    if total <= 0:
-        return None, None
-    points, cum = [], 0
-    for t, n in sorted(marks):
-        cum += n
-        points.append((t, cum))
-    first = next((c / max(t - t0, 1e-9) for t, c in points if c >= 0.1 * total), None)
-    start_t, start_c = t0, 0
-    for t, c in points:
-        if c <= 0.9 * total:
-            start_t, start_c = t, c
-        else:
-            break
-    last = (total - start_c) / max(points[-1][0] - start_t, 1e-9)
-    return first, last
+    """Rate over the first and the last tenth of the resources (the loader's definition)."""
+    return rate_windows(marks, t0)
 
 
 # ------------------------------------------------------------------ stores (SQLite / PostgreSQL)

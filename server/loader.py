@@ -551,8 +551,11 @@ def _run_task(task: tuple) -> dict:
 
 
 # ---------------------------------------------------------------------- parent side
-def _windows(marks: list[tuple[float, int]], t0: float) -> tuple[float | None, float | None]:
-    """Rate over the first and the last tenth of the resources (completion order)."""
+def rate_windows(marks: list[tuple[float, int]], t0: float) -> tuple[float | None, float | None]:
+    """Rate over the first and the last tenth of the resources (completion order): first =
+    resources up to the completion that crossed 10 % over the time since ``t0``; last =
+    resources after the last completion at or below 90 % over the time from it to the end."""
+    marks = sorted(marks)
     total = sum(n for _, n in marks)
     if total <= 0 or not marks:
         return None, None
@@ -642,7 +645,7 @@ def load_paths(cfg, paths: list[str], jobs: int | None = None, progress: bool = 
     report.files_failed = sum(1 for v in file_failed.values() if v)
     report.files_ok = len(file_failed) - report.files_failed
     report.files_skipped = planner.skipped
-    report.first_rate, report.last_rate = _windows(marks, t0)
+    report.first_rate, report.last_rate = rate_windows(marks, t0)
 
     _echo(report.summary())
     if report.first_rate is not None:

@@ -283,12 +283,12 @@ def test_split_bundle_drops_outcomes_and_duplicates():
 def test_rate_windows():
     # 10 completions of 10 resources, one per second after t0=0: 10 resources/s throughout
     marks = [(float(i), 10) for i in range(1, 11)]
-    assert loader._windows(marks, 0.0) == pytest.approx((10.0, 10.0))
+    assert loader.rate_windows(marks, 0.0) == pytest.approx((10.0, 10.0))
     # the last tenth took 10 s instead of 1 s: slower at the end
     marks[-1] = (19.0, 10)
-    first, last = loader._windows(marks, 0.0)
+    first, last = loader.rate_windows(marks, 0.0)
     assert first == pytest.approx(10.0) and last == pytest.approx(1.0)
-    assert loader._windows([], 0.0) == (None, None)
+    assert loader.rate_windows([], 0.0) == (None, None)
 
 
 def test_phase_names():
