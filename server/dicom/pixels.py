@@ -216,6 +216,15 @@ def _first(value) -> float | None:
         return None
 
 
+def _leading_numbers(text: str, conv, what: str, expected: str) -> tuple[list[str], tuple]:
+    """Split a comma list and convert its first two items; 400 with the expected form if not."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        return parts, (conv(parts[0]), conv(parts[1]))
+    except (ValueError, IndexError):
+        raise InvalidRequest(f"Invalid {what} '{text}' (expected {expected})") from None
+
+
 def parse_window(text: str | None) -> tuple[float, float, str] | None:
     """``window=center,width[,function]`` (PS3.18 §8.3.5.1.4).
 
@@ -224,11 +233,7 @@ def parse_window(text: str | None) -> tuple[float, float, str] | None:
     """
     if not text:
         return None
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        center, width = float(parts[0]), float(parts[1])
-    except (ValueError, IndexError):
-        raise InvalidRequest(f"Invalid window '{text}' (expected center,width[,function])") from None
+    parts, (center, width) = _leading_numbers(text, float, "window", "center,width[,function]")
     function = parts[2].upper() if len(parts) > 2 and parts[2] else "LINEAR"
     if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID") or width <= 0:
         raise InvalidRequest(f"Invalid window '{text}'")
@@ -243,11 +248,7 @@ def parse_viewport(text: str | None) -> tuple[int, int] | None:
     """
     if not text:
         return None
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        vw, vh = int(parts[0]), int(parts[1])
-    except (ValueError, IndexError):
-        raise InvalidRequest(f"Invalid viewport '{text}' (expected width,height)") from None
+    _, (vw, vh) = _leading_numbers(text, int, "viewport", "width,height")
     if vw < 1 or vh < 1 or vw > 8192 or vh > 8192:
         raise InvalidRequest(f"Invalid viewport '{text}'")
     return vw, vh
