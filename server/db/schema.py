@@ -199,3 +199,43 @@ dicom_instance = Table(
 )
 
 DICOM_TABLES = ("dicom_patient", "dicom_study", "dicom_series", "dicom_instance")
+
+
+# --------------------------------------------------------------------------- terminology
+# Bulk concept storage for large imported code systems (server/terminology/, migration
+# 0003, docs/adr/0005-terminology-storage.md). The CodeSystem resource itself stays in
+# ``resource`` (``content: not-present``); these rows hold its concepts and is-a edges,
+# keyed by the code system row so (system, code) lookups are one index probe. Small
+# CodeSystems POSTed with inline concepts have no rows here.
+term_codesystem = Table(
+    "term_codesystem", metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("url", String(512), nullable=False),
+    Column("version", String(128), nullable=False, default=""),   # "" = no version
+    Column("res_id", String(64), nullable=False),                 # the CodeSystem resource
+    Column("name", String(256), nullable=False, default=""),
+    Column("concept_count", Integer, nullable=False, default=0),
+    Column("updated", Float, nullable=False),                     # epoch s; cache generation
+    Index("ux_term_codesystem_url_version", "url", "version", unique=True),
+)
+
+term_concept = Table(
+    "term_concept", metadata,
+    Column("cs_pk", BigInteger, nullable=False),
+    Column("code", String(256), nullable=False),
+    Column("display", Text, nullable=True),
+    Column("inactive", Boolean, nullable=False, default=False),
+    Column("data", LargeBinary, nullable=True),    # JSON: {"designations": [...], "properties": [...]}
+    Index("ux_term_concept_cs_code", "cs_pk", "code", unique=True),
+)
+
+term_parent = Table(
+    "term_parent", metadata,
+    Column("cs_pk", BigInteger, nullable=False),
+    Column("child", String(256), nullable=False),
+    Column("parent", String(256), nullable=False),
+    Index("ix_term_parent_child", "cs_pk", "child", "parent"),
+    Index("ix_term_parent_parent", "cs_pk", "parent", "child"),
+)
+
+TERMINOLOGY_TABLES = ("term_codesystem", "term_concept", "term_parent")
