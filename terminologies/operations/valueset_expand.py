@@ -1,7 +1,92 @@
 """ValueSet/$expand (FHIR R4 §4.9.18.1)."""
 from __future__ import annotations
 
+import datetime as _dt
+import json
+import threading
+import uuid
+from collections import OrderedDict
+
+from ..errors import InvalidRequest, TooCostly
 from ..provider import TerminologyProvider
+from ._compose import Entry, Expander, resolve_value_set
+from .parameters import as_bool, as_int
+
+_CACHE_MAX = 128
+_lock = threading.Lock()
+# key -> (provider, entries, versions, code set); the provider is kept alive so
+# its id() is not reused by another object while the entry lives.
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Drop every cached expansion."""
+    with _lock:
+        _cache.clear()
+
+
+def _cache_key(provider: TerminologyProvider, vs: dict | None, url: str | None, version: str | None) -> tuple:
+    rev = getattr(provider, "revision", None)
+    if vs is None:
+        return (id(provider), rev, "url", url, version)
+    # An inline value set is keyed by its content: the same url may be edited.
+    return (id(provider), rev, "inline", json.dumps(vs, sort_keys=False, default=str))
+
+
+def _evaluate(provider: TerminologyProvider, valueset: dict | None, url: str | None,
+              version: str | None) -> tuple[dict, list[Entry], list[str], set[tuple[str, str]] | None, tuple]:
+    if valueset is None:
+        if not url:
+            raise InvalidRequest("$expand needs a valueSet or a url")
+        url, _, v = url.partition("|")
+        version = version or v or None
+    key = _cache_key(provider, valueset, url, version)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit[1], hit[2], hit[3], hit[4], key
+    vs = valueset if valueset is not None else resolve_value_set(provider, url, version)
+    if not isinstance(vs, dict) or vs.get("resourceType") != "ValueSet":
+        raise InvalidRequest("expected a ValueSet resource")
+    ex = Expander(provider)
+    top = vs.get("url")
+    entries = ex.entries(vs, (top,) if top else ())
+    versions = sorted({f"{cs.url}|{cs.version}" for cs in ex.used_systems.values() if cs is not None and cs.version})
+    with _lock:
+        _cache[key] = (provider, vs, entries, versions, None)
+        while len(_cache) > _CACHE_MAX:
+            _cache.popitem(last=False)
+    return vs, entries, versions, None, key
+
+
+def expand_codes(provider: TerminologyProvider, valueset_or_url: dict | str) -> set[tuple[str, str]]:
+    """Every ``(system, code)`` of a value set (no paging, no limit), cached.
+
+    The cache key is the value set's url + version (``url|version`` accepted) and
+    ``provider.revision`` when present; an inline value set is keyed by its content.
+    Used by the search modifiers ``:in`` / ``:not-in``. Do not mutate the result.
+    """
+    if isinstance(valueset_or_url, str):
+        vs, entries, _, codes, key = _evaluate(provider, None, valueset_or_url, None)
+    else:
+        vs, entries, _, codes, key = _evaluate(provider, valueset_or_url, None, None)
+    if codes is None:
+        codes = {(e.system, e.code) for e in entries}
+        with _lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache[key] = hit[:4] + (codes,)
+    return codes
+
+
+def _matches_text(e: Entry, words: list[str]) -> bool:
+    texts = [e.code.casefold()]
+    if e.display:
+        texts.append(e.display.casefold())
+    if e.concept is not None:
+        texts.extend(d.value.casefold() for d in e.concept.designations)
+    return all(any(w in t for t in texts) for w in words)
 
 
 def expand(provider: TerminologyProvider, valueset: dict | None = None, url: str | None = None,
@@ -15,25 +100,65 @@ def expand(provider: TerminologyProvider, valueset: dict | None = None, url: str
     ``not-in``, ``generalizes``, ``exists``) and by ``valueSet`` import; text
     ``filter`` (case-insensitive, every word must occur in the display, a designation
     or the code); ``count``/``offset`` paging (``expansion.total`` is the full size);
-    ``activeOnly``; ``includeDesignations``.
+    ``activeOnly``; ``includeDesignations``. A value set without compose but with an
+    expansion (pre-expanded) is paged and filtered as stored.
 
     Raises:
         InvalidRequest, UnknownValueSet, UnknownSystem,
         TooCostly: the page to return holds more than ``max_size`` codes.
     """
-    raise NotImplementedError
-
-
-def expand_codes(provider: TerminologyProvider, valueset_or_url: dict | str) -> set[tuple[str, str]]:
-    """Every ``(system, code)`` of a value set (no paging, no limit), cached.
-
-    The cache key is the value set's url + version (``url|version`` accepted) and
-    ``provider.revision`` when present; an inline value set without url is not cached.
-    Used by the search modifiers ``:in`` / ``:not-in``. Do not mutate the result.
-    """
-    raise NotImplementedError
-
-
-def clear_cache() -> None:
-    """Drop every cached expansion."""
-    raise NotImplementedError
+    offset = as_int(offset or 0, "offset")
+    count = None if count is None else as_int(count, "count")
+    active_only = as_bool(active_only, "activeOnly")
+    include_designations = as_bool(include_designations, "includeDesignations")
+    vs, entries, versions, _, _ = _evaluate(provider, valueset, url, version)
+    if active_only:
+        entries = [e for e in entries if not e.inactive]
+    if filter:
+        words = filter.casefold().split()
+        entries = [e for e in entries if _matches_text(e, words)]
+    total = len(entries)
+    end = total if count is None else min(total, offset + count)
+    page = entries[offset:end]
+    if len(page) > max_size:
+        raise TooCostly(f"The expansion of ValueSet {vs.get('url') or '(inline)'} has {total} codes, "
+                        f"more than the limit of {max_size}; use count/offset or a text filter")
+    contains = []
+    for e in page:
+        item: dict = {"system": e.system}
+        if e.version:
+            item["version"] = e.version
+        if e.inactive:
+            item["inactive"] = True
+        item["code"] = e.code
+        if e.display is not None:
+            item["display"] = e.display
+        if include_designations and e.concept is not None and e.concept.designations:
+            item["designation"] = [d.to_json() for d in e.concept.designations]
+        contains.append(item)
+    params: list[dict] = []
+    if filter:
+        params.append({"name": "filter", "valueString": filter})
+    if count is not None:
+        params.append({"name": "count", "valueInteger": count})
+    if offset:
+        params.append({"name": "offset", "valueInteger": offset})
+    if active_only:
+        params.append({"name": "activeOnly", "valueBoolean": True})
+    if include_designations:
+        params.append({"name": "includeDesignations", "valueBoolean": True})
+    params.extend({"name": "version", "valueUri": v} for v in versions)
+    expansion: dict = {
+        "identifier": f"urn:uuid:{uuid.uuid4()}",
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "total": total,
+        "offset": offset,
+    }
+    if params:
+        expansion["parameter"] = params
+    if contains:
+        expansion["contains"] = contains
+    out = {k: v for k, v in vs.items() if k != "expansion"}
+    out["resourceType"] = "ValueSet"
+    out["expansion"] = expansion
+    return out

@@ -1,7 +1,11 @@
 """ValueSet/$validate-code (FHIR R4 §4.9.18.2)."""
 from __future__ import annotations
 
+from ..errors import InvalidRequest
 from ..provider import TerminologyProvider
+from ._common import code_system_or_none, coding_parts, display_matches, norm_display
+from ._compose import Expander, resolve_value_set
+from .parameters import to_parameters
 
 
 def validate_code(provider: TerminologyProvider, valueset: dict | None = None, url: str | None = None,
@@ -11,10 +15,64 @@ def validate_code(provider: TerminologyProvider, valueset: dict | None = None, u
     """Whether a code is in a value set (membership is tested rule by rule, without
     expanding the whole value set).
 
+    A CodeableConcept is valid when one of its codings is. A wrong ``display`` makes
+    the result false (the message says which display was expected).
+
     Returns:
         Parameters with ``result``, ``message`` (when false), ``display``.
 
     Raises:
         InvalidRequest: missing input. UnknownValueSet: the value set is unknown.
     """
-    raise NotImplementedError
+    if valueset is None:
+        if not url:
+            raise InvalidRequest("ValueSet/$validate-code needs a valueSet or a url")
+        valueset = resolve_value_set(provider, url, value_set_version)
+    elif not isinstance(valueset, dict) or valueset.get("resourceType") != "ValueSet":
+        raise InvalidRequest("expected a ValueSet resource")
+    candidates = []
+    if code is not None:
+        if not system:
+            raise InvalidRequest("ValueSet/$validate-code with a code needs its system")
+        candidates.append((system, system_version, code, display))
+    if coding is not None:
+        candidates.append(coding_parts(coding))
+    if codeable_concept is not None:
+        if not isinstance(codeable_concept, dict):
+            raise InvalidRequest("codeableConcept must be a CodeableConcept")
+        candidates.extend(coding_parts(c) for c in codeable_concept.get("coding") or ())
+    if not candidates:
+        raise InvalidRequest("ValueSet/$validate-code needs code+system, coding or codeableConcept")
+    ex = Expander(provider)
+    top = valueset.get("url")
+    vs_name = top or "(inline)"
+    messages: list[str] = []
+    best_display = None
+    for s, v, c, d in candidates:
+        if not s or not c:
+            messages.append("a coding needs a system and a code")
+            continue
+        found, entry, problem = ex.member(valueset, s, c, (top,) if top else ())
+        if not found:
+            cs = code_system_or_none(provider, s, v)
+            if problem:
+                messages.append(problem)
+            elif cs is not None and cs.content == "complete" and c not in cs:
+                messages.append(f"Unknown code {c!r} in the CodeSystem {s}")
+            else:
+                messages.append(f"The code {s}|{c} is not in the ValueSet {vs_name}")
+            continue
+        best_display = entry.display
+        if d is not None:
+            ok = display_matches(entry.concept, d) if entry.concept is not None else \
+                norm_display(entry.display) == norm_display(d)
+            if not ok:
+                messages.append(f"The display {d!r} is not a valid display for the code {s}|{c} "
+                                f"(expected {entry.display!r})")
+                continue
+        items: list[tuple[str, object]] = [("result", True)]
+        if entry.inactive:
+            items.append(("message", f"The code {s}|{c} is valid but inactive"))
+        items.append(("display", entry.display))
+        return to_parameters(items)
+    return to_parameters([("result", False), ("message", "; ".join(messages)), ("display", best_display)])
