@@ -144,8 +144,12 @@ dicom_study = Table(
     Column("num_series", Integer, nullable=False, default=0),
     Column("num_instances", Integer, nullable=False, default=0),
     Column("fhir_id", String(64), nullable=True),                       # linked ImagingStudy
+    # Instances stored since the ImagingStudy was last written (C-STORE links once per
+    # association, see DicomStore.link_pending); migration 0004.
+    Column("fhir_pending", Boolean, nullable=False, default=False),
     Column("updated", Float, nullable=False),
     Index("ux_dicom_study_uid", "study_uid", unique=True),
+    Index("ix_dicom_study_pending", "fhir_pending"),
     Index("ix_dicom_study_patient", "patient_pk"),
     Index("ix_dicom_study_date", "study_date", "study_time_key"),
     Index("ix_dicom_study_accession", "accession_number"),
@@ -214,6 +218,7 @@ term_codesystem = Table(
     Column("version", String(128), nullable=False, default=""),   # "" = no version
     Column("res_id", String(64), nullable=False),                 # the CodeSystem resource
     Column("name", String(256), nullable=False, default=""),
+    Column("content", String(16), nullable=False, default="complete"),  # of the import
     Column("concept_count", Integer, nullable=False, default=0),
     Column("updated", Float, nullable=False),                     # epoch s; cache generation
     Index("ux_term_codesystem_url_version", "url", "version", unique=True),
@@ -223,6 +228,7 @@ term_concept = Table(
     "term_concept", metadata,
     Column("cs_pk", BigInteger, nullable=False),
     Column("code", String(256), nullable=False),
+    Column("seq", Integer, nullable=False),          # source order (expansions list in it)
     Column("display", Text, nullable=True),
     Column("inactive", Boolean, nullable=False, default=False),
     Column("data", LargeBinary, nullable=True),    # JSON: {"designations": [...], "properties": [...]}

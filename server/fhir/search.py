@@ -31,12 +31,13 @@ joins of chains sensibly.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any, Union
+from typing import Any, Callable, Iterable, Union
 
 import sqlalchemy as sa
 from sqlalchemy import and_, exists, func, not_, or_, select
@@ -45,7 +46,8 @@ from server.db.schema import INDEX_TABLES, resource
 from server.errors import InvalidRequest, NotImplementedYet
 from server.fhir.searchparams import RESOURCE_TYPES, SearchParam, registry
 
-__all__ = ["ParsedSearch", "SearchPage", "parse", "execute", "match_pks",
+__all__ = ["ParsedSearch", "SearchPage", "parse", "execute", "match_pks", "resolve_terminology",
+           "TermResolver", "ValueSetRef", "CodeSet", "TERMINOLOGY_MODIFIERS",
            "Leaf", "Chain", "Has", "Criterion", "SortKey", "IncludeSpec",
            "TokenValue", "DateValue", "NumberValue", "QuantityValue", "ReferenceValue",
            "StringValue", "UriValue", "CompositeValue", "TypeFilter", "date_search_range"]
@@ -70,7 +72,7 @@ _R4_MODIFIERS = frozenset({"missing", "exact", "contains", "text", "in", "below"
                            "not-in", "identifier", "not", "of-type"})
 _MODIFIERS = {
     "string": {"exact", "contains", "missing"},
-    "token": {"text", "not", "of-type", "missing"},
+    "token": {"text", "not", "of-type", "missing", "in", "not-in", "above", "below"},
     "reference": {"identifier", "missing"},
     "date": {"missing"},
     "number": {"missing"},
@@ -80,9 +82,9 @@ _MODIFIERS = {
     "_id": {"missing", "not"},
     "_lastUpdated": {"missing"},
 }
-# Valid for the type per the spec, but not implemented here (terminology / hierarchy).
+# Valid for the type per the spec, but not implemented here (hierarchy of references).
 _UNSUPPORTED_MODIFIERS = {
-    "token": {"in", "not-in", "above", "below"},
+    "token": set(),
     "reference": {"above", "below"},
     "uri": set(),
 }
@@ -162,12 +164,29 @@ class ReferenceValue:
 
 
 @dataclass(frozen=True)
+class ValueSetRef:
+    """``:in`` / ``:not-in`` (§3.1.1.4.10 token): a value set canonical URL (``url|version``
+    allowed) or a literal reference ``ValueSet/id``."""
+    ref: str
+
+
+@dataclass(frozen=True)
+class CodeSet:
+    """A terminology modifier resolved to the ``(system, code)`` pairs it stands for
+    (see :func:`resolve_terminology`); ``system`` None = a code without system."""
+    pairs: frozenset
+
+
+@dataclass(frozen=True)
 class CompositeValue:
     parts: tuple[Any, ...]              # one value per component
 
 
 Value = Union[StringValue, UriValue, TokenValue, DateValue, NumberValue, QuantityValue,
-              ReferenceValue, CompositeValue]
+              ReferenceValue, CompositeValue, ValueSetRef, CodeSet]
+
+#: Token modifiers that need a terminology service (resolved by :func:`resolve_terminology`).
+TERMINOLOGY_MODIFIERS = frozenset({"in", "not-in", "above", "below"})
 
 
 # --------------------------------------------------------------------------- criteria tree
@@ -417,10 +436,20 @@ def _parse_quantity(raw: str) -> QuantityValue:
     return QuantityValue(prefix, value, low, high, system, code or None, False)
 
 
-def _parse_token(raw: str, modifier: str | None) -> TokenValue:
+def _parse_token(raw: str, modifier: str | None) -> TokenValue | ValueSetRef:
     if modifier == "text":
         return TokenValue(text=_unescape(raw))
+    if modifier in ("in", "not-in"):
+        ref = _unescape(raw).strip()
+        if not ref:
+            raise InvalidRequest(f"':{modifier}' needs a value set URL or ValueSet/id")
+        return ValueSetRef(ref)
     parts = _split(raw, "|")
+    if modifier in ("below", "above"):
+        # §3.1.1.4.10: subsumption is defined within one code system, so both are needed.
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise InvalidRequest(f"Invalid :{modifier} value '{raw}' (expected system|code)")
+        return TokenValue(system=_unescape(parts[0]), code=_unescape(parts[1]))
     if modifier == "of-type":
         if len(parts) != 3 or not parts[1] or not parts[2]:
             raise InvalidRequest(f"Invalid :of-type value '{raw}' (expected system|code|value)")
@@ -823,6 +852,58 @@ def parse(res_type: str | None, params: list[tuple[str, str]], *, handling: str 
     return ps
 
 
+# --------------------------------------------------------------------------- terminology modifiers
+
+#: ``resolver(conn, leaf, value) -> (system, code) pairs``: what the value of a
+#: ``:below``/``:above`` (a :class:`TokenValue` ``system|code``) or ``:in``/``:not-in``
+#: (a :class:`ValueSetRef`) modifier stands for. The server's terminology service
+#: provides one (:class:`server.terminology.search.TerminologyResolver`); it may use
+#: ``conn`` to narrow a huge set to the codes the store holds for ``leaf``.
+TermResolver = Callable[[Any, "Leaf", Any], Iterable[tuple[str | None, str]]]
+
+
+def _needs_terminology(node: Node) -> bool:
+    if isinstance(node, Leaf):
+        return node.kind == "token" and node.modifier in TERMINOLOGY_MODIFIERS \
+            and any(not isinstance(v, CodeSet) for v in node.values)
+    if isinstance(node, Chain):
+        return any(_needs_terminology(n) for n in node.targets.values())
+    if isinstance(node, Has):
+        return _needs_terminology(node.inner)
+    return False
+
+
+def _resolve_node(conn, node: Node, resolver: TermResolver) -> Node:
+    if isinstance(node, Leaf) and _needs_terminology(node):
+        pairs: set = set()
+        for v in node.values:     # comma values are OR-ed: one set
+            pairs.update(resolver(conn, node, v))
+        return dataclasses.replace(node, values=[CodeSet(frozenset(pairs))])
+    if isinstance(node, Chain):
+        return dataclasses.replace(node, targets={t: _resolve_node(conn, n, resolver)
+                                                  for t, n in node.targets.items()})
+    if isinstance(node, Has):
+        return dataclasses.replace(node, inner=_resolve_node(conn, node.inner, resolver))
+    return node
+
+
+def resolve_terminology(conn, parsed: ParsedSearch, resolver: TermResolver | None) -> ParsedSearch:
+    """Replace the values of terminology modifiers by the code sets they stand for.
+
+    Returns ``parsed`` itself when no criterion needs it; raises NotImplementedYet when
+    one does and there is no ``resolver`` (a source without a terminology service).
+    """
+    if not any(_needs_terminology(c.node) for c in parsed.criteria):
+        return parsed
+    if resolver is None:
+        mods = sorted({c.name.partition(":")[2] for c in parsed.criteria if _needs_terminology(c.node)})
+        raise NotImplementedYet(f"Modifier(s) {', '.join(':' + m for m in mods)} need a terminology "
+                                "service, which this source does not have")
+    criteria = [dataclasses.replace(c, node=_resolve_node(conn, c.node, resolver))
+                for c in parsed.criteria]
+    return dataclasses.replace(parsed, criteria=criteria)
+
+
 # --------------------------------------------------------------------------- SQL building
 
 
@@ -947,8 +1028,30 @@ def _uri_prefixes(uri: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _code_set_cond(tb, v: CodeSet, system_col="system", code_col="code"):
+    """``(system, code) IN pairs``, one IN list of codes per system."""
+    by_system: dict[str | None, list[str]] = {}
+    for system, code in v.pairs:
+        by_system.setdefault(system, []).append(code)
+    conds = []
+    for system, codes in sorted(by_system.items(), key=lambda kv: kv[0] or ""):
+        codes.sort()
+        if len(codes) > _IN_CHUNK:
+            # Long lists are inlined: no bind-parameter limit (SQLite's is 32766).
+            col_in = tb.c[code_col].in_(sa.bindparam(None, codes, expanding=True, literal_execute=True))
+        else:
+            col_in = tb.c[code_col].in_(codes)
+        sys_cond = _no_system(tb.c[system_col]) if system is None else tb.c[system_col] == system
+        conds.append(and_(col_in, sys_cond))
+    return or_(*conds) if conds else sa.false()
+
+
 def _value_cond(tb, leaf: Leaf, v):
     kind, mod = leaf.kind, leaf.modifier
+    if isinstance(v, CodeSet):
+        return _code_set_cond(tb, v)
+    if isinstance(v, ValueSetRef) or (kind == "token" and mod in TERMINOLOGY_MODIFIERS):
+        raise NotImplementedYet(f"Modifier ':{mod}' needs the terminology service")
     if kind == "string":
         if mod == "exact":
             return tb.c.exact == v.text
@@ -1016,7 +1119,7 @@ def _driver_rank(node: Node) -> int | None:
     if isinstance(node, Chain):
         return 3
     if not isinstance(node, Leaf) or node.kind not in INDEX_TABLES or node.missing is not None \
-            or node.modifier == "not":
+            or node.modifier in ("not", "not-in"):
         return None
     kind, mod = node.kind, node.modifier
     if kind == "reference":
@@ -1024,6 +1127,8 @@ def _driver_rank(node: Node) -> int | None:
     if kind == "token":
         if mod == "text":
             return 6
+        if mod in TERMINOLOGY_MODIFIERS:
+            return 2
         if all(v.code is not None for v in node.values):
             return 1 if all(v.system is not None or v.no_system for v in node.values) else 2
         return 5
@@ -1095,8 +1200,9 @@ class _Builder:
             ex = exists().where(*probe)
             return not_(ex) if leaf.missing else ex
         match = or_(*[_value_cond(tb, leaf, v) for v in leaf.values])
-        if leaf.modifier == "not":
-            # :not (§3.1.1.4.10): resources without a matching token, incl. those with none.
+        if leaf.modifier in ("not", "not-in"):
+            # :not / :not-in (§3.1.1.4.10): resources without a matching token, incl. those
+            # with none.
             return not_(exists().where(*probe, match))
         if not driver:
             return exists().where(*probe, match)
@@ -1186,8 +1292,14 @@ def current_snapshot(conn) -> int:
     return int(conn.execute(select(func.coalesce(func.max(resource.c.pk), 0))).scalar_one())
 
 
-def execute(conn, parsed: ParsedSearch, *, snapshot: int | None = None) -> SearchPage:
-    """Run a parsed search; ``snapshot`` (or ``_snapshot``) pins the data version."""
+def execute(conn, parsed: ParsedSearch, *, snapshot: int | None = None,
+            terminology: TermResolver | None = None) -> SearchPage:
+    """Run a parsed search; ``snapshot`` (or ``_snapshot``) pins the data version.
+
+    ``terminology`` resolves ``:below``/``:above``/``:in``/``:not-in`` (see
+    :func:`resolve_terminology`).
+    """
+    parsed = resolve_terminology(conn, parsed, terminology)
     snap = snapshot if snapshot is not None else parsed.snapshot
     if snap is None:
         snap = current_snapshot(conn)
@@ -1330,13 +1442,14 @@ def _rev_once(conn, spec: IncludeSpec, meta: list[tuple[int, str, str]], snap: i
 # --------------------------------------------------------------------------- conditional operations
 
 
-def match_pks(conn, res_type: str, params: list[tuple[str, str]]) -> list[tuple[int, str]]:
+def match_pks(conn, res_type: str, params: list[tuple[str, str]],
+              terminology: TermResolver | None = None) -> list[tuple[int, str]]:
     """(pk, res_id) of the CURRENT non-deleted resources matching a query (strict handling).
 
     For conditional create/update/delete and conditional references in transactions
     (R4 http.html). Result parameters (``_count``, ``_sort``...) are ignored.
     """
-    parsed = parse(res_type, params, handling="strict")
+    parsed = resolve_terminology(conn, parse(res_type, params, handling="strict"), terminology)
     r = resource.alias("r")
     q = select(r.c.pk, r.c.res_id).where(*_where(parsed, r, None, conn.dialect.name == "sqlite")) \
         .order_by(r.c.pk)

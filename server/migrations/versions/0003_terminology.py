@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("version", sa.String(128), nullable=False, server_default=""),
         sa.Column("res_id", sa.String(64), nullable=False),
         sa.Column("name", sa.String(256), nullable=False, server_default=""),
+        sa.Column("content", sa.String(16), nullable=False, server_default="complete"),
         sa.Column("concept_count", sa.Integer, nullable=False, server_default="0"),
         sa.Column("updated", sa.Float, nullable=False),
     )
@@ -36,6 +37,7 @@ def upgrade() -> None:
         "term_concept",
         sa.Column("cs_pk", sa.BigInteger, nullable=False),
         sa.Column("code", sa.String(256), nullable=False),
+        sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("display", sa.Text, nullable=True),
         sa.Column("inactive", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("data", sa.LargeBinary, nullable=True),

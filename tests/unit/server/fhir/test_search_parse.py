@@ -8,7 +8,7 @@ import pytest
 from server.errors import InvalidRequest, NotImplementedYet
 from server.fhir.search import (Chain, CompositeValue, DateValue, Has, IncludeSpec, Leaf,
                                 QuantityValue, ReferenceValue, SortKey, StringValue, TokenValue,
-                                TypeFilter, UriValue, date_search_range, parse)
+                                TypeFilter, UriValue, ValueSetRef, date_search_range, parse)
 
 
 def ts(*args, tz=timezone.utc) -> float:
@@ -52,10 +52,15 @@ def test_token_modifiers():
         leaf("Patient", "identifier:of-type", "MR|446053")
 
 
-def test_token_unsupported_and_invalid_modifiers():
-    for mod in ("in", "not-in", "above", "below"):
-        with pytest.raises(NotImplementedYet):
-            parse("Observation", [(f"code:{mod}", "x")])
+def test_token_terminology_and_invalid_modifiers():
+    # Parsed here, resolved at execution by the terminology service (server/terminology).
+    assert leaf("Observation", "code:in", "http://vs|2").values == [ValueSetRef("http://vs|2")]
+    assert leaf("Observation", "code:not-in", "ValueSet/x").modifier == "not-in"
+    assert leaf("Condition", "code:below", "http://snomed.info/sct|73211009").values == [
+        TokenValue(system="http://snomed.info/sct", code="73211009")]
+    for mod in ("above", "below"):
+        with pytest.raises(InvalidRequest):
+            parse("Observation", [(f"code:{mod}", "x")])      # system|code needed
     with pytest.raises(InvalidRequest):
         parse("Observation", [("code:exact", "x")])          # a string modifier
     with pytest.raises(InvalidRequest):
