@@ -1,0 +1,372 @@
+"""FHIR records -> event table (one row per clinical event) and per-patient demographics.
+
+The extraction is driven by a :class:`mappings.spec.MappingSpec`: each ``[[events]]`` entry
+names a resource type, an event kind and the paths to read. Rows are accumulated column by
+column in plain lists (hundreds of thousands of events per minute on one core) and turned
+into a DataFrame once, where times become days since birth and units are normalised.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mappings.errors import MappingError
+from mappings.paths import compile_path
+from mappings.records import ref_id
+from mappings.spec import EVENT_KINDS, EventSpec, MappingSpec
+
+UCUM = "http://unitsofmeasure.org"
+LOINC = "http://loinc.org"
+
+# Column order of the event table: the contract with generators (docs/mappings.md).
+EVENT_COLUMNS = ["patient_id", "event_id", "kind", "t_days", "system", "code", "display",
+                 "value_num", "value_code", "unit", "encounter_id", "end_t_days", "modality",
+                 "body_site",
+                 # extensions beyond the minimal contract (all nullable)
+                 "value_system", "value_display", "parent_id", "category", "study_uid",
+                 "series_uid"]
+_STR_COLS = [c for c in EVENT_COLUMNS if c not in ("t_days", "value_num", "end_t_days")]
+_CAT_COLS = ["kind", "system", "unit", "modality", "body_site", "value_system", "category"]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+@lru_cache(maxsize=1 << 16)
+def parse_time(s: str) -> float | None:
+    """A FHIR date/dateTime/instant as POSIX seconds (UTC); dates and local times count as UTC.
+
+    Partial dates (``2001``, ``2001-04``) take the first day of the period (FHIR R4 §2.24.0.1).
+    """
+    if not isinstance(s, str):
+        return None
+    try:
+        n = len(s)
+        if n == 4:
+            d = dt.datetime(int(s), 1, 1, tzinfo=dt.timezone.utc)
+        elif n == 7:
+            d = dt.datetime(int(s[:4]), int(s[5:7]), 1, tzinfo=dt.timezone.utc)
+        else:
+            d = dt.datetime.fromisoformat(s)
+            if d.tzinfo is None:
+                d = d.replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+    return (d - _EPOCH).total_seconds()
+
+
+@dataclass
+class _Compiled:
+    spec: EventSpec
+    primary: bool                       # first spec for its resource type: event_id = resource id
+    code: Any = None
+    time: list = field(default_factory=list)
+    end_time: list = field(default_factory=list)
+    value_code: Any = None
+    components: Any = None
+    children: Any = None
+    encounter: Any = None
+    category: Any = None
+    med_ref: Any = None
+    for_each: Any = None
+    modality: Any = None
+    body_site: Any = None
+    study_uid: Any = None
+    series_uid: Any = None
+    n_instances: Any = None
+    sop_class: Any = None
+
+
+def _c(p):
+    return compile_path(p) if p else None
+
+
+class EventExtractor:
+    """Accumulates events and demographics of many records; :meth:`build` makes the tables."""
+
+    def __init__(self, spec: MappingSpec):
+        self.spec = spec
+        self.by_type: dict[str, list[_Compiled]] = {}
+        for es in spec.events:
+            lst = self.by_type.setdefault(es.resource, [])
+            lst.append(_Compiled(
+                spec=es, primary=not lst, code=_c(es.code), time=[_c(p) for p in es.time],
+                end_time=[_c(p) for p in es.end_time], value_code=_c(es.value_code),
+                components=_c(es.components), children=_c(es.children), encounter=_c(es.encounter),
+                category=_c(es.category), med_ref=_c(es.medication_reference),
+                for_each=_c(es.for_each), modality=_c(es.modality), body_site=_c(es.body_site),
+                study_uid=_c(es.study_uid), series_uid=_c(es.series_uid),
+                n_instances=_c(es.n_instances), sop_class=_c(es.sop_class)))
+        self.rank = {s: i for i, s in enumerate(spec.system_preference)}
+        self.aliases = dict(spec.code_systems)
+        self.cols: dict[str, list] = {c: [] for c in EVENT_COLUMNS}
+        self.cols["t_abs"] = []
+        self.cols["end_abs"] = []
+        del self.cols["t_days"], self.cols["end_t_days"]
+        self.children: dict[tuple[str, str], str] = {}
+        self.demo: list[dict] = []
+        self.displays: dict[tuple[str, str], str] = {}
+        self.skipped: Counter = Counter()
+        d = spec.demographics
+        self._demo_paths = {k: [compile_path(p) for p in getattr(d, k)]
+                            for k in DemographicsFields}
+
+    # ------------------------------------------------------------------ codes
+    def pick(self, cc: Any) -> tuple[str | None, str | None, str | None]:
+        """(system, code, display) of the preferred coding of a CodeableConcept or Coding."""
+        if not isinstance(cc, dict):
+            return None, None, None
+        codings = cc.get("coding")
+        if codings is None:
+            codings = [cc] if "code" in cc else ()
+        best, best_rank = None, 1 << 30
+        for c in codings:
+            if not isinstance(c, dict) or not c.get("code"):
+                continue
+            sysu = c.get("system")
+            sysu = self.aliases.get(sysu, sysu)
+            r = self.rank.get(sysu, 1 << 29)
+            if r < best_rank:
+                best, best_rank = (sysu, c["code"], c.get("display")), r
+        if best is None:
+            return None, None, cc.get("text")
+        if best[2] is None and cc.get("text"):
+            best = (best[0], best[1], cc.get("text"))
+        if best[2] is not None and best[0] is not None:
+            self.displays.setdefault((best[0], best[1]), best[2])
+        return best
+
+    # ------------------------------------------------------------------ records
+    def add_record(self, record: list[dict]) -> str | None:
+        """Extract one patient record; returns the patient id (None when it has no Patient)."""
+        patient = next((r for r in record if r.get("resourceType") == "Patient"), None)
+        if patient is None or not patient.get("id"):
+            self.skipped["record without Patient"] += 1
+            return None
+        pid = patient["id"]
+        demo = {"patient_id": pid}
+        for k, getters in self._demo_paths.items():
+            v = None
+            for g in getters:
+                vals = g(patient)
+                if vals:
+                    v = vals[0]
+                    break
+            demo[k] = v
+        self.demo.append(demo)
+        by_id = None
+        by_type = self.by_type
+        for r in record:
+            specs = by_type.get(r.get("resourceType"))
+            if not specs:
+                continue
+            for cs in specs:
+                if cs.med_ref is not None and by_id is None:
+                    by_id = {x.get("id"): x for x in record if x.get("id")}
+                self._extract(pid, r, cs, by_id)
+        return pid
+
+    def _time(self, getters, r) -> float | None:
+        for g in getters:
+            vals = g(r)
+            if vals:
+                t = parse_time(vals[0])
+                if t is not None:
+                    return t
+        return None
+
+    def _extract(self, pid: str, r: dict, cs: _Compiled, by_id) -> None:
+        es = cs.spec
+        if r.get("status") in es.exclude_status:
+            return
+        t = self._time(cs.time, r)
+        if t is None:
+            if cs.primary:
+                self.skipped[f"{es.resource} without time"] += 1
+            return
+        rid = r.get("id") or f"{es.resource}-{len(self.cols['event_id'])}"
+        eid = rid if cs.primary else f"{rid}#{es.kind}"
+        parent = None if cs.primary else rid
+        end = self._time(cs.end_time, r) if cs.end_time else None
+        enc = None
+        if cs.encounter is not None:
+            v = cs.encounter(r)
+            enc = ref_id(v[0]) if v else None
+        elif es.kind == "encounter":
+            enc = rid
+        cat = None
+        if cs.category is not None:
+            v = cs.category(r)
+            if v:
+                cat = self.pick(v[0])[1]
+        system = code = display = None
+        if cs.code is not None:
+            v = cs.code(r)
+            if v:
+                system, code, display = self.pick(v[0])
+        if code is None and cs.med_ref is not None:
+            v = cs.med_ref(r)
+            med = by_id.get(ref_id(v[0])) if v and by_id else None
+            if med is not None:
+                system, code, display = self.pick(med.get("code"))
+        if es.kind == "imaging_study":
+            self._imaging(pid, r, cs, eid, t, end, enc, system, code, display)
+            return
+        vnum = vcode = vsys = vdisp = unit = None
+        if es.value:
+            vnum, vcode, vsys, vdisp, unit = self._value(r, es.value)
+        elif cs.value_code is not None:
+            v = cs.value_code(r)
+            if v:
+                vsys, vcode, vdisp = self.pick(v[0])
+        self._row(pid, eid, es.kind, t, system, code, display, vnum, vcode, unit, enc, end,
+                  None, None, vsys, vdisp, parent, cat, None, None)
+        if cs.components is not None:
+            for i, comp in enumerate(cs.components(r)):
+                csys, ccode, cdisp = self.pick(comp.get("code"))
+                vnum, vcode, vsys, vdisp, unit = self._value(comp, es.value or "value")
+                self._row(pid, f"{rid}#c{i}", es.kind, t, csys, ccode, cdisp, vnum, vcode, unit,
+                          enc, end, None, None, vsys, vdisp, eid, cat, None, None)
+        if cs.children is not None:
+            for ref in cs.children(r):
+                cid = ref_id(ref)
+                if cid:
+                    self.children[(pid, cid)] = eid
+
+    def _value(self, r: dict, prefix: str):
+        q = r.get(prefix + "Quantity")
+        if q is not None:
+            unit = q.get("code") if q.get("system") == UCUM and q.get("code") else q.get("unit")
+            return q.get("value"), None, None, None, unit
+        cc = r.get(prefix + "CodeableConcept")
+        if cc is not None:
+            s, c, d = self.pick(cc)
+            return None, c, s, d, None
+        for suffix in ("Integer", "Decimal"):
+            v = r.get(prefix + suffix)
+            if v is not None:
+                return float(v), None, None, None, None
+        v = r.get(prefix + "String")
+        if v is not None:
+            return None, v, None, None, None
+        v = r.get(prefix + "Boolean")
+        if v is not None:
+            return None, "true" if v else "false", None, None, None
+        return None, None, None, None, None
+
+    def _imaging(self, pid, r, cs, eid, t, end, enc, system, code, display) -> None:
+        study = None
+        if cs.study_uid is not None:
+            v = cs.study_uid(r)
+            study = v[0] if v else None
+            if isinstance(study, str) and study.startswith("urn:oid:"):
+                study = study[8:]
+        items = cs.for_each(r) if cs.for_each is not None else [r]
+        if not items:
+            items = [{}]
+        for i, it in enumerate(items):
+            mod = bs = suid = sop = None
+            n = None
+            if cs.modality is not None:
+                v = cs.modality(it)
+                mod = self.pick(v[0])[1] if v else None
+            if cs.body_site is not None:
+                v = cs.body_site(it)
+                bs = self.pick(v[0])[1] if v else None
+            if cs.series_uid is not None:
+                v = cs.series_uid(it)
+                suid = v[0] if v else None
+            if cs.n_instances is not None:
+                v = cs.n_instances(it)
+                n = float(v[0]) if v and isinstance(v[0], (int, float)) else None
+            if cs.sop_class is not None:
+                v = cs.sop_class(it)
+                sop = v[0] if v else None
+            self._row(pid, eid if i == 0 else f"{eid}#s{i}", "imaging_study", t, system, code,
+                      display, n, sop, None, enc, end, mod, bs, None, None,
+                      None if i == 0 else eid, None, study, suid)
+
+    def _row(self, pid, eid, kind, t, system, code, display, vnum, vcode, unit, enc, end, mod,
+             bs, vsys, vdisp, parent, cat, study, series) -> None:
+        c = self.cols
+        c["patient_id"].append(pid)
+        c["event_id"].append(eid)
+        c["kind"].append(kind)
+        c["t_abs"].append(t)
+        c["system"].append(system)
+        c["code"].append(code)
+        c["display"].append(display)
+        c["value_num"].append(vnum)
+        c["value_code"].append(vcode)
+        c["unit"].append(unit)
+        c["encounter_id"].append(enc)
+        c["end_abs"].append(end)
+        c["modality"].append(mod)
+        c["body_site"].append(bs)
+        c["value_system"].append(vsys)
+        c["value_display"].append(vdisp)
+        c["parent_id"].append(parent)
+        c["category"].append(cat)
+        c["study_uid"].append(study)
+        c["series_uid"].append(series)
+
+    # ------------------------------------------------------------------ tables
+    def demographics(self) -> pd.DataFrame:
+        """One row per patient: raw demographic values and ``birth_ts`` (POSIX seconds)."""
+        df = pd.DataFrame(self.demo, columns=["patient_id", *DemographicsFields])
+        if df["patient_id"].duplicated().any():
+            dup = df.loc[df["patient_id"].duplicated(), "patient_id"].iloc[0]
+            raise MappingError(f"patient {dup} occurs in more than one record")
+        df["birth_ts"] = [parse_time(b) if isinstance(b, str) else None for b in df["birth_date"]]
+        df["death_ts"] = [parse_time(b) if isinstance(b, str) else None for b in df["deceased_date"]]
+        return df
+
+    def build_events(self, demo: pd.DataFrame) -> pd.DataFrame:
+        """The event table (times relative to birth; units not yet normalised)."""
+        c = self.cols
+        n = len(c["event_id"])
+        # object columns while the tables are built; type_event_table() types them at the end
+        df = pd.DataFrame({k: pd.Series(c[k], dtype="object") for k in EVENT_COLUMNS if k in c})
+        t_abs = np.asarray(c["t_abs"], dtype="float64")
+        end_abs = np.asarray([np.nan if v is None else v for v in c["end_abs"]], dtype="float64")
+        birth = demo.set_index("patient_id")["birth_ts"].astype("float64")
+        if birth.isna().any() and n:
+            # No birthDate: anchor at the patient's first event (documented in docs/mappings.md).
+            first = pd.Series(t_abs).groupby(df["patient_id"].to_numpy()).min()
+            birth = birth.fillna(first)
+        b = birth.reindex(df["patient_id"]).to_numpy(dtype="float64") if n else np.empty(0)
+        df.insert(3, "t_days", (t_abs - b) / 86400.0)
+        df.insert(11, "end_t_days", (end_abs - b) / 86400.0)
+        df["value_num"] = pd.to_numeric(df["value_num"], errors="coerce").astype("float64")
+        if not n:
+            df["t_days"] = df["t_days"].astype("float64")
+        if self.children and n:
+            keys = list(zip(df["patient_id"], df["event_id"]))
+            par = pd.Series([self.children.get(k) for k in keys], index=df.index, dtype="object")
+            df["parent_id"] = df["parent_id"].where(df["parent_id"].notna(), par)
+        return df[EVENT_COLUMNS]
+
+
+DemographicsFields = ("sex", "birth_date", "deceased_date", "deceased_flag", "marital_status",
+                      "country", "language")
+
+
+def type_event_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Column dtypes of the event table contract (category for low-cardinality strings)."""
+    out = df.copy()
+    for col in _STR_COLS:
+        out[col] = out[col].astype("object").where(out[col].notna(), None)
+        if col in _CAT_COLS:
+            out[col] = out[col].astype("category")
+        else:
+            out[col] = out[col].astype("string")
+    out["kind"] = out["kind"].cat.set_categories(list(EVENT_KINDS))
+    for col in ("t_days", "value_num", "end_t_days"):
+        out[col] = out[col].astype("float64")
+    return out
+
