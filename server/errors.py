@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from terminologies import errors as terminology_errors
+
 
 class SynthportError(Exception):
     """Base of every error a client may see.
@@ -103,6 +105,15 @@ class StudyMismatch(Conflict):
     """STOW-RS to ``/studies/{study}`` with an instance of another study (PS3.18 §10.5)."""
 
 
+class CodeInvalid(NotFound):
+    """A code that its (known) code system does not have, where the operation needs it
+    (``CodeSystem/$lookup``, ``$subsumes``)."""
+
+
+class TooCostly(Unprocessable):
+    """A result larger than the server will compute (e.g. a ValueSet expansion)."""
+
+
 class InstanceRefused(SynthportError):
     """A DICOM instance refused on policy, e.g. an executable file preamble (PS3.10 §7.5)."""
 
@@ -162,6 +173,8 @@ ERROR_TABLE: dict[type[SynthportError], ErrorInfo] = {
     SopClassMismatch: ErrorInfo(422, "structure", 409, DIMSE_STORE_DATASET_SOP_CLASS_MISMATCH),
     StudyMismatch: ErrorInfo(409, "conflict", 409, DIMSE_STORE_STUDY_UID_MISMATCH),
     InstanceRefused: ErrorInfo(422, "security", 409, DIMSE_ERROR_CANNOT_UNDERSTAND),
+    CodeInvalid: ErrorInfo(404, "code-invalid", 404, DIMSE_NO_SUCH_OBJECT_INSTANCE),
+    TooCostly: ErrorInfo(422, "too-costly", 400, DIMSE_REFUSED_OUT_OF_RESOURCES),
     SynthportError: ErrorInfo(500, "exception", 500, DIMSE_PROCESSING_FAILURE),
 }
 
@@ -170,6 +183,27 @@ HTTP_ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-fo
                     405: "not-supported", 406: "not-supported", 409: "conflict",
                     410: "deleted", 412: "conflict", 413: "too-costly", 415: "not-supported",
                     422: "processing", 429: "throttled", 501: "not-supported"}
+
+
+# terminologies/ raises plain exceptions (it imports nothing of the server); this is the
+# one place they become errors of the table above (most specific class first in the MRO).
+TERMINOLOGY_ERRORS: dict[type[Exception], type[SynthportError]] = {
+    terminology_errors.UnknownSystem: NotFound,
+    terminology_errors.UnknownValueSet: NotFound,
+    terminology_errors.UnknownConceptMap: NotFound,
+    terminology_errors.UnknownCode: CodeInvalid,
+    terminology_errors.InvalidRequest: InvalidRequest,
+    terminology_errors.TooCostly: TooCostly,
+    terminology_errors.TerminologyError: Unprocessable,
+}
+
+
+def from_terminology(err: Exception) -> SynthportError:
+    """The server error for a ``terminologies.errors.TerminologyError``."""
+    for cls in type(err).__mro__:
+        if cls in TERMINOLOGY_ERRORS:
+            return TERMINOLOGY_ERRORS[cls](getattr(err, "message", str(err)))
+    return InternalError(f"Terminology failure: {type(err).__name__}")
 
 
 def describe(err: SynthportError) -> ErrorInfo:

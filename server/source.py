@@ -100,3 +100,9 @@ class Source(Protocol):
     def bundle(self, ctx: RequestContext, bundle: dict) -> dict: ...
     def everything(self, ctx: RequestContext, patient_id: str,
                    params: list[tuple[str, str]]) -> SearchResult: ...
+    def operation(self, ctx: RequestContext, res_type: str, res_id: str | None, name: str,
+                  params: dict | list[tuple[str, str]]) -> dict:
+        """Run ``{res_type}[/{res_id}]/${name}`` (terminology operations: ``$lookup``,
+        ``$validate-code``, ``$subsumes``, ``$expand``, ``$translate``) with a Parameters
+        body or the query's pairs; returns the output resource (Parameters, ValueSet)."""
+        ...

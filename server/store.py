@@ -308,7 +308,7 @@ class SqlStore:
                                default_count=self.default_count, max_count=self.max_count)
         with self.engine.connect() as conn:
             snapshot = _snapshot_param(params)
-            page = fsearch.execute(conn, parsed, snapshot=snapshot)
+            page = fsearch.execute(conn, parsed, snapshot=snapshot, terminology=self.term_resolver())
             matches = self.load(conn, page.pks)
             includes = self.load(conn, page.include_pks)
         return SearchResult(matches=matches, includes=includes, total=page.total,
@@ -322,7 +322,7 @@ class SqlStore:
         params = parse_qsl(query, keep_blank_values=True) if isinstance(query, str) else query
         if not params:
             raise InvalidRequest("A conditional operation needs search criteria")
-        return fsearch.match_pks(conn, res_type, params)
+        return fsearch.match_pks(conn, res_type, params, terminology=self.term_resolver())
 
     def history(self, ctx: RequestContext, res_type: str | None, res_id: str | None,
                 params: list[tuple[str, str]]) -> SearchResult:
@@ -501,6 +501,32 @@ class SqlStore:
                 return self._delete_locked(conn, res_type, found[0][1])
         finally:
             conn.close()
+
+    # ------------------------------------------------------------------ terminology
+    @functools.cached_property
+    def terminology(self):
+        """The terminology provider over this store (server/terminology, ADR 0005)."""
+        from server.terminology.provider import SqlTerminologyProvider
+
+        return SqlTerminologyProvider(self)
+
+    def term_resolver(self):
+        """Resolves :below/:above/:in/:not-in for one search (server.fhir.search)."""
+        from server.terminology.search import TerminologyResolver
+
+        return TerminologyResolver(self.terminology)
+
+    def operation(self, ctx: RequestContext, res_type: str, res_id: str | None, name: str,
+                  params: dict | list[tuple[str, str]]) -> dict:
+        """A FHIR operation other than the REST interactions (terminology operations)."""
+        from server.fhir.terminology_ops import run_operation
+
+        check_type(res_type)
+
+        def read_body(t: str, i: str) -> dict:
+            return orjson.loads(self.read(ctx, t, i).body)
+
+        return run_operation(self.terminology, read_body, res_type, res_id, name, params)
 
     # ------------------------------------------------------------------ bundles / operations
     def bundle(self, ctx: RequestContext, bundle: dict) -> dict:

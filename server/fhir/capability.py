@@ -5,6 +5,7 @@ import functools
 
 import server
 from server.fhir.searchparams import RESOURCE_TYPES, registry
+from server.fhir.terminology_ops import DEFINITIONS as _TERMINOLOGY_OPS
 
 _INTERACTIONS_RW = ["read", "vread", "update", "patch", "delete", "history-instance",
                     "history-type", "create", "search-type"]
@@ -48,7 +49,8 @@ def _resources(writable: bool) -> tuple:
             "searchInclude": ["*"] + [f"{t}:{r}" for r in refs],
             "searchRevInclude": ["*"],
             "searchParam": sps,
-            "operation": (_PATIENT_OPS if t == "Patient" else []) + _OPS,
+            "operation": (_PATIENT_OPS if t == "Patient" else [])
+            + [{"name": n, "definition": d} for (rt, n), d in _TERMINOLOGY_OPS.items() if rt == t] + _OPS,
         }
         out.append(entry)
     return tuple(out)

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, g, request
 from server.errors import (InvalidRequest, NotAcceptable, NotFound, UnsupportedMediaType)
 from server.fhir import bundles
 from server.fhir.capability import capability_statement
+from server.fhir.terminology_ops import OPERATION_NAMES
 from server.fhir.timeutil import http_date, instant, parse_http_date
 from server.fhir.validation import validate
 from server.source import RequestContext, Source, StoredResource, WriteResult
@@ -107,6 +108,31 @@ def make_fhir_blueprint(name: str, url_prefix: str,
         validate(body, res_type)
         return fhir_response({"resourceType": "OperationOutcome", "issue": [
             {"severity": "information", "code": "informational", "diagnostics": "Validation successful"}]})
+
+    # --- terminology operations (FHIR R4 §4.8.15, §4.9.18, §4.10.14) --------------
+    def terminology_op(res_type: str, name: str, res_id: str | None = None):
+        c = ctx()
+        if request.method == "POST":
+            params = form_params()
+            if not params:
+                body = read_body()
+                if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+                    raise InvalidRequest(f"The body of ${name} must be a Parameters resource")
+                # Query parameters of a POST count as well (as HAPI accepts them).
+                extra = [{"name": k, "valueString": v} for k, v in query_params()]
+                params = dict(body, parameter=list(body.get("parameter") or ()) + extra) if extra else body
+            else:
+                params = query_params() + params
+        else:
+            params = query_params()
+        return fhir_response(get_source().operation(c, res_type, res_id, name, params))
+
+    for _type, _names in OPERATION_NAMES.items():
+        for _name in _names:
+            bp.add_url_rule(f"/{_type}/${_name}", f"op_{_type}_{_name}", functools.partial(
+                terminology_op, _type, _name), methods=["GET", "POST"])
+            bp.add_url_rule(f"/{_type}/<res_id>/${_name}", f"op_{_type}_{_name}_instance",
+                            functools.partial(terminology_op, _type, _name), methods=["GET", "POST"])
 
     # --- instance level ---------------------------------------------------------
     @bp.get("/<res_type>/<res_id>")
