@@ -104,6 +104,57 @@ def load(data_dir, config_file, paths, jobs):
     sys.exit(0 if not report.failed else 1)
 
 
+@main.group()
+def terminology():
+    """Code systems for $lookup, $expand, :below/:in (see docs/terminology.md)."""
+
+
+@terminology.command("import")
+@_common
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["rf2", "loinc", "claml", "dcm", "ucum"]),
+              help="rf2: SNOMED CT RF2 snapshot (folder or zip); loinc: Loinc.csv (file, folder "
+                   "or zip); claml: WHO ICD-10 ClaML XML; dcm: DICOM DCM (bundled, PATH "
+                   "optional); ucum: UCUM units (ucum-essence.xml, PATH optional).")
+@click.argument("path", required=False, type=click.Path(exists=True))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def terminology_import(data_dir, config_file, fmt, path, quiet):
+    """Import a code system release into the store; re-running replaces it."""
+    import importlib
+
+    from server.store import SqlStore
+    from server.terminology.importer import import_codesystem
+
+    module = {"rf2": "snomed_rf2", "loinc": "loinc_csv", "claml": "icd10_claml",
+              "dcm": "dicom_dcm", "ucum": "ucum"}[fmt]
+    if path is None and fmt not in ("dcm", "ucum"):
+        raise click.UsageError(f"--format {fmt} needs a PATH")
+    cfg = _cfg(data_dir, config_file)
+    store = SqlStore.from_url(cfg.resolved_database_url, cfg, auto_migrate=bool(cfg["auto_migrate"]))
+    reader = importlib.import_module(f"terminologies.importers.{module}")
+    meta, concepts = reader.read(path)
+    result = import_codesystem(store, meta, concepts, progress=not quiet)
+    click.echo(f"imported {result.concepts:,} concepts and {result.edges:,} is-a edges of "
+               f"{result.url}" + (f" version {result.version}" if result.version else "")
+               + f" as CodeSystem/{result.res_id} in {result.seconds:.1f} s")
+
+
+@terminology.command("supplement")
+@_common
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def terminology_supplement(data_dir, config_file, quiet):
+    """Write a CodeSystem supplement per code system used in the store (codes + displays)."""
+    from server.store import SqlStore
+    from server.terminology.importer import build_supplement
+
+    cfg = _cfg(data_dir, config_file)
+    store = SqlStore.from_url(cfg.resolved_database_url, cfg, auto_migrate=bool(cfg["auto_migrate"]))
+    report = build_supplement(store, progress=not quiet)
+    for system, n, how in report:
+        click.echo(f"{system}: {n:,} codes ({how})")
+    click.echo(f"{len(report)} supplements, {sum(n for _, n, _ in report):,} codes")
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
