@@ -1,16 +1,111 @@
-"""Importer: LOINC table Loinc.csv (file, folder or zip)."""
+"""Importer: the LOINC table ``Loinc.csv`` (file, release folder or zip).
+
+Each row becomes a concept: code ``LOINC_NUM``, display ``LONG_COMMON_NAME``; the
+parts and attributes become properties named after the column as in the LOINC FHIR
+CodeSystem (``COMPONENT``, ``PROPERTY``, ``TIME_ASPCT``, ``SYSTEM``, ``SCALE_TYP``,
+``METHOD_TYP``, ``CLASS``, ``CLASSTYPE``, ``STATUS``, ``ORDER_OBS``,
+``EXAMPLE_UCUM_UNITS``, ``EXAMPLE_UNITS``, ``SHORTNAME``, ``CONSUMER_NAME``, ...);
+``SHORTNAME`` and ``DisplayName`` are also designations. ``STATUS = DEPRECATED``
+marks a concept inactive. ``Loinc.csv`` carries no hierarchy (the multiaxial hierarchy
+is a separate accessory file, not read), so concepts have no parents.
+Concepts come in file order.
+"""
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 from typing import Iterator
 
-from ..model import Concept
+from ..errors import InvalidRequest
+from ..model import Concept, Designation
+from ._files import Release
+
+URL = "http://loinc.org"
+# Columns kept as properties (when present); empty cells are skipped.
+PROPERTY_COLUMNS = (
+    "COMPONENT", "PROPERTY", "TIME_ASPCT", "SYSTEM", "SCALE_TYP", "METHOD_TYP", "CLASS", "CLASSTYPE",
+    "STATUS", "ORDER_OBS", "EXAMPLE_UNITS", "EXAMPLE_UCUM_UNITS", "SHORTNAME", "CONSUMER_NAME",
+    "VersionFirstReleased", "VersionLastChanged", "COMMON_TEST_RANK", "COMMON_ORDER_RANK",
+)
+_INT_COLUMNS = {"CLASSTYPE", "COMMON_TEST_RANK", "COMMON_ORDER_RANK"}
+_REQUIRED = ("LOINC_NUM", "LONG_COMMON_NAME")
+_SHORTNAME_USE = {"system": "http://loinc.org", "code": "SHORTNAME", "display": "Short name"}
+_DISPLAYNAME_USE = {"system": "http://loinc.org", "code": "DisplayName", "display": "Display name"}
 
 
-def read(path: str | Path) -> tuple[dict, Iterator[Concept]]:
-    """Read LOINC table Loinc.csv (file, folder or zip).
+def _find(release: Release) -> str:
+    names = release.find(r"Loinc\.csv") or (release.names() if release.path.is_file() else [])
+    if not names:
+        raise InvalidRequest(f"no Loinc.csv in {release.path}")
+    return names[0]
+
+
+def read(path: str | Path, version: str | None = None) -> tuple[dict, Iterator[Concept]]:
+    """Read ``Loinc.csv``.
+
+    Args:
+        path: ``Loinc.csv``, the release folder, or the release zip.
+        version: the LOINC version (default: taken from a ``Loinc_2.77``-like path
+            component, else the highest ``VersionLastChanged`` is not known up front,
+            so None).
 
     Returns:
-        (CodeSystem metadata dict, iterator of Concept).
+        (CodeSystem metadata, iterator of Concept in file order).
+
+    Raises:
+        InvalidRequest: no Loinc.csv, or required columns missing.
     """
-    raise NotImplementedError
+    release = Release(path)
+    name = _find(release)
+    with release.open_text(name) as f:
+        header = next(csv.reader(f), [])
+    missing = [c for c in _REQUIRED if c not in header]
+    if missing:
+        raise InvalidRequest(f"{name} is not a LOINC table: missing column(s) {', '.join(missing)}")
+    if version is None:
+        m = re.search(r"(?i)loinc[_ -]?v?(\d+\.\d+)", str(release.path))
+        version = m.group(1) if m else None
+    props = [{"code": c, "type": "integer" if c in _INT_COLUMNS else "string"}
+             for c in PROPERTY_COLUMNS if c in header]
+    props.insert(0, {"code": "inactive", "uri": "http://hl7.org/fhir/concept-properties#inactive", "type": "boolean"})
+    meta = {
+        "resourceType": "CodeSystem", "url": URL, "version": version, "name": "LOINC", "title": "LOINC",
+        "status": "active", "content": "complete", "caseSensitive": False, "property": props,
+        "copyright": "This material contains content from LOINC (http://loinc.org). LOINC is copyright "
+                     "Regenstrief Institute, Inc. and the LOINC Committee and is available at no cost "
+                     "under the license at http://loinc.org/license.",
+    }
+    return meta, _concepts(release, name, [c for c in PROPERTY_COLUMNS if c in header])
+
+
+def _concepts(release: Release, name: str, columns: list[str]) -> Iterator[Concept]:
+    with release.open_text(name) as f:
+        for row in csv.DictReader(f):
+            code = (row.get("LOINC_NUM") or "").strip()
+            if not code:
+                continue
+            props = []
+            for c in columns:
+                v = (row.get(c) or "").strip()
+                if not v:
+                    continue
+                if c in _INT_COLUMNS:
+                    try:
+                        props.append((c, int(v)))
+                    except ValueError:
+                        props.append((c, v))
+                else:
+                    props.append((c, v))
+            designations = []
+            if (row.get("SHORTNAME") or "").strip():
+                designations.append(Designation("en-US", _SHORTNAME_USE, row["SHORTNAME"].strip()))
+            if (row.get("DisplayName") or "").strip():
+                designations.append(Designation("en-US", _DISPLAYNAME_USE, row["DisplayName"].strip()))
+            yield Concept(
+                code=code,
+                display=(row.get("LONG_COMMON_NAME") or "").strip() or None,
+                designations=tuple(designations),
+                properties=tuple(props),
+                inactive=(row.get("STATUS") or "").strip().upper() == "DEPRECATED",
+            )
