@@ -8,18 +8,25 @@ with new UIDs), starts ``synthport serve`` on SQLite in a temporary data dir, an
 * STOW-RS: another N instances (a second study) in multipart batches of 50, instances/s;
 * QIDO-RS ``/studies`` p50; WADO-RS instance retrievals/s; series ``/metadata`` p50;
   ``/frames/1`` retrievals/s;
-* C-FIND at STUDY level with dcmtk ``findscu`` (a new association per query) p50.
+* C-FIND at STUDY level with dcmtk ``findscu`` (a new association per query) p50;
+* with ``--studies K``: K more one-instance studies (stored by STOW-RS, not timed), then
+  QIDO-RS ``/studies`` (all of them) and ``/studies?PatientID=...`` (one match) p50.
 
-Targets (issue 3, Orthanc's figures on the same machine): C-STORE >= 215 instances/s,
-STOW-RS >= 133 instances/s. Orthanc is not run here.
+With ``--orthanc`` the same phases, on the same files, run against Orthanc from Debian
+(``orthanc`` + ``orthanc-dicomweb``, SQLite index, ``TcpNoDelay`` true) started on free
+ports, one server at a time, and a table of ratios synthport / Orthanc is printed.
 
 Usage::
 
-    python benchmarks/dicom_bench.py [--n 1000] [--workers 2] [--reads 200]
+    python benchmarks/dicom_bench.py [--n 1000] [--workers 2] [--reads 200] [--orthanc]
+        [--studies 1000] [--phases cstore,stow,qido,wado,metadata,frames,cfind]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import shutil
 import os
 import statistics
 import subprocess
@@ -72,99 +79,196 @@ def timed(fn, count: int) -> list[float]:
     return out
 
 
+@contextlib.contextmanager
+def orthanc_server(folder: Path):
+    """Orthanc with the DICOMweb plugin on free ports: (dicomweb base, DICOM port, AE)."""
+    exe = shutil.which("Orthanc")
+    plugin = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                               "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so") if Path(p).exists()), None)
+    if not exe or not plugin:
+        raise SystemExit("Orthanc or its DICOMweb plugin is missing: apt-get install orthanc orthanc-dicomweb")
+    folder.mkdir(parents=True)
+    http, dicom = free_port(), free_port()
+    config = {"Name": "bench", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+              "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": [plugin], "TcpNoDelay": True,
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
+                           "SeriesMetadata": "Full"},
+              "StorageCompression": False, "ConcurrentJobs": 2}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "wb")
+    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=folder)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{http}/system", timeout=2).ok:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("Orthanc did not start:\n" + (folder / "orthanc.log").read_text()[-3000:])
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{http}/dicom-web", dicom, "ORTHANC"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+@contextlib.contextmanager
+def synthport_server(folder: Path, workers: int):
+    dimse_port = free_port()
+    os.environ.setdefault("PYTEST_CURRENT_TEST", "")  # run_server reports through pytest
+    with run_server(folder, None, {"SYNTHPORT_DIMSE_PORT": str(dimse_port)}, workers=workers) as fhir_base:
+        yield fhir_base.rsplit("/fhir", 1)[0] + "/dicomweb", dimse_port, "SYNTHPORT"
+
+
+def stow(s: requests.Session, web: str, files: list[Path], batch: int) -> int:
+    bad = 0
+    for i in range(0, len(files), batch):
+        boundary = uuid.uuid4().hex
+        parts = [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes()
+                 + b"\r\n" for f in files[i:i + batch]]
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        r = s.post(f"{web}/studies", data=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json"})
+        bad += r.status_code != 200
+    return bad
+
+
+def build_studies(folder: Path, k: int) -> list[Path]:
+    """K one-instance studies (new Study/Series/SOP UIDs, PatientID BENCH-S<i>)."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    out = []
+    for i in range(k):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID = f"BENCH-S{i}"
+        path = folder / f"s{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def run_phases(name: str, web: str, dimse_port: int, aet: str, data: dict, args, phases: set) -> dict:
+    """Every phase against one server; figures by name (throughputs in /s, latencies in ms)."""
+    storescu, findscu = dcmtk("storescu"), dcmtk("findscu")
+    st1, se1, files1 = data["a"]
+    _st2, _se2, files2 = data["b"]
+    s = requests.Session()
+    res: dict[str, float] = {}
+    acc = {"Accept": "application/dicom+json"}
+    if "cstore" in phases and storescu:
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        t = time.perf_counter()
+        proc = subprocess.run([storescu, "-aec", aet, "127.0.0.1", str(dimse_port), *map(str, files1)],
+                              env=env, capture_output=True, text=True)
+        dt = time.perf_counter() - t
+        res["C-STORE inst/s"] = args.n / dt
+        print(f"[{name}] C-STORE   {args.n} instances, one association: {dt:.2f} s = {args.n / dt:.1f}/s"
+              + ("" if proc.returncode == 0 else f" rc={proc.returncode} {proc.stderr[-300:]}"))
+    else:
+        stow(s, web, files1, args.batch)          # the read phases need study a
+    if "stow" in phases:
+        t = time.perf_counter()
+        bad = stow(s, web, files2, args.batch)
+        dt = time.perf_counter() - t
+        res["STOW-RS inst/s"] = args.n / dt
+        print(f"[{name}] STOW-RS   {args.n} instances in batches of {args.batch}: {dt:.2f} s = "
+              f"{args.n / dt:.1f}/s{f'; {bad} requests not 200' if bad else ''}")
+    if "qido" in phases:
+        xs = timed(lambda: s.get(f"{web}/studies", headers=acc).raise_for_status(), args.reads)
+        res["QIDO /studies p50 ms"] = p50(xs)
+        print(f"[{name}] QIDO-RS   /studies (2 studies) p50 {p50(xs):.2f} ms")
+    sops = []
+    if {"wado", "frames"} & phases:
+        r = s.get(f"{web}/studies/{st1}/series/{se1}/instances", headers=acc)
+        sops = [d["00080018"]["Value"][0] for d in r.json()] if r.ok else []
+    if "wado" in phases and sops:
+        t = time.perf_counter()
+        for i in range(args.reads):
+            s.get(f"{web}/studies/{st1}/series/{se1}/instances/{sops[i % len(sops)]}",
+                  headers={"Accept": 'multipart/related; type="application/dicom"'}).raise_for_status()
+        dt = time.perf_counter() - t
+        res["WADO-RS instance req/s"] = args.reads / dt
+        print(f"[{name}] WADO-RS   instance retrieval: {args.reads / dt:.1f} req/s")
+    if "metadata" in phases:
+        xs = timed(lambda: s.get(f"{web}/studies/{st1}/series/{se1}/metadata", headers=acc
+                                 ).raise_for_status(), max(10, args.reads // 10))
+        res["series metadata p50 ms"] = p50(xs)
+        print(f"[{name}] WADO-RS   series metadata ({args.n} instances) p50 {p50(xs):.2f} ms")
+    if "frames" in phases and sops:
+        t = time.perf_counter()
+        for i in range(args.reads):
+            s.get(f"{web}/studies/{st1}/series/{se1}/instances/{sops[i % len(sops)]}/frames/1",
+                  headers={"Accept": 'multipart/related; type="application/octet-stream"'}
+                  ).raise_for_status()
+        dt = time.perf_counter() - t
+        res["frames/1 req/s"] = args.reads / dt
+        print(f"[{name}] WADO-RS   frames/1: {args.reads / dt:.1f} req/s")
+    if "cfind" in phases and findscu:
+        def find():
+            subprocess.run([findscu, "-S", "-aec", aet, "-k", "QueryRetrieveLevel=STUDY",
+                            "-k", "StudyInstanceUID", "-k", "PatientName", "127.0.0.1", str(dimse_port)],
+                           capture_output=True, check=True)
+        xs = timed(find, max(10, args.reads // 10))
+        res["C-FIND study p50 ms"] = p50(xs)
+        print(f"[{name}] C-FIND    STUDY level incl. association setup p50 {p50(xs):.2f} ms")
+    if data.get("studies"):
+        bad = stow(s, web, data["studies"], args.batch)
+        k = len(data["studies"])
+        xs = timed(lambda: s.get(f"{web}/studies", headers=acc).raise_for_status(), max(10, args.reads // 10))
+        res[f"QIDO /studies ({k + 2} studies) p50 ms"] = p50(xs)
+        xs2 = timed(lambda: s.get(f"{web}/studies", params={"PatientID": f"BENCH-S{k // 2}"},
+                                  headers=acc).raise_for_status(), args.reads)
+        res[f"QIDO PatientID= ({k + 2} studies) p50 ms"] = p50(xs2)
+        print(f"[{name}] QIDO-RS   on {k + 2} studies: /studies p50 {p50(xs):.2f} ms, "
+              f"?PatientID= p50 {p50(xs2):.2f} ms{f'; {bad} STOW requests not 200' if bad else ''}")
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="instances per store phase")
     ap.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     ap.add_argument("--reads", type=int, default=200, help="requests per read phase")
     ap.add_argument("--batch", type=int, default=50, help="STOW-RS instances per request")
+    ap.add_argument("--studies", type=int, default=0, help="more one-instance studies for QIDO")
+    ap.add_argument("--orthanc", action="store_true", help="run the same phases against Orthanc")
     ap.add_argument("--phases", default="cstore,stow,qido,wado,metadata,frames,cfind")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
-    storescu, findscu = dcmtk("storescu"), dcmtk("findscu")
-    print(f"dcmtk storescu: {storescu or 'not found'}; findscu: {findscu or 'not found'}")
+    print(f"dcmtk storescu: {dcmtk('storescu') or 'not found'}; findscu: {dcmtk('findscu') or 'not found'}")
 
     with tempfile.TemporaryDirectory(prefix="dicom-bench-") as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        st1, se1, files1 = build(tmp / "a", args.n, "a")
-        st2, se2, files2 = build(tmp / "b", args.n, "b")
-        size = sum(f.stat().st_size for f in files1) / len(files1)
-        print(f"built 2 x {args.n} instances ({size / 1024:.1f} KB each) in "
+        data = {"a": build(tmp / "a", args.n, "a"), "b": build(tmp / "b", args.n, "b")}
+        if args.studies:
+            data["studies"] = build_studies(tmp / "studies", args.studies)
+        size = sum(f.stat().st_size for f in data["a"][2]) / args.n
+        print(f"built 2 x {args.n} instances ({size / 1024:.1f} KB each)"
+              f"{f' and {args.studies} one-instance studies' if args.studies else ''} in "
               f"{time.perf_counter() - t:.1f} s")
-        dimse_port = free_port()
-        os.environ.setdefault("PYTEST_CURRENT_TEST", "")  # run_server reports through pytest
-        with run_server(tmp / "srv", None, {"SYNTHPORT_DIMSE_PORT": str(dimse_port)},
-                        workers=args.workers) as fhir_base:
-            web = fhir_base.rsplit("/fhir", 1)[0] + "/dicomweb"
-            s = requests.Session()
-            results = {}
-            if "cstore" in phases and storescu:
-                env = {**os.environ, "TCP_NODELAY": "1"}
-                t = time.perf_counter()
-                proc = subprocess.run([storescu, "-aec", "SYNTHPORT", "127.0.0.1", str(dimse_port),
-                                       *map(str, files1)], env=env, capture_output=True, text=True)
-                dt = time.perf_counter() - t
-                ok = proc.returncode == 0
-                results["C-STORE instances/s"] = args.n / dt
-                print(f"C-STORE   {args.n} instances, one association: {dt:.2f} s = "
-                      f"{args.n / dt:.1f} instances/s (target >= 215){'' if ok else ' rc=' + str(proc.returncode) + ' ' + proc.stderr[-500:]}")
-            if "stow" in phases:
-                t = time.perf_counter()
-                bad = 0
-                for i in range(0, len(files2), args.batch):
-                    boundary = uuid.uuid4().hex
-                    parts = []
-                    for f in files2[i:i + args.batch]:
-                        parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n"
-                                     .encode() + f.read_bytes() + b"\r\n")
-                    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-                    r = s.post(f"{web}/studies", data=body, headers={
-                        "Content-Type": f'multipart/related; type="application/dicom"; '
-                                        f"boundary={boundary}",
-                        "Accept": "application/dicom+json"})
-                    bad += r.status_code != 200
-                dt = time.perf_counter() - t
-                results["STOW-RS instances/s"] = args.n / dt
-                print(f"STOW-RS   {args.n} instances in batches of {args.batch}: {dt:.2f} s = "
-                      f"{args.n / dt:.1f} instances/s (target >= 133){f'; {bad} requests not 200' if bad else ''}")
-            acc = {"Accept": "application/dicom+json"}
-            if "qido" in phases:
-                xs = timed(lambda: s.get(f"{web}/studies", headers=acc).raise_for_status(), args.reads)
-                print(f"QIDO-RS   /studies p50 {p50(xs):.2f} ms ({args.reads} requests)")
-            sops = []
-            if {"wado", "frames"} & phases:
-                r = s.get(f"{web}/studies/{st1}/series/{se1}/instances", headers=acc)
-                sops = [d["00080018"]["Value"][0] for d in r.json()] if r.ok else []
-            if "wado" in phases and sops:
-                n = args.reads
-                t = time.perf_counter()
-                for i in range(n):
-                    s.get(f"{web}/studies/{st1}/series/{se1}/instances/{sops[i % len(sops)]}",
-                          headers={"Accept": 'multipart/related; type="application/dicom"'}
-                          ).raise_for_status()
-                dt = time.perf_counter() - t
-                print(f"WADO-RS   instance retrieval: {n / dt:.1f} req/s (one client, sequential)")
-            if "metadata" in phases:
-                xs = timed(lambda: s.get(f"{web}/studies/{st1}/series/{se1}/metadata",
-                                         headers=acc).raise_for_status(), max(10, args.reads // 10))
-                print(f"WADO-RS   series metadata ({args.n} instances) p50 {p50(xs):.2f} ms")
-            if "frames" in phases and sops:
-                n = args.reads
-                t = time.perf_counter()
-                for i in range(n):
-                    s.get(f"{web}/studies/{st1}/series/{se1}/instances/{sops[i % len(sops)]}/frames/1",
-                          headers={"Accept": 'multipart/related; type="application/octet-stream"'}
-                          ).raise_for_status()
-                dt = time.perf_counter() - t
-                print(f"WADO-RS   frames/1: {n / dt:.1f} req/s (one client, sequential)")
-            if "cfind" in phases and findscu:
-                def find():
-                    subprocess.run([findscu, "-S", "-aec", "SYNTHPORT", "-k", "QueryRetrieveLevel=STUDY",
-                                    "-k", "StudyInstanceUID", "-k", "PatientName", "127.0.0.1",
-                                    str(dimse_port)], capture_output=True, check=True)
-                xs = timed(find, max(10, args.reads // 10))
-                print(f"C-FIND    STUDY level incl. association setup p50 {p50(xs):.2f} ms")
+        with synthport_server(tmp / "srv", args.workers) as (web, port, aet):
+            ours = run_phases("synthport", web, port, aet, data, args, phases)
+        if not args.orthanc:
+            return 0
+        with orthanc_server(tmp / "orthanc") as (web, port, aet):
+            theirs = run_phases("orthanc", web, port, aet, data, args, phases)
+    print("\n| figure | synthport | Orthanc | ratio synthport/Orthanc | goal |")
+    print("|---|---|---|---|---|")
+    for key, value in ours.items():
+        other = theirs.get(key)
+        ratio = value / other if other else float("nan")
+        goal = "<= 1.0 (latency)" if key.endswith("ms") else ">= 1.0 (throughput)"
+        print(f"| {key} | {value:.1f} | {other if other is None else round(other, 1)} | {ratio:.2f} | {goal} |")
     return 0
 
 

@@ -64,6 +64,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dimse_timeout", 60, "Seconds the DIMSE listener waits on a silent peer (network "
             "and DIMSE timeouts; at most 30 s for the association request) before aborting "
             "the association.", float),
+    Setting("dimse_link_interval", 10.0, "C-STORE writes a study's FHIR ImagingStudy once per "
+            "association (when the peer releases or drops it), and at most this many seconds "
+            "after the first instance of a long association (docs/adr/0006).", float),
     Setting("log_level", "info", "Logging level."),
     Setting("dicom_patient_id_system", "urn:synthport:dicom:patient-id",
             "Identifier system of the FHIR Patient linked to a DICOM PatientID."),

@@ -200,3 +200,27 @@ class BatchStoreSource(Protocol):
         keeps the others from being stored.
         """
         ...
+
+
+@runtime_checkable
+class DeferredLinkSource(Protocol):
+    """Optional for C-STORE (not part of :class:`DicomSource`): store now, link later.
+
+    DIMSE sends one C-STORE per instance; writing the study's FHIR ImagingStudy at each
+    one costs a version (body and index) that grows with the study, O(n^2) per study.
+    A source offering this stores each instance with ``defer_link=True`` (the instance
+    rows and file in one transaction, the study marked as pending) and writes each
+    pending study's ImagingStudy once when :meth:`link_pending` is called: by the DIMSE
+    layer when the association ends (before the A-RELEASE response), every
+    ``dimse_link_interval`` seconds during a long association, and when the listener
+    starts (a crash between the two leaves the mark set, never a lost link).
+    """
+
+    def store_instance(self, ctx: RequestContext, data: bytes, *,
+                       defer_link: bool = False) -> StoreOutcome:
+        ...
+
+    def link_pending(self, ctx: RequestContext, study_uids: list[str] | None = None) -> int:
+        """Write the ImagingStudy (and Patient) of each pending study, among
+        ``study_uids`` when given; returns how many studies were linked."""
+        ...

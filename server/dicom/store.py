@@ -309,17 +309,25 @@ class DicomStore:
         return Path(tmp), final
 
     # ------------------------------------------------------------------ writes
-    def store_instance(self, ctx: RequestContext, data: bytes) -> StoreOutcome:
-        """Store one Part 10 file (see :meth:`DicomSource.store_instance`)."""
-        parsed = parse_instance(bytes(data))
-        return self._store_parsed(ctx, parsed, data)
+    def store_instance(self, ctx: RequestContext, data: bytes, *,
+                       defer_link: bool = False) -> StoreOutcome:
+        """Store one Part 10 file (see :meth:`DicomSource.store_instance`).
 
-    def _store_parsed(self, ctx: RequestContext, parsed: ParsedInstance, data: bytes) -> StoreOutcome:
+        Args:
+            defer_link: mark the study as pending instead of writing its ImagingStudy
+                now (see :class:`server.dicom.source.DeferredLinkSource`); the caller
+                must call :meth:`link_pending` later.
+        """
+        parsed = parse_instance(bytes(data))
+        return self._store_parsed(ctx, parsed, data, defer_link)
+
+    def _store_parsed(self, ctx: RequestContext, parsed: ParsedInstance, data: bytes,
+                      defer_link: bool = False) -> StoreOutcome:
         tmp, final = self._write_temp(blob_key(parsed.sop_uid), data)
         try:
             for attempt in range(3):
                 try:
-                    replaced = self._store_rows(ctx, [(parsed, tmp, final)])[0]
+                    replaced = self._store_rows(ctx, [(parsed, tmp, final)], defer_link)[0]
                     break
                 except (IntegrityError, OperationalError) as exc:
                     # A concurrent first store of the same patient/series on PostgreSQL
@@ -390,12 +398,12 @@ class DicomStore:
                 results[i] = exc
         return results  # type: ignore[return-value]
 
-    def _store_rows(self, ctx: RequestContext,
-                    batch: list[tuple[ParsedInstance, Path, Path]]) -> list[bool]:
+    def _store_rows(self, ctx: RequestContext, batch: list[tuple[ParsedInstance, Path, Path]],
+                    defer_link: bool = False) -> list[bool]:
         """Write the rows of ``batch`` (parsed, temp file, final path), refresh the counts
-        and link each affected study to FHIR once, all in one transaction; move the
-        files into place just before the commit. Returns, per item, whether it replaced
-        a stored instance."""
+        and link each affected study to FHIR once (or, with ``defer_link``, mark it
+        pending), all in one transaction; move the files into place just before the
+        commit. Returns, per item, whether it replaced a stored instance."""
         now = time.time()
         conn = begin_write(self.engine)
         try:
@@ -433,9 +441,10 @@ class DicomStore:
                             added[pk].append({"series_pk": series_pk, "sop_uid": parsed.sop_uid,
                                               "sop_class_uid": parsed.sop_class_uid,
                                               "instance_number": parsed.instance["instance_number"]})
-                self._refresh_counts(conn, series_pks, study_pks, now)
-                for pk in study_pks:
-                    self._link_fhir(conn, ctx, pk, added[pk])
+                self._refresh_counts(conn, series_pks, study_pks, now, pending=defer_link)
+                if not defer_link:
+                    for pk in study_pks:
+                        self._link_fhir(conn, ctx, pk, added[pk])
                 for _parsed, tmp, final in batch:
                     if tmp.exists():      # not yet moved by an attempt whose commit failed
                         os.replace(tmp, final)
@@ -477,7 +486,8 @@ class DicomStore:
         conn.execute(update(table).where(table.c.pk == pk).values(**changes, updated=now))
         return pk
 
-    def _refresh_counts(self, conn, series_pks: set[int], study_pks: list[int], now: float) -> None:
+    def _refresh_counts(self, conn, series_pks: set[int], study_pks: list[int], now: float,
+                        pending: bool = False) -> None:
         for pk in series_pks:
             n = conn.execute(select(func.count()).select_from(I).where(I.c.series_pk == pk)).scalar_one()
             if n:
@@ -493,7 +503,41 @@ class DicomStore:
                                     .where(SE.c.study_pk == pk)).scalar_one()
             conn.execute(update(ST).where(ST.c.pk == pk).values(
                 num_instances=n_inst, num_series=n_series, modalities=_clip("\\".join(mods), 256),
-                updated=now))
+                updated=now, fhir_pending=pending))
+
+    def link_pending(self, ctx: RequestContext, study_uids: list[str] | None = None) -> int:
+        """Write the ImagingStudy of every study stored with ``defer_link`` (see
+        :class:`server.dicom.source.DeferredLinkSource`), each in its own transaction
+        under the same locks as a store; returns how many studies were linked."""
+        query = select(ST.c.pk, ST.c.study_uid, ST.c.patient_pk).where(ST.c.fhir_pending.is_(True))
+        if study_uids is not None:
+            if not study_uids:
+                return 0
+            query = query.where(ST.c.study_uid.in_(sorted(set(study_uids))))
+        with self.engine.connect() as conn:
+            todo = conn.execute(query.order_by(ST.c.pk)).all()
+        done = 0
+        for study_pk, study_uid, _patient_pk in todo:
+            conn = begin_write(self.engine)
+            try:
+                with conn.begin():
+                    prow = conn.execute(select(P.c.patient_id).join(ST, ST.c.patient_pk == P.c.pk)
+                                        .where(ST.c.pk == study_pk)).first()
+                    if prow is None:
+                        continue
+                    self.sql.lock_condition(conn, "Patient?identifier=" + _token(
+                        *fhirlink.patient_identifier(self.patient_system, prow.patient_id, study_uid)))
+                    self.sql.lock_condition(conn, "ImagingStudy?identifier=" + _token(
+                        fhirlink.STUDY_UID_SYSTEM, f"urn:oid:{study_uid}"))
+                    still = conn.execute(select(ST.c.fhir_pending).where(ST.c.pk == study_pk)).scalar()
+                    if not still:
+                        continue      # linked meanwhile by another association or a STOW
+                    self._link_fhir(conn, ctx, study_pk, None)
+                    conn.execute(update(ST).where(ST.c.pk == study_pk).values(fhir_pending=False))
+                    done += 1
+            finally:
+                conn.close()
+        return done
 
     # ------------------------------------------------------------------ FHIR link
     def _dicomweb_base(self, ctx: RequestContext) -> str:

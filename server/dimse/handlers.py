@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -24,6 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 from pynetdicom import build_context, evt
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
@@ -118,12 +121,19 @@ class DimseState:
             not in ``sources`` and the server is not strict about it).
         peers: C-MOVE destinations, AE title -> (host, port).
         max_pdu: the largest PDU we accept on C-MOVE sub-associations too.
+        link_interval: seconds an association may keep stored studies pending before
+            their ImagingStudy is written (see :func:`flush_links`).
+        pending: per association (``id(assoc)``), the studies it stored with their
+            FHIR link deferred; touched under ``lock`` only.
     """
 
     sources: dict[str, Any]
     default_ae: str
     peers: dict[str, tuple[str, int]] = field(default_factory=dict)
     max_pdu: int = 65536
+    link_interval: float = 10.0
+    pending: dict[int, "PendingLinks"] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def source(self, event) -> Any:
         ae = (event.assoc.acceptor.ae_title or "").strip()
@@ -132,6 +142,16 @@ class DimseState:
     def ae_title(self, event) -> str:
         ae = (event.assoc.acceptor.ae_title or "").strip()
         return ae if ae in self.sources else self.default_ae
+
+
+@dataclass
+class PendingLinks:
+    """Studies one association stored whose ImagingStudy is not written yet."""
+
+    source: Any
+    ctx: RequestContext
+    since: float
+    study_uids: set[str] = field(default_factory=set)
 
 
 def _ctx(event) -> RequestContext:
@@ -472,17 +492,36 @@ def part10_as_received(event) -> bytes:
 
 
 def handle_store(event, state: DimseState) -> int | Dataset:
-    """C-STORE: hand the instance, encoded as received, to ``source.store_instance``."""
+    """C-STORE: hand the instance, encoded as received, to ``source.store_instance``.
+
+    A source that can defer its FHIR link (``link_pending``) writes the study's
+    ImagingStudy once per association (:func:`flush_links`), not once per instance.
+    """
     source = state.source(event)
+    ctx = _ctx(event)
     try:
         data = part10_as_received(event)
     except Exception as exc:  # noqa: BLE001
         return status(E.DIMSE_ERROR_CANNOT_UNDERSTAND, f"cannot read the data set: {exc}")
+    deferred = callable(getattr(source, "link_pending", None))
     try:
-        outcome = source.store_instance(_ctx(event), data)
+        if deferred:
+            outcome = source.store_instance(ctx, data, defer_link=True)
+        else:
+            outcome = source.store_instance(ctx, data)
     except Exception as exc:  # noqa: BLE001 - every failure answers a status
         log.info("C-STORE from %s refused: %s", calling_aet(event), exc)
         return error_status(exc)
+    if deferred:
+        key = id(event.assoc)
+        with state.lock:
+            entry = state.pending.get(key)
+            if entry is None:
+                entry = state.pending[key] = PendingLinks(source, ctx, time.monotonic())
+            entry.study_uids.add(outcome.study_uid)
+            due = time.monotonic() - entry.since >= state.link_interval
+        if due:
+            flush_links(event.assoc, state)
     warnings = getattr(outcome, "warnings", None)
     if warnings:
         return status(E.DIMSE_STORE_WARNING_COERCION, "; ".join(map(str, warnings)))
@@ -578,6 +617,39 @@ def handle_move(event, state: DimseState) -> Iterator[Any]:
         yield E.DIMSE_PENDING, dataset_to_send(source, ctx, ref, accepted)
 
 
+def flush_links(assoc, state: DimseState) -> None:
+    """Write the ImagingStudy of every study ``assoc`` stored with its link deferred.
+
+    Called when the peer asks to release (from the DUL thread, before the A-RELEASE
+    response is sent, so a peer that released sees its studies in FHIR), when the
+    connection closes (abort, network loss), and every ``link_interval`` seconds of a
+    long association. A failure here is logged, never lost: the studies stay marked
+    pending in SQL and the listener links them when it starts.
+    """
+    with state.lock:
+        entry = state.pending.pop(id(assoc), None)
+    if entry is None or not entry.study_uids:
+        return
+    try:
+        n = entry.source.link_pending(entry.ctx, sorted(entry.study_uids))
+        log.debug("linked %d study(ies) stored by %s", n, entry.ctx.caller)
+    except Exception:  # noqa: BLE001 - the pending mark stays in SQL
+        log.exception("could not link %d stored study(ies) to FHIR; they stay pending",
+                      len(entry.study_uids))
+
+
+def handle_pdu_recv(event, state: DimseState) -> None:
+    """EVT_PDU_RECV: on A-RELEASE-RQ, link what the association stored (PS3.8 §7.2:
+    the A-RELEASE-RP goes out after this handler returns)."""
+    if isinstance(event.pdu, A_RELEASE_RQ):
+        flush_links(event.assoc, state)
+
+
+def handle_conn_close(event, state: DimseState) -> None:
+    """EVT_CONN_CLOSE: link what an aborted or dropped association stored."""
+    flush_links(event.assoc, state)
+
+
 def bind(source: Any, config: Mapping[str, Any]) -> list[tuple]:
     """The handler list for ``AE.make_server(evt_handlers=...)``.
 
@@ -596,6 +668,8 @@ def bind(source: Any, config: Mapping[str, Any]) -> list[tuple]:
         (evt.EVT_C_FIND, handle_find, [state]),
         (evt.EVT_C_GET, handle_get, [state]),
         (evt.EVT_C_MOVE, handle_move, [state]),
+        (evt.EVT_PDU_RECV, handle_pdu_recv, [state]),
+        (evt.EVT_CONN_CLOSE, handle_conn_close, [state]),
     ]
 
 
@@ -609,4 +683,5 @@ def make_state(source: Any, config: Mapping[str, Any]) -> DimseState:
         sources = {default_ae: source}
     return DimseState(sources=sources, default_ae=default_ae,
                       peers=parse_peers(config.get("dimse_peers")),
-                      max_pdu=int(config.get("dimse_max_pdu") or 0))
+                      max_pdu=int(config.get("dimse_max_pdu") or 0),
+                      link_interval=float(config.get("dimse_link_interval") or 10.0))

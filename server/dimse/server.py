@@ -46,6 +46,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from server.dimse.handlers import bind, parse_aet_list, parse_peers, set_nodelay
+from server.source import RequestContext
 
 log = logging.getLogger("synthport.dimse")
 
@@ -148,6 +149,7 @@ def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
         The running server; ``server.shutdown()`` stops it and closes the socket.
     """
     parse_peers(config.get("dimse_peers"))          # fail now on a bad peer table
+    link_leftovers(source)
     ae = build_ae(config)
     host = str(config.get("dimse_host") or config.get("http_host") or "0.0.0.0")
     port = int(config.get("dimse_port", 11112) if port is None else port)
@@ -165,6 +167,22 @@ def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
         threading.Thread(target=server.serve_forever, name=f"dimse-{server.server_address[1]}",
                          daemon=True).start()
     return server
+
+
+def link_leftovers(source: Any) -> None:
+    """Link the studies a previous run stored over C-STORE but could not link (the
+    listener stopped mid-association): their ``fhir_pending`` mark is still set."""
+    sources = source.values() if isinstance(source, Mapping) else [source]
+    for src in sources:
+        link = getattr(src, "link_pending", None)
+        if callable(link):
+            try:
+                n = link(RequestContext(caller="synthport-dimse"))
+            except Exception:  # noqa: BLE001 - they stay pending; next start retries
+                log.exception("could not link pending DICOM studies to FHIR")
+                continue
+            if n:
+                log.info("linked %d DICOM study(ies) left pending by an earlier run", n)
 
 
 # --------------------------------------------------------------------------- child process
