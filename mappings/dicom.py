@@ -134,6 +134,8 @@ def image_table(sources: Iterable[Dataset | str | Path]) -> pd.DataFrame:
         df[c] = df[c].astype("float64")
     for c in _CAT_COLS:
         df[c] = df[c].astype("object").where(df[c].notna(), None).astype("category")
+    for c in ("patient_id", "study_uid", "series_uid", "sop_uid", "path"):
+        df[c] = df[c].astype("object").where(df[c].notna(), None).astype("string")
     df["study_date"] = pd.to_datetime(df["study_date"])
     return df
 
