@@ -280,7 +280,9 @@ def build_patient_table(demo: pd.DataFrame, events: pd.DataFrame, spec: MappingS
             sel = select_vocabulary(df, "code", k, m)
             codes = [c for c, _ in sel]
             systems = code_system_of(df, "code")
-            df = df[df["code"].isin(codes)].sort_values(["patient_id", "code", "t_days"], kind="stable")
+            # ties in time are broken by value, not by id, so "last" does not depend on ids
+            df = df[df["code"].isin(codes)].sort_values(
+                ["patient_id", "code", "t_days", "value_num", "value_code"], kind="stable")
             for c in codes:
                 d = df[df["code"] == c]
                 target = units.get(c, {}).get("unit")
