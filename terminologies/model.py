@@ -345,6 +345,49 @@ class CodeSystemData:
         seen.discard(code)
         return frozenset(seen)
 
+    def descendants_in_order(self, code: str) -> list[str]:
+        """Transitive descendants of ``code`` in depth-first pre-order (children in
+        source order, each code once): the order of hierarchy-filter expansions. Costs
+        time proportional to the subtree, nothing global."""
+        self.children(code)
+        assert self._children is not None
+        kids = self._children
+        seen = {code}
+        out: list[str] = []
+        stack = list(reversed(kids.get(code, ())))
+        while stack:
+            k = stack.pop()
+            if k in seen:
+                continue
+            seen.add(k)
+            out.append(k)
+            more = kids.get(k)
+            if more:
+                stack.extend(reversed(more))
+        return out
+
+    def ancestors_in_order(self, code: str) -> list[str]:
+        """Transitive ancestors of ``code``, most general first (reverse breadth-first)."""
+        c = self._concepts.get(code)
+        if c is None:
+            return []
+        seen = {code}
+        order: list[str] = []
+        queue = list(c.parents)
+        while queue:
+            nxt = []
+            for p in queue:
+                if p in seen:
+                    continue
+                seen.add(p)
+                order.append(p)
+                pc = self._concepts.get(p)
+                if pc is not None:
+                    nxt.extend(pc.parents)
+            queue = nxt
+        order.reverse()
+        return order
+
     # The public names are replaced per instance by cached wrappers in __init__;
     # these definitions document the signatures.
     def ancestors(self, code: str) -> frozenset[str]:  # noqa: D401 - replaced in __init__

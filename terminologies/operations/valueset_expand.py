@@ -72,7 +72,7 @@ def expand_codes(provider: TerminologyProvider, valueset_or_url: dict | str) -> 
     else:
         vs, entries, _, codes, key = _evaluate(provider, valueset_or_url, None, None)
     if codes is None:
-        codes = {(e.system, e.code) for e in entries}
+        codes = {e[:2] for e in entries}
         with _lock:
             hit = _cache.get(key)
             if hit is not None:

@@ -123,3 +123,14 @@ def test_apply_supplement_to_not_present_base_adds_codes():
     merged = base.apply_supplement(sup)
     assert merged.get("73211009").display == "Diabetes mellitus"
     assert merged.content == "fragment"
+
+
+def test_ordered_closures():
+    cs = CodeSystemData.from_concepts("http://x", [
+        Concept("r"), Concept("a", parents=("r",)), Concept("b", parents=("r",)),
+        Concept("c", parents=("a", "b")), Concept("d", parents=("c",))])
+    assert cs.descendants_in_order("r") == ["a", "c", "d", "b"]      # depth first, each code once
+    assert cs.descendants_in_order("d") == []
+    order = cs.ancestors_in_order("d")
+    assert order[0] == "r" and order[-1] == "c" and set(order) == {"r", "a", "b", "c"}
+    assert cs.ancestors_in_order("nope") == []

@@ -69,7 +69,7 @@ def test_whole_system_and_active_only(provider):
     ({"property": "concept", "op": "descendent-of", "value": "126877002"}, ["73211009", "46635009", "44054006", "8801005"]),
     ({"property": "concept", "op": "is-not-a", "value": "64572001"}, ["404684003", "11530004"]),
     ({"property": "concept", "op": "generalizes", "value": "362969004"}, ["404684003", "64572001", "362969004"]),
-    ({"property": "concept", "op": "in", "value": "44054006, 46635009,nope"}, ["46635009", "44054006"]),
+    ({"property": "concept", "op": "in", "value": "44054006, 46635009,nope"}, ["44054006", "46635009"]),
     ({"property": "concept", "op": "=", "value": "8801005"}, ["8801005"]),
     ({"property": "code", "op": "regex", "value": "4[0-9]+"}, ["404684003", "46635009", "44054006"]),
     ({"property": "display", "op": "regex", "value": "Diabetes mellitus type [0-9]"}, ["46635009", "44054006"]),
