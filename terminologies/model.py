@@ -348,7 +348,14 @@ class CodeSystemData:
     def descendants_in_order(self, code: str) -> list[str]:
         """Transitive descendants of ``code`` in depth-first pre-order (children in
         source order, each code once): the order of hierarchy-filter expansions. Costs
-        time proportional to the subtree, nothing global."""
+        time proportional to the subtree, nothing global.
+
+        A subclass that keeps the hierarchy elsewhere (overrides ``children``), such as
+        the server's SQL-backed code system, gets ``sorted(descendants(code))`` instead:
+        one closure query rather than one query per node.
+        """
+        if type(self).children is not CodeSystemData.children:
+            return sorted(self.descendants(code))
         self.children(code)
         assert self._children is not None
         kids = self._children
@@ -368,7 +375,7 @@ class CodeSystemData:
 
     def ancestors_in_order(self, code: str) -> list[str]:
         """Transitive ancestors of ``code``, most general first (reverse breadth-first)."""
-        c = self._concepts.get(code)
+        c = self.get(code)
         if c is None:
             return []
         seen = {code}
@@ -381,7 +388,7 @@ class CodeSystemData:
                     continue
                 seen.add(p)
                 order.append(p)
-                pc = self._concepts.get(p)
+                pc = self.get(p)
                 if pc is not None:
                     nxt.extend(pc.parents)
             queue = nxt

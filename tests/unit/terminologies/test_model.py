@@ -134,3 +134,26 @@ def test_ordered_closures():
     order = cs.ancestors_in_order("d")
     assert order[0] == "r" and order[-1] == "c" and set(order) == {"r", "a", "b", "c"}
     assert cs.ancestors_in_order("nope") == []
+
+
+def test_subclass_with_own_hierarchy_storage_is_used_through_its_methods():
+    """A subclass that overrides children/_descendants (as the server's SQL-backed code
+    system does) must not need the in-memory children index."""
+
+    class External(CodeSystemData):
+        def children(self, code):
+            return {"r": ("a",), "a": ("b",)}.get(code, ())
+
+        def _descendants(self, code):
+            return frozenset({"r": {"a", "b"}, "a": {"b"}}.get(code, set()))
+
+    cs = External("http://x", {"r": Concept("r"), "a": Concept("a", parents=("r",)),
+                               "b": Concept("b", parents=("a",))})
+    assert cs.descendants_in_order("r") == ["a", "b"]
+    assert cs._children is None
+    from terminologies.operations.valueset_expand import expand
+    from terminologies.provider import InMemoryProvider
+
+    vs = {"resourceType": "ValueSet", "compose": {"include": [
+        {"system": "http://x", "filter": [{"property": "concept", "op": "is-a", "value": "r"}]}]}}
+    assert [c["code"] for c in expand(InMemoryProvider(cs), vs)["expansion"]["contains"]] == ["r", "a", "b"]
