@@ -23,14 +23,16 @@ input gives byte-identical files. Every instance says it is synthetic in Image C
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import uuid
 from typing import Any, Sequence
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from .data import CT_HU_MAX, CT_HU_MIN, norm_body_part, norm_modality, resize
 
@@ -83,8 +85,14 @@ class RenderError(ValueError):
 
 
 def derived_uid(*parts: str) -> str:
-    """A deterministic ``2.25.`` UID (PS3.5 §B.2) from the given strings."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A deterministic ``2.25.`` UID from the given strings.
+
+    PS3.5 §B.2: a UUID as a decimal integer under 2.25; here a name-based UUID
+    (RFC 9562 version 5 layout over SHA-256 of the parts), so the same parts always
+    give the same UID.
+    """
+    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
