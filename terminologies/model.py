@@ -351,11 +351,12 @@ class CodeSystemData:
         time proportional to the subtree, nothing global.
 
         A subclass that keeps the hierarchy elsewhere (overrides ``children``), such as
-        the server's SQL-backed code system, gets ``sorted(descendants(code))`` instead:
-        one closure query rather than one query per node.
+        the server's SQL-backed code system, gets ``order_of(descendants(code))``
+        instead: one closure query rather than one query per node (and ``order_of`` may
+        prefetch the concepts the expansion reads next).
         """
         if type(self).children is not CodeSystemData.children:
-            return sorted(self.descendants(code))
+            return self.order_of(self.descendants(code))
         self.children(code)
         assert self._children is not None
         kids = self._children
