@@ -53,27 +53,52 @@ def patient_ids(patients: pd.DataFrame) -> pd.Series:
     return pd.Series(patients.index.astype(str), name="patient_id")
 
 
-def reference_days(patients: pd.DataFrame) -> np.ndarray:
+def reference_days(patients) -> np.ndarray:
     """Last day (since birth) on which a patient may have events: death, else the reference age.
 
     Uses ``ref_t_days`` when the table has it; otherwise ``age_at_death`` (years) for
     deceased patients and ``age`` (years) for the others. Integer ages are read as
     completed years, so the bound is the end of that year of life. ``inf`` when unknown.
+
+    Args:
+        patients: a patient DataFrame, or a mapping column -> list of values.
     """
+    cols = patients.columns if isinstance(patients, pd.DataFrame) else patients.keys()
     n = len(patients)
-    if "ref_t_days" in patients.columns:
-        return pd.to_numeric(patients["ref_t_days"], errors="coerce").fillna(np.inf).to_numpy(float)
+    get = (lambda c: as_float(patients[c])) if isinstance(patients, pd.DataFrame) \
+        else (lambda c: floats(patients[c]))
+    if "ref_t_days" in cols:
+        r = get("ref_t_days")
+        return np.where(np.isnan(r), np.inf, r)
     ref = np.full(n, np.inf)
-    if "age" in patients.columns:
-        age = pd.to_numeric(patients["age"], errors="coerce").to_numpy(float)
+    if "age" in cols:
+        age = get("age")
         ref = np.where(np.isnan(age), np.inf, _years_to_bound(age))
-    if "age_at_death" in patients.columns:
-        dead = pd.to_numeric(patients["age_at_death"], errors="coerce").to_numpy(float)
-        if "deceased" in patients.columns:
-            flag = patients["deceased"].fillna(False).astype(bool).to_numpy()
-            dead = np.where(flag, dead, np.nan)
+    if "age_at_death" in cols:
+        dead = get("age_at_death")
+        if "deceased" in cols:
+            dead = np.where(get("deceased") > 0.5, dead, np.nan)
         ref = np.where(np.isnan(dead), ref, np.minimum(ref, _years_to_bound(dead)))
     return ref
+
+
+def floats(values) -> np.ndarray:
+    """A list of values as float64, NaN where missing or not a number."""
+    out = np.empty(len(values))
+    for i, v in enumerate(values):
+        try:
+            out[i] = np.nan if v is None or v is pd.NA else float(v)
+        except (TypeError, ValueError):
+            out[i] = np.nan
+    return out
+
+
+def as_float(s: pd.Series) -> np.ndarray:
+    """A column as float64, NaN where missing or not a number."""
+    try:
+        return s.to_numpy(dtype=float, na_value=np.nan)
+    except (TypeError, ValueError):
+        return pd.to_numeric(s, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
 def _years_to_bound(years: np.ndarray) -> np.ndarray:
@@ -98,7 +123,10 @@ def condition_columns(patients: pd.DataFrame) -> list[ConditionColumn]:
     out = []
     for c in patients.columns:
         m = _COND_COL.match(str(c))
-        if not m or any(str(c).endswith(s) for s in _COND_SUFFIXES):
+        if not m or any(str(c).endswith(s) for s in _COND_SUFFIXES) or m.group("code") == "other":
+            continue
+        vals = pd.to_numeric(patients[c], errors="coerce").dropna()
+        if not vals.isin([0, 1]).all():  # a count ("cond_other"), not a 0/1 flag
             continue
         onset = f"{c}_onset_age"
         out.append(ConditionColumn(m.group("code"), c, onset if onset in cols else None))

@@ -11,12 +11,15 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from .constraints import KINDS
+from .constraints import KINDS, floats
 
 PAD, BOS, EOS = 0, 1, 2
 N_SPECIAL = 3
 
 SLOT_NONE, SLOT_NUM, SLOT_CAT, SLOT_DUR = 0, 1, 2, 3
+
+# Optional event-table columns whose value is carried per token (its most common value).
+CARRIED = ("category", "value_system")
 
 # Time-gap bins (days): bin 0 is "same instant", bin 1 up to a minute, then
 # log-spaced bins up to 120 years; a gap is drawn log-uniformly inside its bin.
@@ -104,32 +107,34 @@ class PatientEncoder:
                     self.spec.append({"col": str(col), "type": "cat", "cats": cats})
         return self
 
-    def transform(self, patients: pd.DataFrame) -> np.ndarray:
-        """Encodes rows; missing columns count as missing values."""
-        n = len(patients)
-        parts = []
+    def transform(self, patients) -> np.ndarray:
+        """Encodes rows (a DataFrame or a mapping column -> list); missing columns count as missing."""
+        if isinstance(patients, pd.DataFrame):
+            patients = patients.to_dict(orient="list")
+        n = len(next(iter(patients.values()))) if patients else 0
+        out = np.zeros((n, max(self.dim, 1)))
+        j = 0
         for s in self.spec:
-            col = patients[s["col"]] if s["col"] in patients.columns else pd.Series([None] * n)
+            present = s["col"] in patients
             if s["type"] == "num":
-                x = pd.to_numeric(col, errors="coerce").astype(float).to_numpy()
+                x = floats(patients[s["col"]]) if present else np.full(n, np.nan)
                 z = np.clip((x - s["mean"]) / s["std"], -6, 6)
-                parts.append(np.nan_to_num(z, nan=0.0)[:, None])
+                out[:, j] = np.where(np.isnan(z), 0.0, z)
+                j += 1
                 if s["nan"]:
-                    parts.append(np.isnan(x).astype(float)[:, None])
+                    out[:, j] = np.isnan(x)
+                    j += 1
             else:
-                v = col.astype(object).where(col.notna(), None).map(
-                    lambda a: None if a is None else str(a)).to_numpy()
-                idx = {c: i for i, c in enumerate(s["cats"])}
-                oh = np.zeros((n, len(s["cats"]) + 1))
-                for r, a in enumerate(v):
-                    oh[r, idx.get(a, len(s["cats"]))] = 1.0
-                parts.append(oh)
-        if not parts:
-            return np.zeros((n, 1))
-        return np.concatenate(parts, axis=1)
+                idx = s.get("_idx") or s.setdefault("_idx", {c: i for i, c in enumerate(s["cats"])})
+                k = len(s["cats"])
+                vals = patients[s["col"]] if present else [None] * n
+                for r, a in enumerate(vals):
+                    out[r, j + idx.get(None if not _present(a) else str(a), k)] = 1.0
+                j += k + 1
+        return out
 
     def to_json(self) -> list[dict]:
-        return self.spec
+        return [{k: v for k, v in s.items() if not k.startswith("_")} for s in self.spec]
 
 
 def event_keys(events: pd.DataFrame) -> pd.Series:
@@ -257,6 +262,9 @@ def _token_info(kind: str, key: tuple, sub: pd.DataFrame, nb: int) -> dict:
          "display": _jsonable(_mode(sub["display"])) if "display" in sub else None,
          "unit": _jsonable(_mode(sub["unit"])) if "unit" in sub else None,
          "slot": SLOT_NONE, "nbins": 0}
+    for extra in CARRIED:
+        if extra in sub.columns:
+            t[extra] = _jsonable(_mode(sub[extra].astype(object)))
     vnum = pd.to_numeric(sub["value_num"], errors="coerce").dropna().to_numpy(float)
     vcode = sub["value_code"].dropna().astype(str)
     vcode = vcode[vcode != ""]
@@ -272,6 +280,10 @@ def _token_info(kind: str, key: tuple, sub: pd.DataFrame, nb: int) -> dict:
             t["slot"] = SLOT_CAT
             t["cats"] = [c for c, _ in Counter(vcode).most_common(nb)]
             t["nbins"] = len(t["cats"])
+            for extra in ("value_system", "value_display"):
+                if extra in sub.columns:
+                    m = sub.assign(_v=sub["value_code"].astype(str)).groupby("_v")[extra].agg(_mode)
+                    t[extra + "s"] = [_jsonable(m.get(c)) for c in t["cats"]]
     elif kind != "condition_abatement" and len(dur) >= 0.05 * n and len(dur):
         t["slot"] = SLOT_DUR
         _numeric_bins(t, np.log1p(dur), nb)

@@ -16,9 +16,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from .constraints import code_matches, reference_days
+from .constraints import code_matches, floats, reference_days
 from .encoding import (
-    BOS, EOS, PAD, SLOT_CAT, SLOT_DUR, SLOT_NONE, SLOT_NUM, PatientEncoder, gap_to_bin,
+    BOS, CARRIED, EOS, PAD, SLOT_CAT, SLOT_DUR, SLOT_NONE, SLOT_NUM, PatientEncoder,
 )
 
 N_DRAWS = 6  # token, gap bin, position in gap bin, value bin, position in value bin, tail code
@@ -30,10 +30,6 @@ def patient_stream(seed: int, key: str, steps: int) -> np.ndarray:
     h = hashlib.blake2b(f"synthport-events\x00{int(seed)}\x00{key}".encode(), digest_size=16).digest()
     rng = np.random.Generator(np.random.Philox(key=int.from_bytes(h, "little")))
     return rng.random((steps, N_DRAWS))
-
-
-def _sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 class Sampler:
@@ -59,6 +55,14 @@ class Sampler:
         self.gap_W2, self.gap_b2 = p["gap_out.weight"].T.copy(), p["gap_out.bias"]
         self.val_W, self.val_b, self.val_U = p["val_h.weight"].T.copy(), p["val_h.bias"], p["val_tok.weight"]
         self.val_W2, self.val_b2 = p["val_out.weight"].T.copy(), p["val_out.bias"]
+        # One product per step: the new state feeds the three heads and the next step's
+        # recurrent term, so their weights are stacked [tok | gap | val | hh].
+        V = self.tok_W.shape[1]
+        dh = self.gap_W.shape[1]
+        self.W_cat = np.ascontiguousarray(np.concatenate([self.tok_W, self.gap_W, self.val_W, self.W_hh_T], 1))
+        self.b_cat = np.concatenate([self.tok_b, self.gap_b, self.val_b, self.b_hh])
+        self.s_tok, self.s_gap, self.s_val, self.s_hh = (
+            slice(0, V), slice(V, V + dh), slice(V + dh, V + 2 * dh), slice(V + 2 * dh, V + 2 * dh + 3 * H))
         del H
 
         self.encoder = PatientEncoder(meta["encoder"])
@@ -137,6 +141,7 @@ class Sampler:
                     req[i, c] = 1.0
         self.dep_tok = np.nonzero(req.any(axis=1))[0]
         self.req_T = req[self.dep_tok].T.copy()  # [C, n_dep]
+        self._val_range = np.arange(self.val_b2.shape[0])
         self.has_abatement = any(t.get("kind") == "condition_abatement" for t in toks)
 
     # ---------------------------------------------------------------- one batch
@@ -150,30 +155,34 @@ class Sampler:
         if B == 0:
             return self.empty()
         H, C, V = self.H, self.C, self.V
-        x = self.encoder.transform(rows)
-        ci = x @ self.cond_W.T + self.cond_b
+        cols = rows.to_dict(orient="list")
+        x = self.encoder.transform(cols)
         h = np.tanh(x @ self.h0_W + self.h0_b)
-        ref = reference_days(rows).astype(float)
+        Z = h @ self.W_cat + self.b_cat
+        ref = ref_all = reference_days(cols).astype(float)
         finite = np.isfinite(ref)
+        gi_const = x @ self.cond_W.T + self.cond_b + finite[:, None].astype(float) * self.cont_W[2]
+        W_age, W_left = self.cont_W[0] / 36525.0, self.cont_W[1]
 
         # Patient-table condition flags: 1 = must begin near T, 0 = must not begin.
         flag = np.full((B, C), -1.0)
         T = np.full((B, C), np.nan)
         for j, cd in enumerate(self.meta["conditions"]):
             c = self.col_c[j]
-            f = pd.to_numeric(rows[cd["column"]], errors="coerce").to_numpy(float) \
-                if cd["column"] in rows.columns else np.full(B, np.nan)
+            f = floats(cols[cd["column"]]) if cd["column"] in cols else np.full(B, np.nan)
             known = ~np.isnan(f)
             flag[known, c] = (f[known] >= 0.5).astype(float)
-            if cd["onset_age"] and cd["onset_age"] in rows.columns:
-                a = pd.to_numeric(rows[cd["onset_age"]], errors="coerce").to_numpy(float) * 365.25
+            if cd["onset_age"] and cd["onset_age"] in cols:
+                a = floats(cols[cd["onset_age"]]) * 365.25
                 T[:, c] = np.where(known & (f >= 0.5), np.clip(a, 0.0, ref), np.nan)
-        static = np.broadcast_to(self.base_mask, (B, V)).copy()
+        allowed0 = np.broadcast_to(self.base_mask, (B, V)).copy()
         if len(self.on_tok):
-            static[:, self.on_tok] &= flag[:, self.tok_c[self.on_tok]] != 0.0
+            allowed0[:, self.on_tok] &= flag[:, self.tok_c[self.on_tok]] != 0.0
+        has_flags = bool((flag == 1.0).any())
         T_lo = np.where(np.isnan(T), -np.inf, T - self.before)
         T_dead = np.where(np.isnan(T), np.inf, T + self.after)
         T_key = np.where(np.isnan(T), 1e18, T)
+        pend_any = (flag == 1.0)
 
         steps = self.max_events + C + 2
         U = np.stack([patient_stream(seed, k, steps) for k in keys])  # [B, steps, N_DRAWS]
@@ -189,93 +198,112 @@ class Sampler:
         step = 0
         edges = self.edges
         n_gap = len(edges) - 1
+        edges_lo = edges[:n_gap]
+        log_edges = np.log(np.maximum(edges, 1e-300))
+        ab_tok, ab_c = self.ab_tok, self.abate_c[self.ab_tok]
+        dep_tok, req_T = self.dep_tok, self.req_T
+        on_tok, on_c = self.on_tok, self.tok_c[self.on_tok]
+        tok_c, abate_c, nbins, c_tok = self.tok_c, self.abate_c, self.nbins, self.c_tok
+        s_tok, s_gap, s_val, s_hh = self.s_tok, self.s_gap, self.s_val, self.s_hh
+        max_events = self.max_events
+        rows_idx = np.arange(B)
         while len(live):
-            L = live
-            # GRU step (PyTorch gate order r, z, n).
-            left = np.where(finite[L], np.clip((ref[L] - t) / 36525.0, -0.1, 1.5), 1.5)
-            cont = np.stack([t / 36525.0, left, finite[L].astype(float)], axis=1)
-            gi = self.EI[tok] + self.GI[gb] + self.VI[vb] + ci[L] + cont @ self.cont_W
-            gh = h @ self.W_hh_T + self.b_hh
-            r = _sigmoid(gi[:, :H] + gh[:, :H])
-            z = _sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
-            n = np.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
-            h = (1.0 - z) * n + z * h
-            u = U[L, min(step, steps - 1)]
+            n_live = len(live)
+            # GRU step (PyTorch gate order r, z, n); the cont features enter linearly.
+            left = np.where(finite, np.minimum(np.maximum((ref - t) / 36525.0, -0.1), 1.5), 1.5)
+            gi = self.EI[tok] + self.GI[gb] + self.VI[vb] + gi_const
+            gi += t[:, None] * W_age + left[:, None] * W_left
+            gh = Z[:, s_hh]
+            rz = 0.5 + 0.5 * np.tanh(0.5 * (gi[:, :2 * H] + gh[:, :2 * H]))  # sigmoid
+            n = np.tanh(gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:])
+            h = n + rz[:, H:] * (h - n)
+            Z = h @ self.W_cat + self.b_cat
+            u = U[:, min(step, steps - 1)]
 
             # Next token, masked by the coherence rules.
-            allowed = static[L].copy()
-            if len(self.ab_tok):
-                allowed[:, self.ab_tok] &= active[:, self.abate_c[self.ab_tok]]
-            if len(self.dep_tok):
-                allowed[:, self.dep_tok] &= ((~seen).astype(float) @ self.req_T) < 0.5
-            if len(self.on_tok):
-                oc = self.tok_c[self.on_tok]
-                pend = (flag[L][:, oc] == 1.0) & ~seen[:, oc]
-                allowed[:, self.on_tok] &= ~pend | (t[:, None] >= T_lo[L][:, oc])
-            if step >= self.max_events:
-                allowed[:] = False
+            if step >= max_events:
+                allowed = np.zeros((n_live, V), bool)
+            else:
+                allowed = allowed0.copy()
+                if len(ab_tok):
+                    allowed[:, ab_tok] &= active[:, ab_c]
+                if len(dep_tok):
+                    allowed[:, dep_tok] &= ((~seen) @ req_T) < 0.5
+                if has_flags and len(on_tok):
+                    pend = pend_any[:, on_c] & ~seen[:, on_c]
+                    allowed[:, on_tok] &= ~pend | (t[:, None] >= T_lo[:, on_c])
             allowed[:, EOS] = True
-            logits = np.where(allowed, h @ self.tok_W + self.tok_b, NEG)
-            new_tok = _draw(logits, u[:, 0])
+            new_tok = _draw(Z[:, s_tok], allowed, u[:, 0])
+            is_eos = new_tok == EOS
 
             # Gap of that token, never past the bound (or a pending onset's window).
-            maxgap = np.where(finite[L], ref[L] - t, np.inf)
-            c_new = self.tok_c[new_tok]
-            pend_new = (c_new >= 0) & (flag[L, np.maximum(c_new, 0)] == 1.0) & ~seen[np.arange(len(L)), np.maximum(c_new, 0)]
-            lim = np.where(pend_new, T_dead[L, np.maximum(c_new, 0)] - t, np.inf)
-            maxgap = np.maximum(np.minimum(maxgap, lim), 0.0)
-            gl = np.maximum(h @ self.gap_W + self.gap_b + self.gap_U[new_tok], 0.0) @ self.gap_W2 + self.gap_b2
-            gl = np.where(edges[None, :n_gap] <= maxgap[:, None], gl, NEG)
-            gbin = _draw(gl, u[:, 1])
-            lo = edges[gbin]
-            hi = np.minimum(edges[gbin + 1], maxgap)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                # Log-uniform inside a log-spaced bin; linear in the sub-minute bin.
-                gap = np.where(gbin == 0, 0.0,
-                               np.where(gbin == 1, lo + u[:, 2] * (hi - lo),
-                                        np.exp(np.log(lo) + u[:, 2] * (np.log(np.maximum(hi, lo)) - np.log(lo)))))
-            t_new = np.where(new_tok == EOS, np.inf, t + gap)
+            maxgap = ref - t
+            if has_flags:
+                c_new = np.maximum(tok_c[new_tok], 0)
+                r_ = rows_idx[:n_live]
+                pend_new = (tok_c[new_tok] >= 0) & pend_any[r_, c_new] & ~seen[r_, c_new]
+                if pend_new.any():
+                    maxgap = np.minimum(maxgap, np.where(pend_new, T_dead[r_, c_new] - t, np.inf))
+            maxgap = np.maximum(maxgap, 0.0)
+            gl = np.maximum(Z[:, s_gap] + self.gap_U[new_tok], 0.0) @ self.gap_W2 + self.gap_b2
+            gbin = _draw(gl, edges_lo <= maxgap[:, None], u[:, 1])
+            lo_l = log_edges[gbin]
+            hi_l = np.log(np.maximum(np.minimum(edges[gbin + 1], maxgap), edges[gbin]))
+            # Log-uniform inside a log-spaced bin; linear in the sub-minute bin; 0 in bin 0.
+            gap = np.exp(lo_l + u[:, 2] * (hi_l - lo_l))
+            small = gbin <= 1
+            if small.any():
+                lin = edges[gbin] + u[:, 2] * (np.exp(hi_l) - edges[gbin])
+                gap = np.where(gbin == 0, 0.0, np.where(small, lin, gap))
+            t_new = np.where(is_eos, np.inf, t + gap)
 
             # A flagged condition whose window is about to pass (or the end) is inserted now.
-            pending = (flag[L] == 1.0) & ~seen
-            forced = np.full(len(L), -1)
-            if pending.any():
-                dl = np.where(pending, T_dead[L], np.inf).min(axis=1)
-                trig = pending.any(axis=1) & ((t_new > dl) | (new_tok == EOS))
-                for r_ in np.nonzero(trig)[0]:
-                    keyv = np.where(pending[r_], T_key[L[r_]], np.inf)
-                    c = int(np.argmin(keyv))
-                    Tc = T[L[r_], c]
-                    forced[r_] = c
-                    new_tok[r_] = self.c_tok[c]
-                    t_new[r_] = t[r_] if np.isnan(Tc) else max(t[r_], Tc)
+            forced = np.full(n_live, -1)
+            if has_flags:
+                pending = pend_any & ~seen
+                if pending.any():
+                    dl = np.where(pending, T_dead, np.inf).min(axis=1)
+                    trig = pending.any(axis=1) & ((t_new > dl) | is_eos)
+                    for r in np.nonzero(trig)[0]:
+                        c = int(np.argmin(np.where(pending[r], T_key[r], np.inf)))
+                        forced[r] = c
+                        new_tok[r] = c_tok[c]
+                        t_new[r] = t[r] if np.isnan(T[r, c]) else max(t[r], T[r, c])
+                    is_eos = new_tok == EOS
 
             # Value of the event.
-            vl = np.maximum(h @ self.val_W + self.val_b + self.val_U[new_tok], 0.0) @ self.val_W2 + self.val_b2
-            nbv = np.where(forced >= 0, 0, self.nbins[new_tok])
-            vl = np.where(np.arange(vl.shape[1])[None, :] <= nbv[:, None], vl, NEG)
-            vbin = np.where(nbv > 0, _draw(vl, u[:, 3]), 0)
+            nbv = np.where(forced >= 0, 0, nbins[new_tok])
+            if nbv.any():
+                vl = np.maximum(Z[:, s_val] + self.val_U[new_tok], 0.0) @ self.val_W2 + self.val_b2
+                vbin = np.where(nbv > 0, _draw(vl, self._val_range[None, :] <= nbv[:, None], u[:, 3]), 0)
+            else:
+                vbin = nbv
 
-            done = (new_tok == EOS) & (forced < 0)
-            for r_ in np.nonzero(~done)[0]:
-                out[L[r_]].append((int(new_tok[r_]), float(t_new[r_]), int(vbin[r_]),
-                                   float(u[r_, 4]), float(u[r_, 5]), int(forced[r_])))
+            for r in np.nonzero(~is_eos)[0]:
+                out[live[r]].append((int(new_tok[r]), float(t_new[r]), int(vbin[r]),
+                                     float(u[r, 4]), float(u[r, 5]), int(forced[r])))
             # State for the next step.
-            c_all = np.where(forced >= 0, forced, self.tok_c[new_tok])
-            rows_on = np.nonzero((c_all >= 0) & ~done)[0]
-            seen[rows_on, c_all[rows_on]] = True
-            active[rows_on, c_all[rows_on]] = True
-            rows_ab = np.nonzero(self.abate_c[new_tok] >= 0)[0]
-            active[rows_ab, self.abate_c[new_tok[rows_ab]]] = False
-            keep = ~done
-            t_fin = np.where(done, t, t_new)
-            gb = gap_to_bin(t_fin - t, edges)[keep]
-            t = t_fin[keep]
-            tok, vb, h = new_tok[keep], vbin[keep], h[keep]
-            seen, active = seen[keep], active[keep]
-            live = live[keep]
+            c_all = np.where(forced >= 0, forced, tok_c[new_tok])
+            r_on = np.nonzero(c_all >= 0)[0]
+            if len(r_on):
+                seen[r_on, c_all[r_on]] = True
+                active[r_on, c_all[r_on]] = True
+            r_ab = np.nonzero(abate_c[new_tok] >= 0)[0]
+            if len(r_ab):
+                active[r_ab, abate_c[new_tok[r_ab]]] = False
             step += 1
-        return self._frame(out, pids, ref)
+            if is_eos.any():
+                k = ~is_eos
+                t_new = t_new[k]
+                gb = np.minimum(np.searchsorted(edges, t_new - t[k], side="right") - 1, n_gap - 1)
+                t, tok, vb, h, Z, live, U = t_new, new_tok[k], vbin[k], h[k], Z[k], live[k], U[k]
+                seen, active, ref, finite, gi_const = seen[k], active[k], ref[k], finite[k], gi_const[k]
+                allowed0, flag, T, T_lo, T_dead, T_key, pend_any = (
+                    allowed0[k], flag[k], T[k], T_lo[k], T_dead[k], T_key[k], pend_any[k])
+            else:
+                gb = np.minimum(np.searchsorted(edges, t_new - t, side="right") - 1, n_gap - 1)
+                t, tok, vb = t_new, new_tok, vbin
+        return self._frame(out, pids, ref_all)
 
     # ---------------------------------------------------------------- decoding
 
@@ -294,6 +322,9 @@ class Sampler:
                        "value_code": info.get("value_code"), "unit": info.get("unit"),
                        "encounter_id": None, "end_t_days": np.nan,
                        "modality": info.get("modality"), "body_site": info.get("body_site")}
+                for extra in CARRIED:
+                    if extra in info:
+                        rec[extra] = info[extra]
                 if forced >= 0:
                     ci = self.c_info[forced]
                     kind = rec["kind"] = "condition_onset"
@@ -324,17 +355,25 @@ class Sampler:
                 recs.append(rec)
         if not recs:
             return self.empty()
-        df = pd.DataFrame.from_records(recs)
+        n = len(recs)
+        data = {}
         for c in self.columns:
-            if c not in df.columns:
-                df[c] = None
-        return df[self.columns]
+            if c in ("t_days", "value_num", "end_t_days"):
+                data[c] = np.fromiter((r[c] for r in recs), dtype=float, count=n)
+            else:
+                col = np.empty(n, dtype=object)
+                col[:] = [r.get(c) for r in recs]
+                data[c] = pd.Series(col, dtype=object, copy=False)
+        return pd.DataFrame(data, copy=False)
 
     @staticmethod
     def _decode_value(rec: dict, info: dict, vbin: int, u: float, bound: float) -> None:
         slot = info["slot"]
         if slot == SLOT_CAT:
             rec["value_code"] = info["cats"][vbin - 1]
+            for extra in ("value_system", "value_display"):
+                if extra + "s" in info:
+                    rec[extra] = info[extra + "s"][vbin - 1]
             return
         if info.get("discrete"):
             v = float(info["values"][vbin - 1])
@@ -350,11 +389,11 @@ class Sampler:
             rec["end_t_days"] = min(end, bound) if math.isfinite(bound) else end
 
 
-def _draw(logits: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Inverse-CDF draw of one category per row from (masked) logits."""
-    m = logits.max(axis=1, keepdims=True)
-    p = np.exp(logits - m)
+def _draw(logits: np.ndarray, allowed: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draw of one category per row from logits restricted to ``allowed``."""
+    lg = np.where(allowed, logits, NEG)
+    p = np.exp(lg - lg.max(axis=1, keepdims=True))
     cdf = np.cumsum(p, axis=1)
     # u may be exactly 0: aim just above 0 so a masked (zero-mass) first entry is never hit.
-    k = (cdf < (np.maximum(u, 1e-12) * cdf[:, -1])[:, None]).sum(axis=1)
+    k = (cdf < np.maximum(u, 1e-12)[:, None] * cdf[:, -1:]).sum(axis=1)
     return np.minimum(k, logits.shape[1] - 1)
