@@ -46,9 +46,8 @@ def read(path: str | Path, version: str | None = None) -> tuple[dict, Iterator[C
 
     Args:
         path: ``Loinc.csv``, the release folder, or the release zip.
-        version: the LOINC version (default: taken from a ``Loinc_2.77``-like path
-            component, else the highest ``VersionLastChanged`` is not known up front,
-            so None).
+        version: the LOINC version (default: from a ``Loinc_2.77``-like path
+            component, else None; the file itself does not state it).
 
     Returns:
         (CodeSystem metadata, iterator of Concept in file order).
