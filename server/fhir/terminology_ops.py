@@ -169,6 +169,8 @@ def run_operation(provider, read_body: Callable[[str, str], dict], res_type: str
     if hasattr(provider, "refresh"):
         provider.refresh()
     try:
+        if isinstance(kwargs.get("valueset"), dict) and hasattr(provider, "prefetch_value_set"):
+            provider.prefetch_value_set(kwargs["valueset"])
         return op.func(provider, **kwargs)
     except TerminologyError as exc:
         raise from_terminology(exc) from exc

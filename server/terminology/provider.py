@@ -127,6 +127,30 @@ class _SqlConcepts(Mapping):
     def __contains__(self, code) -> bool:
         return self.get(code) is not None
 
+    def prefetch(self, codes) -> dict[str, int]:
+        """Read many concepts in a few queries (into the cache); returns code -> seq."""
+        codes = list(dict.fromkeys(codes))
+        seq: dict[str, int] = {}
+        for i in range(0, len(codes), 500):
+            chunk = codes[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self.sql.rows(f"SELECT code, seq, display, inactive, data FROM term_concept "
+                                 f"WHERE cs_pk = ? AND code IN ({marks})", (self.cs_pk, *chunk))
+            parents: dict[str, list[str]] = {}
+            for child, parent in self.sql.rows(f"SELECT child, parent FROM term_parent WHERE cs_pk = ? "
+                                               f"AND child IN ({marks})", (self.cs_pk, *chunk)):
+                parents.setdefault(child, []).append(parent)
+            found = {}
+            for code, n, display, inactive, data in rows:
+                seq[code] = n
+                found[code] = decode_concept(code, display, inactive, data, tuple(parents.get(code, ())))
+            with self._lock:
+                for code in chunk:
+                    self._cache[code] = found.get(code)
+                while len(self._cache) > _CONCEPT_CACHE:
+                    self._cache.popitem(last=False)
+        return seq
+
     def __len__(self) -> int:
         return self.count
 
@@ -163,11 +187,13 @@ class SqlCodeSystemData(CodeSystemData):
     """
 
     def __init__(self, sql: _Sql, cs_pk: int, count: int, url: str,
-                 supplements_applied: tuple[CodeSystemData, ...] = (), **meta: Any):
+                 supplements_applied: tuple[CodeSystemData, ...] = (),
+                 rows: _SqlConcepts | None = None, **meta: Any):
         self._sql, self._cs_pk, self._count = sql, cs_pk, count
         self._meta_kwargs = meta
         self._applied = supplements_applied
-        super().__init__(url, _SqlConcepts(sql, cs_pk, count), **meta)
+        self._rows = rows or _SqlConcepts(sql, cs_pk, count)     # shared with supplemented copies
+        super().__init__(url, self._rows, **meta)
         if supplements_applied:
             self._concepts = _Supplemented(self, self._concepts, supplements_applied)
 
@@ -198,14 +224,13 @@ class SqlCodeSystemData(CodeSystemData):
     def _descendants(self, code: str) -> frozenset[str]:
         return self._closure(code, False)
 
+    def prefetch(self, codes) -> dict[str, int]:
+        """Read these concepts in bulk (an expansion reads each of them next)."""
+        return self._rows.prefetch(codes)
+
     def order_of(self, codes) -> list[str]:
         codes = list(dict.fromkeys(codes))
-        order: dict[str, int] = {}
-        for i in range(0, len(codes), 900):
-            chunk = codes[i:i + 900]
-            marks = ", ".join("?" * len(chunk))
-            order.update(self._sql.rows(f"SELECT code, seq FROM term_concept WHERE cs_pk = ? "
-                                        f"AND code IN ({marks})", (self._cs_pk, *chunk)))
+        order = self._rows.prefetch(codes)
         extra = [c for c in codes if c not in order and c in self]   # supplement-only codes
         return sorted(order, key=order.__getitem__) + extra
 
@@ -214,7 +239,7 @@ class SqlCodeSystemData(CodeSystemData):
         if meta.get("content") == "not-present" and len(supplement):
             meta["content"] = "fragment"
         return SqlCodeSystemData(self._sql, self._cs_pk, self._count, self.url,
-                                 self._applied + (supplement,), **meta)
+                                 self._applied + (supplement,), self._rows, **meta)
 
 
 class _Supplemented(Mapping):
@@ -325,7 +350,13 @@ class SqlTerminologyProvider:
     # ------------------------------------------------------------------ resources
     def _current(self, res_type: str, table: str, param: str, column: str, value: str,
                  prefix: bool = False) -> list[tuple[int, dict]]:
-        """Current versions of ``res_type`` whose index row ``param`` has ``value``."""
+        """Current versions of ``res_type`` whose index row ``param`` has ``value`` (cached
+        for the generation: any write to a terminology resource changes it)."""
+        return self._cached(("current", res_type, table, param, column, value, prefix),
+                            lambda: self._current_sql(res_type, table, param, column, value, prefix))
+
+    def _current_sql(self, res_type: str, table: str, param: str, column: str, value: str,
+                     prefix: bool) -> list[tuple[int, dict]]:
         cond, params = f"i.{column} = ?", (res_type, param, value)
         if prefix:   # a canonical may carry |version (FHIR R4 §2.1.0.12 canonical)
             cond = f"(i.{column} = ? OR i.{column} LIKE ? ESCAPE '!')"
@@ -393,7 +424,26 @@ class SqlTerminologyProvider:
         if version is None and "|" in url:
             url, version = split_canonical(url)
         picked = self._pick(self._current("ValueSet", "idx_uri", "url", "value", url), version)
-        return picked[1] if picked else None
+        if picked is None:
+            return None
+        self._cached(("prefetched", picked[0]), lambda: self.prefetch_value_set(picked[1]) or True)
+        return picked[1]
+
+    def prefetch_value_set(self, vs: dict) -> None:
+        """Read the concepts a value set lists from lazily read code systems in bulk, so
+        its expansion does not query them one by one."""
+        compose = vs.get("compose") if isinstance(vs, dict) else None
+        if not isinstance(compose, dict):
+            return
+        for inc in list(compose.get("include") or ()) + list(compose.get("exclude") or ()):
+            if not isinstance(inc, dict) or not isinstance(inc.get("concept") or [], list):
+                continue
+            listed = [c.get("code") for c in inc.get("concept") or ()
+                      if isinstance(c, dict) and isinstance(c.get("code"), str)]
+            if listed and isinstance(inc.get("system"), str):
+                cs = self.code_system(inc["system"], inc.get("version"))
+                if isinstance(cs, SqlCodeSystemData):
+                    cs.prefetch(listed)
 
     def concept_maps(self, url: str | None = None, source: str | None = None,
                      target: str | None = None) -> list[dict]:
