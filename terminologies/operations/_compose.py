@@ -148,6 +148,19 @@ def filter_codes(cs: CodeSystemData, f: dict) -> list[str]:
     return [c.code for c in cs.concepts() if test(c)]
 
 
+def filter_code_set(cs: CodeSystemData, f: dict) -> set[str] | frozenset[str]:
+    """Like ``filter_codes`` but unordered; hierarchy filters reuse the cached closures."""
+    prop, op, value = _check_filter(f)
+    if prop in _CODE_PROPS:
+        if op == "is-a":
+            return cs.descendants(value) | {value} if value in cs else frozenset()
+        if op == "descendent-of":
+            return cs.descendants(value)
+        if op == "generalizes":
+            return cs.ancestors(value) | {value} if value in cs else frozenset()
+    return set(filter_codes(cs, f))
+
+
 # ------------------------------------------------------------------ expansion
 
 
@@ -190,6 +203,49 @@ class Expander:
         if compose.get("inactive") is False:
             items = [e for e in items if not e.inactive]
         return items
+
+    def code_set(self, vs: dict, stack: tuple[str, ...] = ()) -> set[tuple[str, str]]:
+        """Every ``(system, code)`` of ``vs``, unordered: the cheap path for membership
+        sets (search ``:in``). Hierarchy filters use the cached closures and no Entry is
+        built; anything unusual falls back to ``entries``."""
+        if len(stack) > _MAX_DEPTH:
+            raise InvalidRequest("ValueSet imports nest too deeply")
+        compose = vs.get("compose")
+        if not compose or compose.get("inactive") is False:
+            return {e[:2] for e in self.entries(vs, stack)}
+        out: set[tuple[str, str]] = set()
+        for inc in compose.get("include") or ():
+            out |= self._item_set(inc, stack)
+        for exc in compose.get("exclude") or ():
+            out -= self._item_set(exc, stack)
+        return out
+
+    def _item_set(self, item: dict, stack: tuple[str, ...]) -> set[tuple[str, str]]:
+        system = item.get("system")
+        if not system or item.get("concept"):
+            return {e[:2] for e in self._item(item, stack)}
+        imported = []
+        for ref in item.get("valueSet") or ():
+            url = split_canonical(ref)[0]
+            if url in stack:
+                raise InvalidRequest(f"ValueSet {url} imports itself (cycle: {' -> '.join(stack + (url,))})")
+            imported.append(self.code_set(resolve_value_set(self.provider, ref), stack + (url,)))
+        version = item.get("version")
+        cs = self.cs(system, version)
+        if cs is None:
+            raise UnknownSystem(f"A definition for CodeSystem {system}"
+                                + (f" version {version}" if version else "") + " could not be found")
+        filters = item.get("filter")
+        if filters:
+            codes = set(filter_code_set(cs, filters[0]))
+            for f in filters[1:]:
+                codes &= filter_code_set(cs, f)
+            out = {(system, c) for c in codes}
+        else:
+            out = {(system, c) for c in cs}
+        for s in imported:
+            out &= s
+        return out
 
     def _imports(self, item: dict, stack: tuple[str, ...]) -> list[list[Entry]]:
         sets = []

@@ -14,9 +14,9 @@ from .parameters import as_bool, as_int
 
 _CACHE_MAX = 128
 _lock = threading.Lock()
-# key -> (provider, entries, versions, code set); the provider is kept alive so
-# its id() is not reused by another object while the entry lives.
-_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+# key -> [provider, vs, entries | None, versions | None, codes | None]; the provider is
+# kept alive so its id() is not reused by another object while the entry lives.
+_cache: "OrderedDict[tuple, list]" = OrderedDict()
 
 
 def clear_cache() -> None:
@@ -33,8 +33,9 @@ def _cache_key(provider: TerminologyProvider, vs: dict | None, url: str | None, 
     return (id(provider), rev, "inline", json.dumps(vs, sort_keys=False, default=str))
 
 
-def _evaluate(provider: TerminologyProvider, valueset: dict | None, url: str | None,
-              version: str | None) -> tuple[dict, list[Entry], list[str], set[tuple[str, str]] | None, tuple]:
+def _slot(provider: TerminologyProvider, valueset: dict | None, url: str | None,
+          version: str | None) -> list:
+    """The cache slot of a value set (created, with the resolved ValueSet, on a miss)."""
     if valueset is None:
         if not url:
             raise InvalidRequest("$expand needs a valueSet or a url")
@@ -45,19 +46,30 @@ def _evaluate(provider: TerminologyProvider, valueset: dict | None, url: str | N
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
-            return hit[1], hit[2], hit[3], hit[4], key
+            return hit
     vs = valueset if valueset is not None else resolve_value_set(provider, url, version)
     if not isinstance(vs, dict) or vs.get("resourceType") != "ValueSet":
         raise InvalidRequest("expected a ValueSet resource")
-    ex = Expander(provider)
-    top = vs.get("url")
-    entries = ex.entries(vs, (top,) if top else ())
-    versions = sorted({f"{cs.url}|{cs.version}" for cs in ex.used_systems.values() if cs is not None and cs.version})
+    slot = [provider, vs, None, None, None]
     with _lock:
-        _cache[key] = (provider, vs, entries, versions, None)
+        slot = _cache.setdefault(key, slot)
         while len(_cache) > _CACHE_MAX:
             _cache.popitem(last=False)
-    return vs, entries, versions, None, key
+    return slot
+
+
+def _evaluate(provider: TerminologyProvider, valueset: dict | None, url: str | None,
+              version: str | None) -> tuple[dict, list[Entry], list[str]]:
+    slot = _slot(provider, valueset, url, version)
+    if slot[2] is None:
+        vs = slot[1]
+        ex = Expander(provider)
+        top = vs.get("url")
+        entries = ex.entries(vs, (top,) if top else ())
+        slot[3] = sorted({f"{cs.url}|{cs.version}" for cs in ex.used_systems.values()
+                          if cs is not None and cs.version})
+        slot[2] = entries
+    return slot[1], slot[2], slot[3]
 
 
 def expand_codes(provider: TerminologyProvider, valueset_or_url: dict | str) -> set[tuple[str, str]]:
@@ -66,17 +78,22 @@ def expand_codes(provider: TerminologyProvider, valueset_or_url: dict | str) -> 
     The cache key is the value set's url + version (``url|version`` accepted) and
     ``provider.revision`` when present; an inline value set is keyed by its content.
     Used by the search modifiers ``:in`` / ``:not-in``. Do not mutate the result.
+    Computed without ordering or building expansion entries (hierarchy filters are
+    set operations on the cached closures).
     """
     if isinstance(valueset_or_url, str):
-        vs, entries, _, codes, key = _evaluate(provider, None, valueset_or_url, None)
+        slot = _slot(provider, None, valueset_or_url, None)
     else:
-        vs, entries, _, codes, key = _evaluate(provider, valueset_or_url, None, None)
+        slot = _slot(provider, valueset_or_url, None, None)
+    codes = slot[4]
     if codes is None:
-        codes = {e[:2] for e in entries}
-        with _lock:
-            hit = _cache.get(key)
-            if hit is not None:
-                _cache[key] = hit[:4] + (codes,)
+        if slot[2] is not None:
+            codes = {e[:2] for e in slot[2]}
+        else:
+            vs = slot[1]
+            top = vs.get("url")
+            codes = Expander(provider).code_set(vs, (top,) if top else ())
+        slot[4] = codes
     return codes
 
 
@@ -111,7 +128,7 @@ def expand(provider: TerminologyProvider, valueset: dict | None = None, url: str
     count = None if count is None else as_int(count, "count")
     active_only = as_bool(active_only, "activeOnly")
     include_designations = as_bool(include_designations, "includeDesignations")
-    vs, entries, versions, _, _ = _evaluate(provider, valueset, url, version)
+    vs, entries, versions = _evaluate(provider, valueset, url, version)
     if active_only:
         entries = [e for e in entries if not e.inactive]
     if filter:

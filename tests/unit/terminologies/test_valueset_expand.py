@@ -195,3 +195,39 @@ def test_expand_codes_inline_keyed_by_content(provider):
     b = _inline({"system": SCT, "concept": [{"code": "46635009"}]})
     assert expand_codes(provider, a) == {(SCT, "44054006")}
     assert expand_codes(provider, b) == {(SCT, "46635009")}
+
+
+_CONSISTENCY = [
+    "http://example.org/vs/diabetes", "http://example.org/vs/endocrine-no-t1", "http://example.org/vs/mixed",
+    _inline({"system": SCT}, inactive=False),
+    _inline({"system": SCT, "filter": [{"property": "concept", "op": "generalizes", "value": "44054006"}]},
+            exclude=[{"system": SCT, "filter": [{"property": "concept", "op": "is-a", "value": "362969004"}]}]),
+    _inline({"system": SCT, "filter": [{"property": "concept", "op": "is-not-a", "value": "73211009"},
+                                        {"property": "inactive", "op": "=", "value": "false"}]},
+            {"system": ICD}),
+    _inline({"system": SCT, "filter": [{"property": "concept", "op": "descendent-of", "value": "64572001"}],
+             "valueSet": ["http://example.org/vs/endocrine-no-t1"]}),
+]
+
+
+@pytest.mark.parametrize("vs", _CONSISTENCY)
+def test_expand_codes_agrees_with_expand(provider, vs):
+    """expand_codes takes a set-only path; it must give exactly the codes of $expand."""
+    if isinstance(vs, str):
+        listed = expand(provider, url=vs)
+    else:
+        listed = expand(provider, vs)
+    want = {(c["system"], c["code"]) for c in listed["expansion"].get("contains", [])}
+    from terminologies.operations.valueset_expand import clear_cache
+
+    clear_cache()
+    assert expand_codes(provider, vs) == want
+    assert want
+
+
+def test_expand_codes_errors(provider):
+    with pytest.raises(UnknownSystem):
+        expand_codes(provider, _inline({"system": "http://nope", "filter": [
+            {"property": "concept", "op": "is-a", "value": "1"}]}))
+    with pytest.raises(UnknownValueSet):
+        expand_codes(provider, "http://example.org/vs/missing")
