@@ -80,7 +80,7 @@ def timed(fn, count: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def orthanc_server(folder: Path):
+def orthanc_server(folder: Path, sync: bool = True):
     """Orthanc with the DICOMweb plugin on free ports: (dicomweb base, DICOM port, AE)."""
     exe = shutil.which("Orthanc")
     plugin = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -94,7 +94,10 @@ def orthanc_server(folder: Path):
               "AuthenticationEnabled": False, "Plugins": [plugin], "TcpNoDelay": True,
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
                            "SeriesMetadata": "Full"},
-              "StorageCompression": False, "ConcurrentJobs": 2}
+              "StorageCompression": False, "ConcurrentJobs": 2,
+              # Orthanc fsyncs every stored file by default; synthport does not (SQLite
+              # WAL with synchronous=NORMAL, files moved into place without fsync).
+              "SyncStorageArea": sync}
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "wb")
     proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
@@ -241,6 +244,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=50, help="STOW-RS instances per request")
     ap.add_argument("--studies", type=int, default=0, help="more one-instance studies for QIDO")
     ap.add_argument("--orthanc", action="store_true", help="run the same phases against Orthanc")
+    ap.add_argument("--orthanc-no-sync", action="store_true",
+                    help="Orthanc with SyncStorageArea false (synthport's durability level)")
     ap.add_argument("--phases", default="cstore,stow,qido,wado,metadata,frames,cfind")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
@@ -260,7 +265,7 @@ def main() -> int:
             ours = run_phases("synthport", web, port, aet, data, args, phases)
         if not args.orthanc:
             return 0
-        with orthanc_server(tmp / "orthanc") as (web, port, aet):
+        with orthanc_server(tmp / "orthanc", sync=not args.orthanc_no_sync) as (web, port, aet):
             theirs = run_phases("orthanc", web, port, aet, data, args, phases)
     print("\n| figure | synthport | Orthanc | ratio synthport/Orthanc | goal |")
     print("|---|---|---|---|---|")

@@ -419,12 +419,19 @@ class DicomStore:
                 for key in sorted(skeys):
                     self.sql.lock_condition(conn, f"ImagingStudy?identifier={key}")
                 replaced: list[bool] = []
+                created_series = False
+                new_per_series: dict[int, int] = {}
+                new_per_study: dict[int, int] = {}
                 series_pks: set[int] = set()
                 study_pks: list[int] = []
                 added: dict[int, list[dict] | None] = {}   # study pk -> new instances, or
                 for parsed, _tmp, _final in batch:         # None: rebuild from the rows
-                    old, series_pk, study_pk = self._instance_rows(conn, parsed, now)
+                    old, series_pk, study_pk, new_series = self._instance_rows(conn, parsed, now)
+                    created_series |= new_series
                     replaced.append(old is not None)
+                    if old is None:
+                        new_per_series[series_pk] = new_per_series.get(series_pk, 0) + 1
+                        new_per_study[study_pk] = new_per_study.get(study_pk, 0) + 1
                     series_pks.add(series_pk)
                     pks = [study_pk]
                     if old is not None:
@@ -441,7 +448,12 @@ class DicomStore:
                             added[pk].append({"series_pk": series_pk, "sop_uid": parsed.sop_uid,
                                               "sop_class_uid": parsed.sop_class_uid,
                                               "instance_number": parsed.instance["instance_number"]})
-                self._refresh_counts(conn, series_pks, study_pks, now, pending=defer_link)
+                if any(replaced) or created_series:
+                    self._refresh_counts(conn, series_pks, study_pks, now, pending=defer_link)
+                else:
+                    # Only new instances in existing series: the counts move by what
+                    # was added (no COUNT over the study, the common C-STORE case).
+                    self._add_counts(conn, new_per_series, new_per_study, now, defer_link)
                 if not defer_link:
                     for pk in study_pks:
                         self._link_fhir(conn, ctx, pk, added[pk])
@@ -455,36 +467,49 @@ class DicomStore:
     def _instance_rows(self, conn, parsed: ParsedInstance, now: float):
         """Upsert the patient, study, series and instance rows of one instance (the
         caller holds its locks). Returns (the previous instance row or None, series pk,
-        study pk)."""
+        study pk, whether the series row was created)."""
         old = conn.execute(select(I.c.pk, I.c.series_pk, I.c.study_pk, I.c.sop_class_uid)
                            .where(I.c.sop_uid == parsed.sop_uid)).first()
         if old is not None and old.sop_class_uid != parsed.sop_class_uid:
             raise SopClassMismatch(
                 f"SOP Instance {parsed.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
                 f"not {parsed.sop_class_uid}")
-        patient_pk = self._upsert(conn, P, "patient_id", parsed.patient, now)
-        study_pk = self._upsert(conn, ST, "study_uid",
-                                {**parsed.study, "patient_pk": patient_pk}, now)
-        series_pk = self._upsert(conn, SE, "series_uid",
-                                 {**parsed.series, "study_pk": study_pk}, now)
+        patient_pk, _ = self._upsert(conn, P, "patient_id", parsed.patient, now)
+        study_pk, _ = self._upsert(conn, ST, "study_uid",
+                                   {**parsed.study, "patient_pk": patient_pk}, now)
+        series_pk, new_series = self._upsert(conn, SE, "series_uid",
+                                             {**parsed.series, "study_pk": study_pk}, now)
         row = {**parsed.instance, "series_pk": series_pk, "study_pk": study_pk,
                "blob_key": blob_key(parsed.sop_uid), "metadata": parsed.metadata}
         if old is None:
             conn.execute(insert(I).values(**row, updated=now))
         else:
             conn.execute(update(I).where(I.c.pk == old.pk).values(**row, updated=now))
-        return old, series_pk, study_pk
+        return old, series_pk, study_pk, new_series
 
-    def _upsert(self, conn, table, key: str, values: dict, now: float) -> int:
+    def _upsert(self, conn, table, key: str, values: dict, now: float) -> tuple[int, bool]:
         """Insert a row, or update the existing one with the values that are not empty
-        (an instance that lacks an attribute does not blank what its siblings gave)."""
-        pk = conn.execute(select(table.c.pk).where(table.c[key] == values[key])).scalar()
-        if pk is None:
+        (an instance that lacks an attribute does not blank what its siblings gave).
+        Returns (pk, whether the row was created)."""
+        row = conn.execute(select(table).where(table.c[key] == values[key])).mappings().first()
+        if row is None:
             return conn.execute(insert(table).values(**values, updated=now)
-                                .returning(table.c.pk)).scalar_one()
-        changes = {k: v for k, v in values.items() if v not in ("", None)}
-        conn.execute(update(table).where(table.c.pk == pk).values(**changes, updated=now))
-        return pk
+                                .returning(table.c.pk)).scalar_one(), True
+        # Most instances repeat their series' values: write only what changed.
+        changes = {k: v for k, v in values.items() if v not in ("", None) and row[k] != v}
+        if changes:
+            conn.execute(update(table).where(table.c.pk == row["pk"]).values(**changes, updated=now))
+        return row["pk"], False
+
+    def _add_counts(self, conn, new_per_series: dict[int, int], new_per_study: dict[int, int],
+                    now: float, pending: bool) -> None:
+        """Counts after adding instances to series that existed before this transaction
+        (modalities and the number of series cannot have changed)."""
+        for pk, k in new_per_series.items():
+            conn.execute(update(SE).where(SE.c.pk == pk).values(num_instances=SE.c.num_instances + k))
+        for pk, k in new_per_study.items():
+            conn.execute(update(ST).where(ST.c.pk == pk).values(
+                num_instances=ST.c.num_instances + k, updated=now, fhir_pending=pending))
 
     def _refresh_counts(self, conn, series_pks: set[int], study_pks: list[int], now: float,
                         pending: bool = False) -> None:
