@@ -45,8 +45,28 @@ def _match(equivalence: str, coding: dict | None, source_url: str | None, produc
     return parts
 
 
+def _dependencies_hold(target: dict, dependency: list[dict] | None) -> bool:
+    """R4 ConceptMap.group.element.target.dependsOn: a mapping holds only if every
+    dependency it names is given with that value. Without ``dependency`` input the
+    condition cannot be checked and the mapping is returned (the client sees it)."""
+    if not dependency or not target.get("dependsOn"):
+        return True
+    given: dict[str, set[str]] = {}
+    for dep in dependency:
+        element = (dep.get("element") or [None])[0] if isinstance(dep.get("element"), list) else dep.get("element")
+        concept = dep.get("concept")
+        concept = concept[0] if isinstance(concept, list) and concept else concept
+        codes = set()
+        if isinstance(concept, dict):
+            codes.update(c.get("code") for c in concept.get("coding") or () if c.get("code"))
+            if concept.get("code"):
+                codes.add(concept["code"])
+        given.setdefault(element, set()).update(codes)
+    return all(d.get("value") in given.get(d.get("property"), ()) for d in target["dependsOn"])
+
+
 def _forward(provider, cmap: dict, system: str, version: str | None, code: str, targetsystem: str | None,
-             seen: tuple) -> list[tuple[str, list]]:
+             seen: tuple, dependency: list[dict] | None = None) -> list[tuple[str, list]]:
     out = []
     for g in cmap.get("group") or ():
         if g.get("source") != system or version and g.get("sourceVersion") not in (None, version):
@@ -57,6 +77,8 @@ def _forward(provider, cmap: dict, system: str, version: str | None, code: str, 
         elements = [e for e in g.get("element") or () if e.get("code") == code]
         for e in elements:
             for t in e.get("target") or ():
+                if not _dependencies_hold(t, dependency):
+                    continue
                 eq = t.get("equivalence") or "equivalent"
                 coding = coding_json(tsys, t["code"], t.get("display"), g.get("targetVersion")) if t.get("code") else None
                 out.append((eq, _match(eq, coding, cmap.get("url"), t.get("product"))))
@@ -76,7 +98,7 @@ def _forward(provider, cmap: dict, system: str, version: str | None, code: str, 
             if ref in seen:
                 raise InvalidRequest(f"ConceptMap unmapped other-map cycle through {ref}")
             for other in provider.concept_maps(url=ref):
-                out.extend(_forward(provider, other, system, version, code, targetsystem, seen + (ref,)))
+                out.extend(_forward(provider, other, system, version, code, targetsystem, seen + (ref,), dependency))
     return out
 
 
@@ -103,7 +125,7 @@ def translate(provider: TerminologyProvider, conceptmap: dict | None = None, url
               system: str | None = None, code: str | None = None, coding: dict | None = None,
               codeable_concept: dict | None = None, source: str | None = None, target: str | None = None,
               targetsystem: str | None = None, reverse: bool = False, version: str | None = None,
-              conceptmap_version: str | None = None) -> dict:
+              conceptmap_version: str | None = None, dependency: list[dict] | None = None) -> dict:
     """Translate a code with one concept map (given, or by url) or every matching map.
 
     Forward: ``group.source`` = system, ``element.code`` = code -> each target.
@@ -111,6 +133,8 @@ def translate(provider: TerminologyProvider, conceptmap: dict | None = None, url
     (wider <-> narrower, subsumes <-> specializes). ``group.unmapped`` modes
     ``provided`` (same code, equivalence ``equal``), ``fixed`` (the fixed code,
     equivalence ``inexact``) and ``other-map`` apply when no element matches.
+    ``dependency`` (the parsed ``dependency`` parameters: dicts with ``element`` and
+    ``concept``) filters forward targets that have ``dependsOn``.
     Without a map or url, every map whose source/target value sets match ``source``/
     ``target`` (all maps when neither is given) is used.
 
@@ -146,7 +170,7 @@ def translate(provider: TerminologyProvider, conceptmap: dict | None = None, url
             else:
                 if not s:
                     continue
-                matches.extend(_forward(provider, m, s, v, c, targetsystem, (m.get("url"),)))
+                matches.extend(_forward(provider, m, s, v, c, targetsystem, (m.get("url"),), dependency))
     result = any(eq not in _NO_MATCH for eq, _ in matches)
     items: list[tuple[str, object]] = [("result", result)]
     if not result:

@@ -97,6 +97,20 @@ def expand_codes(provider: TerminologyProvider, valueset_or_url: dict | str) -> 
     return codes
 
 
+def _display_in(concept, language: str) -> str | None:
+    lang = language.lower()
+    primary = lang.split("-")[0]
+    fallback = None
+    for d in concept.designations:
+        if d.language:
+            dl = d.language.lower()
+            if dl == lang:
+                return d.value
+            if fallback is None and (dl.split("-")[0] == primary):
+                fallback = d.value
+    return fallback
+
+
 def _matches_text(e: Entry, words: list[str]) -> bool:
     texts = [e.code.casefold()]
     if e.display:
@@ -109,7 +123,7 @@ def _matches_text(e: Entry, words: list[str]) -> bool:
 def expand(provider: TerminologyProvider, valueset: dict | None = None, url: str | None = None,
            version: str | None = None, filter: str | None = None, count: int | None = None,
            offset: int = 0, active_only: bool = False, include_designations: bool = False,
-           max_size: int = 100_000) -> dict:
+           max_size: int = 100_000, display_language: str | None = None) -> dict:
     """Expand a value set (given inline or by url) into a ValueSet with ``expansion``.
 
     Supports compose.include/exclude by system (+version) with a concept list, with
@@ -117,7 +131,8 @@ def expand(provider: TerminologyProvider, valueset: dict | None = None, url: str
     ``not-in``, ``generalizes``, ``exists``) and by ``valueSet`` import; text
     ``filter`` (case-insensitive, every word must occur in the display, a designation
     or the code); ``count``/``offset`` paging (``expansion.total`` is the full size);
-    ``activeOnly``; ``includeDesignations``. A value set without compose but with an
+    ``activeOnly``; ``includeDesignations``; ``displayLanguage`` (a designation in that
+    language, or its primary subtag, becomes the display). A value set without compose but with an
     expansion (pre-expanded) is paged and filtered as stored.
 
     Raises:
@@ -148,8 +163,11 @@ def expand(provider: TerminologyProvider, valueset: dict | None = None, url: str
         if e.inactive:
             item["inactive"] = True
         item["code"] = e.code
-        if e.display is not None:
-            item["display"] = e.display
+        display = e.display
+        if display_language and e.concept is not None:
+            display = _display_in(e.concept, display_language) or display
+        if display is not None:
+            item["display"] = display
         if include_designations and e.concept is not None and e.concept.designations:
             item["designation"] = [d.to_json() for d in e.concept.designations]
         contains.append(item)
@@ -164,6 +182,8 @@ def expand(provider: TerminologyProvider, valueset: dict | None = None, url: str
         params.append({"name": "activeOnly", "valueBoolean": True})
     if include_designations:
         params.append({"name": "includeDesignations", "valueBoolean": True})
+    if display_language:
+        params.append({"name": "displayLanguage", "valueCode": display_language})
     params.extend({"name": "version", "valueUri": v} for v in versions)
     expansion: dict = {
         "identifier": f"urn:uuid:{uuid.uuid4()}",

@@ -90,3 +90,17 @@ def test_errors(provider):
         translate(provider, conceptmap={"resourceType": "ValueSet"}, system=SCT, code="1")
     with pytest.raises(InvalidRequest):
         translate(provider, url=CM, system=SCT, code="1", reverse="sometimes")
+
+
+def test_depends_on(provider):
+    cm = {"resourceType": "ConceptMap", "url": "http://example.org/cm/dep", "group": [{
+        "source": SCT, "target": ICD, "element": [{"code": "73211009", "target": [
+            {"code": "E10", "equivalence": "narrower",
+             "dependsOn": [{"property": "http://example.org/insulin", "value": "yes"}]},
+            {"code": "E11", "equivalence": "narrower",
+             "dependsOn": [{"property": "http://example.org/insulin", "value": "no"}]}]}]}]}
+    assert _matches(translate(provider, conceptmap=cm, system=SCT, code="73211009")) == [
+        ("narrower", "E10"), ("narrower", "E11")]
+    dep = [{"element": ["http://example.org/insulin"], "concept": [{"coding": [{"code": "no"}]}]}]
+    assert _matches(translate(provider, conceptmap=cm, system=SCT, code="73211009", dependency=dep)) == [
+        ("narrower", "E11")]

@@ -231,3 +231,11 @@ def test_expand_codes_errors(provider):
             {"property": "concept", "op": "is-a", "value": "1"}]}))
     with pytest.raises(UnknownValueSet):
         expand_codes(provider, "http://example.org/vs/missing")
+
+
+def test_display_language(provider):
+    vs = expand(provider, url="http://example.org/vs/diabetes", display_language="es-ES", count=2)
+    contains = vs["expansion"]["contains"]
+    assert contains[0]["display"] == "diabetes mellitus (trastorno)"      # primary subtag match
+    assert contains[1]["display"] == "Diabetes mellitus type 1"           # no Spanish designation
+    assert {"name": "displayLanguage", "valueCode": "es-ES"} in vs["expansion"]["parameter"]
