@@ -193,14 +193,26 @@ class SqlCodeSystemData(CodeSystemData):
         self._meta_kwargs = meta
         self._applied = supplements_applied
         self._rows = rows or _SqlConcepts(sql, cs_pk, count)     # shared with supplemented copies
+        self._kids: OrderedDict[str, tuple[str, ...]] = OrderedDict()   # children, source order
         super().__init__(url, self._rows, **meta)
         if supplements_applied:
             self._concepts = _Supplemented(self, self._concepts, supplements_applied)
 
     def children(self, code: str) -> tuple[str, ...]:
-        return tuple(r[0] for r in self._sql.rows(
-            "SELECT child FROM term_parent WHERE cs_pk = ? AND parent = ? ORDER BY child",
-            (self._cs_pk, code)))
+        kids = self._kids.get(code)
+        if kids is None:
+            kids = tuple(r[0] for r in self._sql.rows(
+                "SELECT p.child FROM term_parent p JOIN term_concept c ON c.cs_pk = p.cs_pk "
+                "AND c.code = p.child WHERE p.cs_pk = ? AND p.parent = ? ORDER BY c.seq",
+                (self._cs_pk, code)))
+            self._remember_children({code: list(kids)})
+        return kids
+
+    def _remember_children(self, kids: dict[str, list[str]]) -> None:
+        for parent, children in kids.items():
+            self._kids[parent] = tuple(children)
+        while len(self._kids) > _CONCEPT_CACHE:
+            self._kids.popitem(last=False)
 
     def roots(self) -> list[str]:
         return [r[0] for r in self._sql.rows(
@@ -222,7 +234,23 @@ class SqlCodeSystemData(CodeSystemData):
         return self._closure(code, True)
 
     def _descendants(self, code: str) -> frozenset[str]:
-        return self._closure(code, False)
+        # One query for the subtree's edges: the closure, and the children of every node
+        # in it (an expansion walks them depth-first next), in source order.
+        rows = self._sql.rows(
+            "WITH RECURSIVE t(code) AS (SELECT child FROM term_parent WHERE cs_pk = ? AND parent = ? "
+            "UNION SELECT p.child FROM term_parent p JOIN t ON p.parent = t.code WHERE p.cs_pk = ?) "
+            "SELECT p.parent, p.child FROM t JOIN term_parent p ON p.cs_pk = ? AND p.child = t.code "
+            "JOIN term_concept c ON c.cs_pk = p.cs_pk AND c.code = p.child ORDER BY c.seq",
+            (self._cs_pk, code, self._cs_pk, self._cs_pk))
+        out = {child for _, child in rows}
+        inside = out | {code}
+        kids: dict[str, list[str]] = {c: [] for c in inside}
+        for parent, child in rows:
+            if parent in inside:        # a node's children are all in the subtree
+                kids[parent].append(child)
+        self._remember_children(kids)
+        out.discard(code)
+        return frozenset(out)
 
     def prefetch(self, codes) -> dict[str, int]:
         """Read these concepts in bulk (an expansion reads each of them next)."""
