@@ -5,14 +5,14 @@
   ``seed_from_uid``.
 * :mod:`.procedural`: the fallback for modalities without training images.
 * :mod:`.render`: arrays to DICOM instances (``render_instance``, ``render_series``,
-  ``instance_bytes``).
+  ``instance_bytes``, ``series_bytes``).
 
 torch is imported lazily, so rendering and the procedural fallback work without it.
 """
 from .data import CollectedImages, collect_images, sample_dicom_paths
 from .model import ImageModel, ImageModelError, seed_from_uid
-from .render import RenderError, instance_bytes, render_instance, render_series
+from .render import RenderError, instance_bytes, render_instance, render_series, series_bytes
 
 __all__ = ["CollectedImages", "collect_images", "sample_dicom_paths", "ImageModel",
            "ImageModelError", "seed_from_uid", "RenderError", "instance_bytes",
-           "render_instance", "render_series"]
+           "render_instance", "render_series", "series_bytes"]

@@ -23,6 +23,7 @@ input gives byte-identical files. Every instance says it is synthetic in Image C
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import uuid
@@ -77,6 +78,7 @@ IDENTIFYING = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "St
                "AccessionNumber", "StudyDescription")
 PAIRED = {"EXTREMITY", "KNEE", "HAND", "FOOT", "SHOULDER", "HIP", "BREAST", "EYE", "KIDNEY",
           "ELBOW", "WRIST", "ANKLE", "ARM", "LEG", "CLAVICLE", "LUNG", "FEMUR", "HUMERUS"}
+PER_SLICE_TAGS = {0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010}
 NOT_KEYWORDS = {"SOPInstanceUIDs", "SliceSpacing"}
 
 
@@ -101,40 +103,71 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _fit(array: np.ndarray, matrix: tuple[int, int]) -> np.ndarray:
-    """Upsample a square array to ``matrix`` keeping its aspect (resize, then centre crop)."""
+@functools.lru_cache(maxsize=64)
+def _cubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] bicubic (Keys, a = -0.5) upsampling weights, edges clamped.
+
+    Upsampling a [S, S] array to [R, C] is then two BLAS products, ``Wr @ a @ Wc.T``:
+    several times faster than PIL on a 2500 x 2048 radiograph.
+    """
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src).astype(int)
+    w = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    for k in range(-1, 3):
+        t = np.abs(src - (base + k))
+        wk = np.where(t <= 1, (1.5 * t - 2.5) * t * t + 1,
+                      np.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, 0.0))
+        np.add.at(w, (rows, np.clip(base + k, 0, n_in - 1)), wk.astype(np.float32))
+    return w
+
+
+def _fit(array: np.ndarray, matrix: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+    """Resize a 2-D array to ``matrix`` keeping its aspect (fill the square, centre crop).
+
+    Returns ``scale`` x the resized array, clipped to [0, scale].
+    """
     rows, cols = matrix
     a = np.asarray(array, dtype=np.float32)
     if a.ndim != 2:
         raise RenderError(f"expected a 2-D array, got shape {a.shape}")
     side = max(rows, cols)
-    big = resize(a, (side, side)) if a.shape != (side, side) else a
     r0, c0 = (side - rows) // 2, (side - cols) // 2
-    return np.clip(big[r0:r0 + rows, c0:c0 + cols], 0.0, 1.0)
+    if side >= max(a.shape):
+        wr = _cubic_matrix(a.shape[0], side)[r0:r0 + rows]
+        wc = _cubic_matrix(a.shape[1], side)[c0:c0 + cols]
+        out = wr @ (a * np.float32(scale)) @ wc.T
+    else:
+        out = resize(a, (side, side))[r0:r0 + rows, c0:c0 + cols] * np.float32(scale)
+    return np.clip(out, 0.0, scale, out=out)
 
 
-def _pixels(v: np.ndarray, modality: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _pixels(array: np.ndarray, modality: str,
+            matrix: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any]]:
     """Stored values and the Image Pixel / Modality LUT / VOI LUT attributes (PS3.3 §C.7.6.3)."""
     if modality == "OP":
+        v = _fit(array, matrix)
         # Fundus-like colours from the grey level (red dominates a retinal photograph).
         rgb = np.stack([v ** 0.7, 0.55 * v ** 1.2, 0.25 * v ** 2.0], axis=-1)
         return (rgb * 255.0 + 0.5).astype(np.uint8), {
             "SamplesPerPixel": 3, "PhotometricInterpretation": "RGB", "PlanarConfiguration": 0,
             "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "PixelRepresentation": 0}
     if modality == "US":
-        return (v * 255.0 + 0.5).astype(np.uint8), {
+        return (_fit(array, matrix, 255.0) + 0.5).astype(np.uint8), {
             "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
             "BitsAllocated": 8, "BitsStored": 8, "HighBit": 7, "PixelRepresentation": 0}
     attrs = {"SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
              "BitsAllocated": 16, "BitsStored": 12, "HighBit": 11, "PixelRepresentation": 0,
              "RescaleSlope": "1", "RescaleIntercept": "0"}
     if modality == "CT":
-        # PS3.3 §C.8.2.1: HU = stored * slope + intercept; stored 0 is -1024 HU (air).
-        stored = v * (CT_HU_MAX - CT_HU_MIN) + (CT_HU_MIN + 1024.0)
+        # PS3.3 §C.8.2.1: HU = stored * slope + intercept; stored 0 is -1024 HU (air), and
+        # CT_HU_MIN is -1024, so stored = v * (CT_HU_MAX - CT_HU_MIN).
+        stored = _fit(array, matrix, CT_HU_MAX - CT_HU_MIN)
         attrs["RescaleIntercept"] = "-1024"
     else:
-        stored = v * 4095.0
-    return (stored + 0.5).astype(np.uint16), attrs
+        stored = _fit(array, matrix, 4095.0)
+    stored += 0.5
+    return stored.astype(np.uint16), attrs
 
 
 def _window(modality: str, body_part: str) -> tuple[float, float] | None:
@@ -206,6 +239,14 @@ def _anatomy(body_part: str) -> DicomSequence:
     return DicomSequence([_code(code[0], "SCT", code[1])] if code else [])
 
 
+def _place(ds: Dataset, instance_number: int, spacing: float, step: float) -> None:
+    """Image Position (Patient) and Slice Location of slice ``instance_number`` (§C.7.6.2.1.1)."""
+    z = -(instance_number - 1) * step
+    half = spacing * ds.Rows / 2.0
+    ds.ImagePositionPatient = [f"{-half:g}", f"{-half:g}", f"{z:g}"]
+    ds.SliceLocation = f"{z:g}"
+
+
 def _modality_specific(ds: Dataset, modality: str, body_part: str, attrs: dict[str, Any],
                        spacing: float) -> None:
     inst = ds.InstanceNumber
@@ -218,13 +259,10 @@ def _modality_specific(ds: Dataset, modality: str, body_part: str, attrs: dict[s
         ds.PatientPosition = "HFS"
         thickness = float(attrs.get("SliceThickness", 5.0 if modality == "CT" else 4.0))
         step = float(attrs.get("SliceSpacing", thickness))
-        z = -(inst - 1) * step
-        half = spacing * ds.Rows / 2.0
-        ds.ImagePositionPatient = [f"{-half:g}", f"{-half:g}", f"{z:g}"]
         ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
         ds.SliceThickness = f"{thickness:g}"
         ds.SpacingBetweenSlices = f"{step:g}"
-        ds.SliceLocation = f"{z:g}"
+        _place(ds, inst, spacing, step)
         ds.ImageType = ["DERIVED", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
     else:
         ds.PatientOrientation = ["L", "F"] if modality in ("CR", "DX", "MG") else ""
@@ -343,7 +381,7 @@ def render_instance(array: np.ndarray, attrs: dict[str, Any],
     matrix = tuple(matrix or DEFAULT_MATRIX.get(modality, (512, 512)))
     sop_class = SOP_CLASS.get(modality, SECONDARY_CAPTURE)
     ds = _header(attrs, modality, body_part, sop_class)
-    stored, pixel_attrs = _pixels(_fit(array, matrix), modality)
+    stored, pixel_attrs = _pixels(array, modality, matrix)
     ds.Rows, ds.Columns = matrix
     for key, value in pixel_attrs.items():
         setattr(ds, key, value)
@@ -381,13 +419,33 @@ def render_series(arrays: Sequence[np.ndarray] | np.ndarray, attrs: dict[str, An
     if uids is not None and len(uids) != len(arrays):
         raise RenderError(f"{len(uids)} SOPInstanceUIDs for {len(arrays)} slices")
     first = int(attrs.get("InstanceNumber", 1) or 1)
-    out = []
+    out: list[Dataset] = []
     for i, array in enumerate(arrays):
-        a = dict(attrs)
-        a["InstanceNumber"] = first + i
-        a["SOPInstanceUID"] = uids[i] if uids is not None else derived_uid(
-            str(attrs["SeriesInstanceUID"]), "instance", str(first + i))
-        out.append(render_instance(array, a, matrix))
+        number = first + i
+        sop = str(uids[i]) if uids is not None else derived_uid(
+            str(attrs["SeriesInstanceUID"]), "instance", str(number))
+        if not out:
+            out.append(render_instance(array, {**attrs, "InstanceNumber": number,
+                                               "SOPInstanceUID": sop}, matrix))
+            template = out[0]
+            modality = template.Modality
+            spacing = float(template.PixelSpacing[0])
+            step = float(template.get("SpacingBetweenSlices") or 0.0)
+            continue
+        # The header is the first slice's: share its unchanged elements (a new dict of the
+        # same DataElement objects) and drop those that differ per slice, so that setting
+        # them makes new elements instead of changing the template's in place.
+        ds = Dataset({t: e for t, e in template._dict.items() if t not in PER_SLICE_TAGS})
+        ds.SOPInstanceUID = sop
+        ds.InstanceNumber = number
+        if modality in CROSS_SECTIONAL:
+            _place(ds, number, spacing, step)
+        ds.PixelData = _pixels(array, modality, (template.Rows, template.Columns))[0].tobytes()
+        meta = FileMetaDataset({t: e for t, e in template.file_meta._dict.items()
+                                if t != 0x00020003})
+        meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta = meta
+        out.append(ds)
     return out
 
 
@@ -396,3 +454,41 @@ def instance_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+def series_bytes(datasets: Sequence[Dataset]) -> list[bytes]:
+    """The PS3.10 files of a series from :func:`render_series`, byte-identical to
+    :func:`instance_bytes` of each, several times faster.
+
+    The slices share most of their DataElement objects (the template's header), so each
+    shared element is encoded once (pydicom's own element writer) and its bytes reused.
+    """
+    from pydicom.charset import convert_encodings
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element, write_file_meta_info
+
+    cache: dict[int, bytes] = {}
+    shared = ({id(e) for e in datasets[1]._dict.values()} & {id(e) for e in datasets[0]._dict.values()}
+              if len(datasets) > 1 else set())
+    out = []
+    for ds in datasets:
+        encodings = convert_encodings(ds.get("SpecificCharacterSet"))
+        meta = DicomBytesIO()
+        meta.is_little_endian, meta.is_implicit_VR = True, False
+        write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+        parts = [b"\0" * 128, b"DICM", meta.getvalue()]
+        for tag in sorted(ds._dict):
+            elem = ds._dict[tag]
+            key = id(elem)
+            if key in cache:
+                parts.append(cache[key])
+                continue
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_data_element(fp, ds[tag], encodings)
+            data = fp.getvalue()
+            if key in shared:
+                cache[key] = data
+            parts.append(data)
+        out.append(b"".join(parts))
+    return out

@@ -14,7 +14,7 @@ from pydicom.pixels import apply_modality_lut
 
 from generators.images.procedural import procedural, procedural_volume
 from generators.images.render import (SOP_CLASS, RenderError, derived_uid, instance_bytes,
-                                      render_instance, render_series)
+                                      render_instance, render_series, series_bytes)
 
 CASES = [("CT", "HEAD"), ("CT", "CHEST"), ("MR", ""), ("MR", "KNEE"), ("CR", "CHEST"),
          ("CR", "EXTREMITY"), ("DX", "CHEST"), ("DX", ""), ("US", "ABDOMEN"), ("US", ""),
@@ -105,6 +105,19 @@ def test_series_geometry_and_uids():
     assert [d.SOPInstanceUID for d in render_series(vol, attrs("CT", SOPInstanceUIDs=uids))] == uids
     with pytest.raises(RenderError):
         render_series(vol, attrs("CT", SOPInstanceUIDs=uids[:2]))
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "US", "DX"])
+def test_series_slices_are_the_instances_rendered_one_by_one(modality):
+    vol = procedural_volume(modality, "HEAD", 4, 32, 4)
+    a = attrs(modality, "HEAD", PatientName="Müller^Jürgen")
+    series = render_series(vol, a, (48, 48))
+    alone = [instance_bytes(render_instance(vol[i], {**a, "InstanceNumber": i + 1,
+                                                      "SOPInstanceUID": series[i].SOPInstanceUID},
+                                             (48, 48))) for i in range(4)]
+    assert [instance_bytes(d) for d in series] == alone
+    assert series_bytes(series) == alone
+    assert len(set(alone)) == 4
 
 
 def test_missing_uid_and_bad_array_are_refused():
