@@ -123,25 +123,28 @@ def _concepts(release: Release, concept_file: str, language_refset: str | None) 
             if r[2] == "1" and r[7] == IS_A:
                 parents.setdefault(r[4], set()).add(r[5])
 
-    preferred: set[str] = set()
-    lang_files = _one(release, r"der2_cRefset_LanguageSnapshot.*\.txt", "language refset", required=False)
-    if lang_files:
-        rows_by_refset: dict[str, list[list[str]]] = {}
-        for name in lang_files:
-            for r in _rows(release, name):
-                # id effectiveTime active moduleId refsetId referencedComponentId acceptabilityId
-                if r[2] == "1":
-                    rows_by_refset.setdefault(r[4], []).append(r)
-        refset = language_refset or (US_ENGLISH if US_ENGLISH in rows_by_refset else
-                                     next(iter(sorted(rows_by_refset)), None))
-        preferred = {r[5] for r in rows_by_refset.get(refset or "", ()) if r[6] == PREFERRED}
+    # Only what is needed is kept (a full release has millions of refset rows): the
+    # preferred description ids of each language refset, as ints.
+    preferred_by_refset: dict[str, set[int]] = {}
+    for name in _one(release, r"der2_cRefset_LanguageSnapshot.*\.txt", "language refset", required=False):
+        for r in _rows(release, name):
+            # id effectiveTime active moduleId refsetId referencedComponentId acceptabilityId
+            if r[2] == "1":
+                ids = preferred_by_refset.setdefault(r[4], set())
+                if r[6] == PREFERRED:
+                    ids.add(int(r[5]))
+    refset = language_refset or (US_ENGLISH if US_ENGLISH in preferred_by_refset else
+                                 next(iter(sorted(preferred_by_refset)), None))
+    preferred = preferred_by_refset.get(refset or "", set())
+    preferred_by_refset.clear()
 
-    descriptions: dict[str, list[tuple[int, str, str, str, str]]] = {}
+    intern = sys.intern
+    descriptions: dict[str, list[tuple[int, str, str, str]]] = {}
     for name in _one(release, r"sct2_Description_Snapshot.*\.txt", "description", required=False):
         for r in _rows(release, name):
             # id effectiveTime active moduleId conceptId languageCode typeId term caseSignificanceId
             if r[2] == "1":
-                descriptions.setdefault(r[4], []).append((int(r[0]), r[0], r[5], r[6], r[7]))
+                descriptions.setdefault(r[4], []).append((int(r[0]), intern(r[5]), intern(r[6]), r[7]))
 
     rows = list(_rows(release, concept_file))
     rows.sort(key=lambda r: int(r[0]))
@@ -151,7 +154,7 @@ def _concepts(release: Release, concept_file: str, language_refset: str | None) 
         display = None
         first_synonym = None
         designations = []
-        for _, did, lang, typ, term in descs:
+        for did, lang, typ, term in descs:
             designations.append(Designation(lang, _USE.get(typ), term))
             if typ == SYNONYM:
                 if first_synonym is None:

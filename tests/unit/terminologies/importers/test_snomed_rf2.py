@@ -69,3 +69,17 @@ def test_missing_snapshot(tmp_path):
         snomed_rf2.read(tmp_path)
     with pytest.raises(InvalidRequest):
         snomed_rf2.read(tmp_path / "absent")
+
+
+def test_language_refset_choice(tmp_path):
+    shutil.copytree(RF2, tmp_path / "rf2")
+    lang = next((tmp_path / "rf2").rglob("der2_cRefset_LanguageSnapshot*.txt"))
+    gb = "900000000000508004"
+    with open(lang, "a", newline="") as f:   # en-GB prefers the other synonym of 44054006
+        f.write("\t".join(["b0000000-0000-0000-0000-000000000001", "20240101", "1", "900000000000207008",
+                           gb, "1000018011", snomed_rf2.PREFERRED]) + "\r\n")
+    by_default = {c.code: c for c in snomed_rf2.read(tmp_path / "rf2")[1]}
+    by_gb = {c.code: c for c in snomed_rf2.read(tmp_path / "rf2", language_refset=gb)[1]}
+    assert by_default["44054006"].display == "Diabetes mellitus type 2"     # US English is the default
+    assert by_gb["44054006"].display == "Type II diabetes mellitus"
+    assert by_gb["73211009"].display == "Diabetes mellitus"                 # no GB row: first synonym
