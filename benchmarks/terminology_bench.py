@@ -90,6 +90,46 @@ def row(name: str, value: str, target: str = "") -> None:
     print(f"  {name:<58} {value:>22}   {target}")
 
 
+def rf2_import(concepts: list[Concept]) -> None:
+    """Write the generated hierarchy as RF2 snapshot files and time the importer."""
+    import tempfile
+
+    from terminologies.importers import snomed_rf2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "Snapshot" / "Terminology"
+        d.mkdir(parents=True)
+        t = time.perf_counter()
+        with open(d / "sct2_Concept_Snapshot_INT_20240101.txt", "w", newline="") as f:
+            f.write("id\teffectiveTime\tactive\tmoduleId\tdefinitionStatusId\r\n")
+            for c in concepts:
+                f.write(f"{c.code}\t20240101\t{0 if c.inactive else 1}\t900000000000207008\t900000000000074008\r\n")
+        with open(d / "sct2_Description_Snapshot-en_INT_20240101.txt", "w", newline="") as f:
+            f.write("id\teffectiveTime\tactive\tmoduleId\tconceptId\tlanguageCode\ttypeId\tterm\tcaseSignificanceId\r\n")
+            for i, c in enumerate(concepts):
+                f.write(f"{2 * i + 1}011\t20240101\t1\t900000000000207008\t{c.code}\ten\t900000000000003001\t"
+                        f"{c.display} (finding)\t900000000000448009\r\n")
+                f.write(f"{2 * i + 2}011\t20240101\t1\t900000000000207008\t{c.code}\ten\t900000000000013009\t"
+                        f"{c.display}\t900000000000448009\r\n")
+        with open(d / "sct2_Relationship_Snapshot_INT_20240101.txt", "w", newline="") as f:
+            f.write("id\teffectiveTime\tactive\tmoduleId\tsourceId\tdestinationId\trelationshipGroup\ttypeId\t"
+                    "characteristicTypeId\tmodifierId\r\n")
+            n = 0
+            for c in concepts:
+                for p in c.parents:
+                    n += 1
+                    f.write(f"{n}021\t20240101\t1\t900000000000207008\t{c.code}\t{p}\t0\t116680003\t"
+                            f"900000000000011006\t900000000000451002\r\n")
+        t_write = time.perf_counter() - t
+        c0, t = time.process_time(), time.perf_counter()
+        meta, it = snomed_rf2.read(Path(tmp))
+        got = sum(1 for _ in it)
+        t_read, c_read = time.perf_counter() - t, time.process_time() - c0
+    print("SNOMED CT RF2 importer (snomed_rf2.read, generated snapshot)")
+    row("write snapshot files", f"{t_write:.1f} s")
+    row(f"read {got:,} concepts, {2 * got:,} descriptions, {n:,} is-a", f"{t_read:.1f} s (cpu {c_read:.1f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concepts", type=int, default=350_000)
@@ -97,6 +137,9 @@ def main() -> None:
     ap.add_argument("--multi", type=float, default=0.05, help="share of concepts with a second parent")
     ap.add_argument("--repeat", type=int, default=2000, help="samples per latency figure")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rf2", action="store_true",
+                    help="also write the hierarchy as an RF2 snapshot (2 descriptions per concept) and time "
+                         "the snomed_rf2 importer on it")
     args = ap.parse_args()
     rng = random.Random(args.seed)
 
@@ -207,6 +250,9 @@ def main() -> None:
     provider.add(root_vs)
     t_all, got = timed(valueset_expand.expand_codes, provider, root_vs["url"])
     row(f"descendent-of root ({len(got):,} codes) cold", f"{t_all:.0f} ms (cpu {cpu_last()[0]:.0f})")
+
+    if args.rf2:
+        rf2_import(concepts)
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {rss:.0f} MiB")
