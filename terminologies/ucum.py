@@ -58,18 +58,29 @@ def _ureg():
 
 
 @lru_cache(maxsize=4096)
-def _parse(unit: str):
-    """The pint quantity of one ``unit`` (cached; UnitError when invalid)."""
-    if not isinstance(unit, str) or not unit or unit != unit.strip() or " " in unit:
-        raise UnitError(f"{unit!r} is not a valid UCUM unit")
+def _parse_cached(unit: str):
+    """``(quantity, None)`` or ``(None, error message)``: invalid units are cached too,
+    so a column full of one bad unit is parsed once."""
+    if not unit or unit != unit.strip() or " " in unit:
+        return None, f"{unit!r} is not a valid UCUM unit"
     if unit == "1":
-        return _ureg().Quantity(1, "dimensionless")
+        return _ureg().Quantity(1, "dimensionless"), None
     # An arbitrary unit is opaque: parse the rest with the atom replaced by 1.
     expr = _ARBITRARY.sub("1", unit)
     try:
-        return _ureg().from_ucum(expr)
+        return _ureg().from_ucum(expr), None
     except Exception as exc:  # ucumvert raises lark and pint errors of several kinds
-        raise UnitError(f"{unit!r} is not a valid UCUM unit: {str(exc).splitlines()[0]}") from None
+        return None, f"{unit!r} is not a valid UCUM unit: {str(exc).splitlines()[0]}"
+
+
+def _parse(unit: str):
+    """The pint quantity of one ``unit`` (cached; UnitError when invalid)."""
+    if not isinstance(unit, str):
+        raise UnitError(f"{unit!r} is not a valid UCUM unit")
+    q, error = _parse_cached(unit)
+    if error is not None:
+        raise UnitError(error)
+    return q
 
 
 def is_valid(unit: str) -> bool:
