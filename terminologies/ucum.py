@@ -104,12 +104,23 @@ def _arbitrary_atoms(unit: str) -> Counter:
 def convert(value: float, from_unit: str, to_unit: str) -> float:
     """``value`` in ``from_unit`` expressed in ``to_unit``.
 
+    Every UCUM conversion is affine (linear, or linear plus an offset for Cel/[degF]),
+    so the coefficients are computed once per unit pair with pint and cached.
+
     Raises:
         UnitError: invalid units or incommensurable dimensions.
     """
-    src, dst = _parse(from_unit), _parse(to_unit)
     if from_unit == to_unit:
+        _parse(from_unit)
         return float(value)
+    scale, offset = _affine(from_unit, to_unit)
+    return float(value) * scale + offset
+
+
+@lru_cache(maxsize=4096)
+def _affine(from_unit: str, to_unit: str) -> tuple[float, float]:
+    """``(scale, offset)`` with ``to = from * scale + offset``."""
+    src, dst = _parse(from_unit), _parse(to_unit)
     if _arbitrary_atoms(from_unit) != _arbitrary_atoms(to_unit):
         raise UnitError(f"cannot convert {from_unit!r} to {to_unit!r}: arbitrary units are "
                         "only commensurable with themselves (UCUM §4.5)")
@@ -119,10 +130,15 @@ def convert(value: float, from_unit: str, to_unit: str) -> float:
     ureg = _ureg()
     try:
         if _offset(src) or _offset(dst):  # Cel, [degF]: affine, magnitude is 1
-            q = ureg.Quantity(value, src.units).to(dst.units)
-            return float(q.magnitude / dst.magnitude)
-        q = (value * src).to(dst.units)
-        return float(q.magnitude / dst.magnitude)
+            def f(x: float) -> float:
+                return float(ureg.Quantity(x, src.units).to(dst.units).magnitude / dst.magnitude)
+        else:
+            def f(x: float) -> float:
+                return float((x * src).to(dst.units).magnitude / dst.magnitude)
+        zero = f(0.0)
+        if zero == 0.0:
+            return f(1.0), 0.0
+        return (f(1000.0) - zero) / 1000.0, zero  # a wide span keeps the scale exact
     except Exception as exc:
         raise UnitError(f"cannot convert {from_unit!r} to {to_unit!r}: {exc}") from None
 
