@@ -18,6 +18,9 @@ Classes and fallback (:meth:`ImageModel.resolve`):
 3. With no class found, the procedural fallback of
    :mod:`generators.images.procedural` (a phantom shaped like the modality).
 
+Latent codes are drawn from each class's own Gaussian (mean and spread of the training
+images' codes, fitted after training) rather than from the VAE prior.
+
 Weights are saved as a torch ``state_dict`` (``weights.pt``, read back with
 ``torch.load(weights_only=True)``: nothing is unpickled) next to ``model.json``.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -42,6 +46,7 @@ META_FILE = "model.json"
 # last-bit floating-point differences between machines cannot change a pixel.
 QUANT = 4095.0
 TEMPERATURE = 0.8
+CODE_STD_MIN = 0.05
 NEIGHBOURS: dict[str, tuple[str, ...]] = {
     "CR": ("DX",), "DX": ("CR",), "MG": ("DX", "CR"), "XA": ("RF", "DX", "CR"),
     "RF": ("XA", "DX", "CR"), "CT": ("MR",), "MR": ("CT",), "PT": ("NM",), "NM": ("PT",),
@@ -70,6 +75,11 @@ def _build_network(size: int, n_classes: int, latent_dim: int, width: int, emb_d
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Embedding(max(n_classes, 1), emb_dim)
+            # Per-class mean and spread of the training codes (ex-post density estimation,
+            # Ghosh et al. 2020): sampling from them instead of N(0, I) keeps the codes
+            # where the decoder was trained, which matters with few images per class.
+            self.register_buffer("code_mean", torch.zeros(max(n_classes, 1), latent_dim))
+            self.register_buffer("code_std", torch.ones(max(n_classes, 1), latent_dim))
             enc: list[nn.Module] = []
             c_in = 1
             for c in chans:
@@ -247,6 +257,7 @@ class ImageModel:
             last = total / n / pixels
             bar.set_postfix(loss=f"{last:.4f}")
         self.net.eval().to("cpu")
+        self._fit_code_stats(x_all.cpu(), y_all.cpu())
         self.meta["training"]["final_loss_per_pixel"] = round(last, 6)
         self.meta["training"]["seconds"] = round(time.perf_counter() - t0, 3)
         return self
@@ -267,6 +278,23 @@ class ImageModel:
             if of_mod:
                 return max(of_mod, key=lambda t: (t[0], t[1][1]))[1]
         return None
+
+    def _fit_code_stats(self, x, y) -> None:
+        import torch
+
+        with torch.no_grad():
+            mu = torch.cat([self.net.encode(x[i:i + 256], y[i:i + 256])[0]
+                            for i in range(0, len(x), 256)])
+            for c in range(len(self.classes)):
+                codes = mu[y == c]
+                self.net.code_mean[c] = codes.mean(0)
+                spread = codes.std(0, unbiased=False) if len(codes) > 1 else torch.ones_like(codes[0])
+                self.net.code_std[c] = spread.clamp(min=CODE_STD_MIN)
+
+    def _codes(self, eps, cls: tuple[str, str]):
+        """Standard normal draws to latent codes of the class."""
+        c = self.classes.index(cls)
+        return self.net.code_mean[c] + self.net.code_std[c] * eps
 
     def _decode(self, z, cls: tuple[str, str]) -> np.ndarray:
         import torch
@@ -299,7 +327,7 @@ class ImageModel:
             return np.stack([procedural(m, b, s, self.size) for s in seeds])
         gen = torch.Generator().manual_seed(seed & (2**63 - 1))
         z = torch.randn(n, self.latent_dim, generator=gen) * temperature
-        return self._decode(z, cls)
+        return self._decode(self._codes(z, cls), cls)
 
     def sample_series(self, modality: str, body_part: str = "", seed: int = 0,
                       n_slices: int = 1, slices_per_anchor: int = 12,
@@ -325,7 +353,7 @@ class ImageModel:
         pos = torch.linspace(0, n_anchor - 1, n_slices) if n_slices > 1 else torch.zeros(1)
         lo = pos.floor().long().clamp(max=n_anchor - 2)
         z = _slerp(anchors[lo], anchors[lo + 1], (pos - lo).unsqueeze(1))
-        return self._decode(z, cls)
+        return self._decode(self._codes(z, cls), cls)
 
     # ------------------------------------------------------------------ persistence
 
@@ -339,9 +367,13 @@ class ImageModel:
                                    "size": self.size, "classes": []}
         meta.update(size=self.size, latent_dim=self.latent_dim, width=self.width,
                     emb_dim=self.emb_dim, has_weights=self.net is not None)
+        # Each file is written under a temporary name and renamed, model.json last: an
+        # interrupted save leaves the previous model (or none), never a mix.
         if self.net is not None:
-            torch.save(self.net.state_dict(), d / WEIGHTS_FILE)
-        (d / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            torch.save(self.net.state_dict(), d / (WEIGHTS_FILE + ".tmp"))
+            os.replace(d / (WEIGHTS_FILE + ".tmp"), d / WEIGHTS_FILE)
+        (d / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(d / (META_FILE + ".tmp"), d / META_FILE)
         return d
 
     @classmethod

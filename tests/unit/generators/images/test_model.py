@@ -46,6 +46,8 @@ def test_classes_pool_rare_body_parts_and_leave_out_rare_modalities(fitted):
     assert fitted.class_counts == [5, 6]
     assert fitted.meta["unused_images"] == 3  # 2 CT CHEST (pool of 2 < 4) and the NM image
     assert len(fitted.meta["fingerprint"]) == 64
+    # Per-class code statistics are fitted after training (ex-post density estimation).
+    assert fitted.net.code_mean.abs().sum() > 0 and (fitted.net.code_std >= 0.05).all()
 
 
 def test_sample_shape_range_and_determinism(fitted):
