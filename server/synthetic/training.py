@@ -1,0 +1,244 @@
+"""``synthport train``: map the real store to tables, fit the models, register them.
+
+Steps: records of the real store are read through the source protocol
+(:func:`server.mapping_export.iter_source_records`) and mapped with ``mappings.map_records``; the patient model
+(``generators.tabular.PatientModel``), the event model (``generators.events.EventModel``)
+and the image model (``generators.images.ImageModel``: on the stored DICOM pixel data,
+else on the sample files shipped with pydicom, see docs/synthetic.md) are fitted and
+saved into a temporary folder that is renamed to ``models/<name>/v<version>`` at the
+end; only then is the registry row written. An interrupted run leaves a ``.tmp-*``
+folder that the next run removes, never a half-written version.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from server.errors import InvalidRequest, Unprocessable
+from server.source import RequestContext
+from server.synthetic.registry import MODEL_NAME, ModelInfo, Registry, now
+
+log = logging.getLogger("synthport.train")
+
+#: Printed (and stored with the model) whenever CTGAN is the patient-level backend.
+CTGAN_LICENCE = (
+    "CTGAN (the ctgan package) is licensed under the Business Source License 1.1: its "
+    "use grant excludes offering 'a Synthetic Data Creation Service' (a commercial service "
+    "that lets third parties benefit from synthetic data features). Check that your use "
+    "is allowed before serving cohorts from this model commercially.")
+DEFAULT_LICENCE = ("synthport's own models (Apache-2.0-compatible dependencies only: torch, "
+                   "numpy, pandas, pydicom)")
+
+#: Columns that identify a real patient and are never modelled: the birth date of a
+#: virtual patient is derived from (cohort seed, index) and the sampled birth year.
+IDENTIFYING = ("birth_date",)
+
+
+@dataclass
+class TrainSettings:
+    """What ``synthport train`` was asked to do (stored with the model)."""
+
+    device: str = "cpu"
+    epochs: int = 200
+    event_epochs: int = 20
+    image_epochs: int = 60
+    limit: int | None = None
+    backend: str = "argn"
+    hidden: int = 256
+    event_hidden: int = 192
+    image_size: int = 64
+    min_count: int | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("progress")
+        return d
+
+
+def _source_records(store, ctx: RequestContext, limit: int | None):
+    from server.mapping_export import iter_source_records
+
+    return iter_source_records(store, ctx, limit=limit)
+
+
+def map_store(store, settings: TrainSettings, ctx: RequestContext | None = None):
+    """The real store's records as ``mappings.MappedTables``."""
+    from mappings.tables import map_records
+
+    ctx = ctx or RequestContext(caller="synthport-train")
+    recs = list(_source_records(store, ctx, settings.limit))
+    if len(recs) < 2:
+        raise Unprocessable(f"the store holds {len(recs)} patient(s); training needs at least 2 "
+                            "(load data first: synthport load PATH, or run synthport demo)")
+    vocab = {"min_count": settings.min_count} if settings.min_count is not None else {}
+    return map_records(recs, **vocab)
+
+
+def training_images(dicom, ctx: RequestContext, size: int, limit: int = 2000):
+    """Pixel data for the image model: the stored DICOM instances, else the sample files
+    shipped with pydicom (and pydicom-data / deid-data when installed).
+
+    Returns:
+        (CollectedImages, origin) with origin ``"store"`` or ``"pydicom-samples"``.
+    """
+    import io
+
+    import pydicom
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)   # undecodable samples are skipped
+
+    from generators.images import collect_images, sample_dicom_paths
+
+    refs = []
+    if dicom is not None:
+        try:
+            refs = dicom.instance_refs(ctx)[:limit]
+        except Exception:  # noqa: BLE001 - no DICOM tables / nothing stored
+            refs = []
+
+    def stored():
+        for ref in refs:
+            try:
+                yield pydicom.dcmread(io.BytesIO(dicom.open_instance(ctx, ref)))
+            except Exception:  # noqa: BLE001 - counted as unreadable by collect_images
+                continue
+
+    if refs:
+        got = collect_images(stored(), size=size)
+        if got.images:
+            return got, "store"
+    return collect_images(sample_dicom_paths(), size=size), "pydicom-samples"
+
+
+def _fingerprint(tables) -> str:
+    h = hashlib.sha256()
+    h.update(tables.patients.to_csv(index=True).encode())
+    h.update(tables.events.to_csv(index=False).encode())
+    return h.hexdigest()
+
+
+def fit_models(tables, folder: Path, settings: TrainSettings, *, dicom=None,
+               timings: dict | None = None, echo: Callable[[str], None] = print) -> Path:
+    """Fit the three models on mapped tables and save them under ``folder``
+    (``patients/``, ``events/``, ``images/``, ``tables.json``)."""
+    import json
+
+    from generators.events import EventModel
+    from generators.images import ImageModel
+    from generators.tabular import PatientModel
+
+    timings = {} if timings is None else timings
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    patients = tables.patients.drop(columns=[c for c in IDENTIFYING if c in tables.patients.columns])
+    pmeta = {k: v for k, v in tables.patient_meta["columns"].items() if k in patients.columns}
+    t = time.perf_counter()
+    pm = PatientModel(hidden=settings.hidden).fit(
+        patients, pmeta, epochs=settings.epochs, device=settings.device, progress=settings.progress)
+    pm.save(folder / "patients")
+    timings["patients_seconds"] = round(time.perf_counter() - t, 3)
+    echo(f"patient model: {len(pm.columns)} columns, {timings['patients_seconds']:.1f} s")
+
+    t = time.perf_counter()
+    em = EventModel(hidden=settings.event_hidden, d_in=max(16, settings.event_hidden // 2)).fit(
+        patients, tables.events, epochs=settings.event_epochs, device=settings.device,
+        progress=settings.progress)
+    em.save(folder / "events")
+    timings["events_seconds"] = round(time.perf_counter() - t, 3)
+    echo(f"event model: {timings['events_seconds']:.1f} s")
+
+    t = time.perf_counter()
+    im = ImageModel(size=settings.image_size)
+    origin = "none (procedural fallback)"
+    n_images = 0
+    if settings.image_epochs > 0:
+        images, origin = training_images(dicom, RequestContext(caller="synthport-train"),
+                                         settings.image_size)
+        n_images = len(images.images)
+        if images.images:
+            im.fit(images.images, epochs=settings.image_epochs, device=settings.device,
+                   progress=settings.progress)
+    im.save(folder / "images")
+    timings["images_seconds"] = round(time.perf_counter() - t, 3)
+    echo(f"image model: {n_images} images ({origin}), {len(im.classes)} classes, "
+         f"{timings['images_seconds']:.1f} s")
+    displays = tables.event_meta["table"].get("displays", {})
+    (folder / "tables.json").write_text(json.dumps({
+        "patient_meta": tables.patient_meta, "event_meta": tables.event_meta,
+        "displays": displays, "image_origin": origin}, default=str, sort_keys=True))
+    return folder
+
+
+def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
+          echo: Callable[[str], None] = print) -> ModelInfo:
+    """Fit and register a new version of model ``name``.
+
+    Raises:
+        InvalidRequest: bad name or settings.
+        Unprocessable: too little data.
+    """
+    import json
+
+    if not MODEL_NAME.match(name):
+        raise InvalidRequest(f"model name {name!r} must match {MODEL_NAME.pattern}")
+    if settings.backend not in ("argn", "ctgan"):
+        raise InvalidRequest(f"unknown backend {settings.backend!r} (argn or ctgan)")
+    licence = DEFAULT_LICENCE
+    if settings.backend == "ctgan":
+        echo("WARNING: " + CTGAN_LICENCE)
+        licence = CTGAN_LICENCE
+        try:
+            import ctgan  # noqa: F401
+        except ImportError:
+            raise InvalidRequest("the ctgan backend needs the optional extra: "
+                                 "pip install 'synthport[ctgan]'") from None
+        raise InvalidRequest("the ctgan backend is not wired into synthport train yet; "
+                             "use the default backend (argn)")
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidRequest("--device cuda asked for but torch sees no CUDA device")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ctx = RequestContext(caller="synthport-train")
+    tables = map_store(store, settings, ctx)
+    timings["map_seconds"] = round(time.perf_counter() - t0, 3)
+    echo(f"mapped {len(tables.patients)} patients, {len(tables.events)} events "
+         f"in {timings['map_seconds']:.1f} s")
+    version = registry.next_version(name)
+    final = registry.model_dir(name, version)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-v{version}-{os.getpid()}"
+    try:
+        fit_models(tables, tmp, settings, dicom=dicom, timings=timings, echo=echo)
+        timings["total_seconds"] = round(time.perf_counter() - t0, 3)
+        os.rename(tmp, final)   # atomic on one file system: the version appears complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    origin = json.loads((final / "tables.json").read_text()).get("image_origin")
+    info = ModelInfo(name=name, version=version, kinds=["patients", "events", "images"],
+                     path=str(final), fingerprint=_fingerprint(tables),
+                     settings={**settings.to_json(), "image_origin": origin,
+                               "n_patients": int(len(tables.patients)),
+                               "n_events": int(len(tables.events))},
+                     timings=timings, evaluation=None, licence=licence, created=now())
+    registry.register_model(info)
+    echo(f"registered model {name} v{version} ({timings['total_seconds']:.1f} s) at {final}")
+    return info
+
+
+__all__ = ["train", "TrainSettings", "CTGAN_LICENCE", "map_store", "fit_models",
+           "training_images"]
