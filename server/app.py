@@ -36,6 +36,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(make_fhir_blueprint("fhir", "/fhir", lambda: store))
     app.register_blueprint(make_dicomweb_blueprint("dicomweb", "/dicomweb", lambda: dicom))
+    # Synthetic cohorts (docs/synthetic.md): /synthetic/<cohort>/fhir|dicomweb, /admin.
+    from server.http.admin import make_admin_blueprint
+    from server.http.synthetic import register_synthetic
+
+    register_synthetic(app)
+    app.register_blueprint(make_admin_blueprint())
 
     @app.before_request
     def _accept():

@@ -184,6 +184,126 @@ def map_command(data_dir, config_file, out_dir, source_name, limit, spec, top_k,
                f"(read {report.read_seconds:.1f} s, map {report.map_seconds:.1f} s) -> {out_dir}")
 
 
+def _synthetic_env(data_dir, config_file):
+    from server.dicom.store import DicomStore
+    from server.store import SqlStore
+    from server.synthetic.registry import Registry
+
+    cfg = _cfg(data_dir, config_file)
+    store = SqlStore.from_url(cfg.resolved_database_url, cfg, auto_migrate=bool(cfg["auto_migrate"]))
+    return cfg, store, DicomStore(store, cfg), Registry(store.engine, cfg.data_dir)
+
+
+@main.command()
+@_common
+@click.option("--name", required=True, help="Model name (a new version is added each run).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--epochs", type=int, default=200, show_default=True, help="Patient model epochs.")
+@click.option("--event-epochs", type=int, default=20, show_default=True)
+@click.option("--image-epochs", type=int, default=60, show_default=True)
+@click.option("--limit", type=int, default=None, help="Train on at most N patients.")
+@click.option("--backend", type=click.Choice(["argn", "ctgan"]), default="argn", show_default=True,
+              help="Patient-level model; ctgan is an optional extra under BUSL-1.1.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(data_dir, config_file, name, device, epochs, event_epochs, image_epochs, limit,
+          backend, quiet):
+    """Fit the patient, event and image models on the real store and register them."""
+    from server.errors import SynthportError
+    from server.synthetic.training import TrainSettings, train as run_train
+
+    cfg, store, dicom, reg = _synthetic_env(data_dir, config_file)
+    settings = TrainSettings(device=device, epochs=epochs, event_epochs=event_epochs,
+                             image_epochs=image_epochs, limit=limit, backend=backend,
+                             progress=not quiet)
+    try:
+        run_train(reg, store, dicom, name, settings, echo=click.echo)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+@main.group()
+def cohort():
+    """Synthetic cohorts: (model, seed, size) served at /synthetic/NAME/..."""
+
+
+@cohort.command("create")
+@_common
+@click.argument("name")
+@click.option("--model", required=True, help="Registered model name.")
+@click.option("--model-version", type=int, default=None, help="Default: the newest.")
+@click.option("--size", type=int, required=True, help="Number of virtual patients.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def cohort_create(data_dir, config_file, name, model, model_version, size, seed):
+    """Register cohort NAME and build its patient-level index."""
+    from server.errors import SynthportError
+    from server.synthetic.cohort import create_cohort
+
+    cfg, store, _, reg = _synthetic_env(data_dir, config_file)
+    try:
+        info = create_cohort(reg, name, model, size, seed, model_version)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    click.echo(f"cohort {name}: {size:,} virtual patients of {info.model_name} "
+               f"v{info.model_version}, seed {seed}, index built in "
+               f"{info.settings['build_seconds']:.1f} s")
+    click.echo(f"  FHIR     /synthetic/{name}/fhir\n  DICOMweb /synthetic/{name}/dicomweb\n"
+               f"  DIMSE    AE title {info.ae_title}")
+
+
+@cohort.command("list")
+@_common
+def cohort_list(data_dir, config_file):
+    """The registered cohorts."""
+    _, _, _, reg = _synthetic_env(data_dir, config_file)
+    for c in reg.cohorts():
+        click.echo(f"{c.name}\t{c.model_name} v{c.model_version}\tseed {c.seed}\t"
+                   f"size {c.size}\t{c.status}\tAE {c.ae_title}")
+
+
+@main.command()
+@_common
+@click.option("--patients", type=int, default=60, show_default=True,
+              help="Size of the made-up 'real' population (when the store is empty).")
+@click.option("--size", type=int, default=1000, show_default=True, help="Cohort size.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--cohort", "cohort_name", default="demo", show_default=True)
+@click.option("--load", "load_path", default=None, type=click.Path(exists=True),
+              help="Load these FHIR files as the real population instead (e.g. ../shared/data).")
+@click.option("--serve", "then_serve", is_flag=True, help="Start the server afterwards.")
+@click.option("--http-port", type=int, default=None)
+@click.option("--dimse-port", type=int, default=None)
+@click.pass_context
+def demo(ctx, data_dir, config_file, patients, size, seed, cohort_name, load_path, then_serve,
+         http_port, dimse_port):
+    """From an empty data dir to a served synthetic cohort in one command."""
+    from server.errors import SynthportError
+    from server.synthetic.demo import run_demo
+
+    cfg, store, dicom, reg = _synthetic_env(data_dir, config_file)
+    if load_path:
+        from server.loader import load_paths
+
+        load_paths(cfg, [load_path])
+    try:
+        info = run_demo(store, dicom, reg, patients=patients, cohort=cohort_name, size=size,
+                        seed=seed, echo=click.echo)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    port = http_port or cfg.http_port
+    base = f"http://127.0.0.1:{port}"
+    click.echo(f"\nsynthetic cohort '{info.name}' is ready:\n"
+               f"  FHIR     {base}/synthetic/{info.name}/fhir/Patient/{info.name}-0\n"
+               f"  DICOMweb {base}/synthetic/{info.name}/dicomweb/studies\n"
+               f"  DIMSE    AE title {info.ae_title} on port {dimse_port or cfg.dimse_port}\n"
+               f"  admin    {base}/admin/cohorts")
+    store.engine.dispose()
+    if then_serve:
+        ctx.invoke(serve, data_dir=data_dir, config_file=config_file, http_port=http_port,
+                   http_host=None, dimse_port=dimse_port, workers=None, threads=None)
+    else:
+        click.echo("start it with: synthport serve" + (f" --data-dir {data_dir}" if data_dir else ""))
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

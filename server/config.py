@@ -67,6 +67,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dimse_link_interval", 10.0, "C-STORE writes a study's FHIR ImagingStudy once per "
             "association (when the peer releases or drops it), and at most this many seconds "
             "after the first instance of a long association (docs/adr/0006).", float),
+    Setting("synthetic_cache_patients", 1000, "Virtual patients whose generated records each "
+            "worker keeps (LRU) per synthetic cohort.", int),
+    Setting("synthetic_scan_budget", 200, "Most virtual patients one search page over a "
+            "synthetic cohort generates (clinical types without a patient); the page may then "
+            "hold fewer than _count entries, with a next link.", int),
     Setting("log_level", "info", "Logging level."),
     Setting("dicom_patient_id_system", "urn:synthport:dicom:patient-id",
             "Identifier system of the FHIR Patient linked to a DICOM PatientID."),

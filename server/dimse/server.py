@@ -211,7 +211,10 @@ def child_main(config: dict, ready_fd: int) -> int:
     with os.fdopen(ready_fd, "w") as ready:
         try:
             sql = SqlStore.from_url(config["database_url"], config, auto_migrate=False)
-            server = start_dimse(config, DicomStore(sql, config))
+            from server.synthetic.dicom import dimse_sources
+
+            # The real store under ae_title, each synthetic cohort under its own AE title.
+            server = start_dimse(config, dimse_sources(config, sql, DicomStore(sql, config)))
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which exits
             log.debug("DIMSE listener failed to start", exc_info=True)
             ready.write("error " + " ".join(f"{type(exc).__name__}: {exc}".split()) + "\n")

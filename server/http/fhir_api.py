@@ -184,6 +184,8 @@ def build_context(view_args: dict) -> RequestContext:
     """Request context: base URL as the client called it, Prefer, handling."""
     cfg = current_app.config["SYNTHPORT"]
     prefix = request.blueprint and current_app.blueprints[request.blueprint].url_prefix or ""
+    # URL values a blueprint took off the route (``/synthetic/<cohort>/fhir``) still name the base.
+    view_args = {**g.get("url_prefix_values", {}), **view_args}
     for k, v in view_args.items():
         if f"<{k}>" in prefix:
             prefix = prefix.replace(f"<{k}>", str(v))
