@@ -99,18 +99,27 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def timed(fn, n: int) -> list[float]:
-    out = []
+class Timings(list):
+    """Wall-clock milliseconds per call, and the CPU milliseconds of this process per call
+    (on a shared machine the wall clock includes waiting for a CPU)."""
+    cpu: list[float]
+
+
+def timed(fn, n: int) -> Timings:
+    out = Timings()
+    out.cpu = []
     for _ in range(n):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         out.append((time.perf_counter() - t) * 1000)
+        out.cpu.append((time.process_time() - c) * 1000)
     return out
 
 
-def fmt(name: str, ms: list[float], target: str = "") -> str:
-    return (f"{name:<58} p50 {statistics.median(ms):8.3f} ms   p95 {pct(ms, 0.95):8.3f} ms"
-            f"   n={len(ms):<5} {target}")
+def fmt(name: str, ms: Timings, target: str = "", cpu: bool = True) -> str:
+    cpu_txt = f"cpu p50 {statistics.median(ms.cpu):8.3f} ms" if cpu else " " * 20
+    return (f"{name:<58} p50 {statistics.median(ms):8.3f} ms   p95 {pct(ms, 0.95):8.3f} ms   "
+            f"{cpu_txt}   n={len(ms):<5} {target}")
 
 
 def main() -> int:
@@ -220,6 +229,22 @@ def main() -> int:
                     raise RuntimeError(f"{path} {q}: HTTP {r.status} {body[:300]!r}")
                 return json.loads(body)
 
+            def post(path: str, body: dict) -> dict:
+                conn.request("POST", f"{u.path}/{path}", body=json.dumps(body),
+                             headers={"Accept": "application/fhir+json",
+                                      "Content-Type": "application/fhir+json"})
+                r = conn.getresponse()
+                data = r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"POST {path}: HTTP {r.status} {data[:300]!r}")
+                return json.loads(data)
+
+            def inline_expand(vs: dict, i: list[int]) -> dict:
+                # A value set never seen before (its JSON is the cache key): no cached expansion.
+                i[0] += 1
+                return post("ValueSet/$expand", {"resourceType": "Parameters", "parameter": [
+                    {"name": "valueSet", "resource": {**{k: v for k, v in vs.items() if k != "id"}, "name": f"Run{i[0]}"}}]})
+
             get("CodeSystem/$lookup", system=SYSTEM, code=code_of(0))        # warm up the worker
             exp = get("ValueSet/$expand", url=vs_isa["url"], count=0)["expansion"]["total"]
             exp_list = get("ValueSet/$expand", url=vs_list["url"], count=0)["expansion"]["total"]
@@ -234,12 +259,16 @@ def main() -> int:
                                          codeB=p[1]), args.n)
             http_exp_list = timed(lambda: get("ValueSet/$expand", url=vs_list["url"]), args.expand_n)
             http_exp_isa = timed(lambda: get("ValueSet/$expand", url=vs_isa["url"]), args.expand_n)
+            counter = [0]
+            http_exp_list_new = timed(lambda: inline_expand(vs_list, counter), args.expand_n)
+            http_exp_isa_new = timed(lambda: inline_expand(vs_isa, counter), args.expand_n)
             http_read = timed(lambda: get(f"CodeSystem/{res.res_id}"), 200)
             conn.close()
 
         db = "PostgreSQL" if schema else "SQLite"
         print(f"\nterminology benchmark: {args.concepts:,} concepts ({res.edges:,} is-a edges), {db}, "
-              f"{args.workers} worker(s), {os.cpu_count()} cores")
+              f"{args.workers} worker(s), {os.cpu_count()} cores, load average "
+              f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
         print(f"value sets: listed = {exp_list} codes, is-a {code_of(anchor)} = {exp} codes")
         print(f"fully loading the system into memory (CodeSystemData): {figures['full_load_s']:.1f} s\n")
         rows = [
@@ -254,12 +283,14 @@ def main() -> int:
             ("HTTP: GET $lookup (codes not yet cached)", http_lookup, "target <= 2 ms"),
             ("HTTP: GET $lookup (same codes again)", http_lookup_warm, "target <= 2 ms"),
             ("HTTP: GET $subsumes", http_sub, "target <= 1 ms (library)"),
-            ("HTTP: GET $expand listed 1,000 codes", http_exp_list, "target <= 50 ms"),
-            (f"HTTP: GET $expand is-a ({exp} codes)", http_exp_isa, "target <= 50 ms"),
+            ("HTTP: GET $expand listed 1,000 codes (cached)", http_exp_list, "target <= 50 ms"),
+            (f"HTTP: GET $expand is-a ({exp} codes) (cached)", http_exp_isa, "target <= 50 ms"),
+            ("HTTP: POST $expand listed 1,000, new value set", http_exp_list_new, "target <= 50 ms"),
+            (f"HTTP: POST $expand is-a ({exp}), new value set", http_exp_isa_new, "target <= 50 ms"),
             ("HTTP: GET CodeSystem/{id} (read by id: the HTTP floor)", http_read, ""),
         ]
         for name, ms, target in rows:
-            print(fmt(name, ms, target))
+            print(fmt(name, ms, target, cpu=name.startswith("library")))
             figures[name] = statistics.median(ms)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
