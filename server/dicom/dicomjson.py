@@ -161,12 +161,38 @@ def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dic
 def stored_json(ds: Dataset, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
     """The stored form of an instance's metadata: DICOM JSON bytes whose bulk data URIs
     are ``synthport-bulk:studies/.../instances/{i}/bulkdata/{tag path}``."""
+    return orjson.dumps(stored_json_obj(ds, study_uid, series_uid, sop_uid))
+
+
+def stored_json_obj(ds: Dataset, study_uid: str, series_uid: str, sop_uid: str) -> dict:
+    """:func:`stored_json` before serialisation (the DICOM JSON object)."""
     base = instance_path(study_uid, series_uid, sop_uid) + "/bulkdata/"
 
     def uri(path: str, absolute: bool = False) -> str:
         return BULK_PREFIX + (path if absolute else base + path)
 
-    return orjson.dumps(to_json(ds, uri))
+    return to_json(ds, uri)
+
+
+def json_text(obj: dict, tag: str) -> str:
+    """The first value of an attribute of a DICOM JSON object as text ("" when absent),
+    as ``str(ds[tag].value)`` would give it: person names as ``alphabetic=ideographic=
+    phonetic`` (trailing empty groups dropped), numbers as written by ``str``."""
+    elem = obj.get(tag)
+    values = elem.get("Value") if elem else None
+    if not values:
+        return ""
+    value = values[0]
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        if elem.get("vr") != "PN":
+            return ""
+        groups = [value.get(k) or "" for k in ("Alphabetic", "Ideographic", "Phonetic")]
+        while groups and not groups[-1]:
+            groups.pop()
+        return "=".join(groups).strip()
+    return str(value).strip().strip("\x00").strip()
 
 
 def absolutize(raw: bytes, dicomweb_base: str) -> bytes:
