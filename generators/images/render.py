@@ -398,7 +398,8 @@ def render_instance(array: np.ndarray, attrs: dict[str, Any],
             continue
         if pydicom.datadict.tag_for_keyword(key) is not None:
             setattr(ds, key, value)
-    ds.PixelData = stored.tobytes()
+    # PS3.5 §8.2: OW for 16-bit, OB for 8-bit native pixel data (set, not left ambiguous).
+    ds.add_new(0x7FE00010, "OW" if ds.BitsAllocated > 8 else "OB", stored.tobytes())
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -440,7 +441,8 @@ def render_series(arrays: Sequence[np.ndarray] | np.ndarray, attrs: dict[str, An
         ds.InstanceNumber = number
         if modality in CROSS_SECTIONAL:
             _place(ds, number, spacing, step)
-        ds.PixelData = _pixels(array, modality, (template.Rows, template.Columns))[0].tobytes()
+        ds.add_new(0x7FE00010, template["PixelData"].VR,
+                   _pixels(array, modality, (template.Rows, template.Columns))[0].tobytes())
         meta = FileMetaDataset({t: e for t, e in template.file_meta._dict.items()
                                 if t != 0x00020003})
         meta.MediaStorageSOPInstanceUID = sop
@@ -465,7 +467,8 @@ def series_bytes(datasets: Sequence[Dataset]) -> list[bytes]:
     """
     from pydicom.charset import convert_encodings
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element, write_file_meta_info
+    from pydicom.filewriter import (correct_ambiguous_vr_element, write_data_element,
+                                    write_file_meta_info)
 
     cache: dict[int, bytes] = {}
     shared = ({id(e) for e in datasets[1]._dict.values()} & {id(e) for e in datasets[0]._dict.values()}
@@ -485,7 +488,7 @@ def series_bytes(datasets: Sequence[Dataset]) -> list[bytes]:
                 continue
             fp = DicomBytesIO()
             fp.is_little_endian, fp.is_implicit_VR = True, False
-            write_data_element(fp, ds[tag], encodings)
+            write_data_element(fp, correct_ambiguous_vr_element(ds[tag], ds, True), encodings)
             data = fp.getvalue()
             if key in shared:
                 cache[key] = data

@@ -155,3 +155,25 @@ def test_dciodvfy_sees_errors():
     path = Path(pytest.importorskip("tempfile").mkdtemp()) / "bad.dcm"
     path.write_bytes(instance_bytes(ds))
     assert any(re.search("ImagePositionPatient", e) for e in dciodvfy_errors(path))
+
+
+def test_synthesize_series_is_seeded_by_the_uids():
+    from generators.images import ImageModel, instance_uids, seed_from_uid, synthesize_series
+
+    model = ImageModel(size=32)  # procedural fallback: no torch model needed
+    a = attrs("CT", "HEAD")
+    del a["SOPInstanceUID"]
+    ct = synthesize_series(model, a, 5, (48, 48))
+    assert [d.SOPInstanceUID for d in ct] == instance_uids("2.25.101", 5)
+    assert series_bytes(ct) == series_bytes(synthesize_series(model, a, 5, (48, 48)))
+    vol = model.sample_series("CT", "HEAD", seed_from_uid("2.25.101"), 5)
+    assert instance_bytes(ct[2]) == instance_bytes(render_series(vol, a, (48, 48))[2])
+    b = attrs("CR", "CHEST")
+    del b["SOPInstanceUID"]
+    cr = synthesize_series(model, {**b, "SOPInstanceUIDs": ["2.25.7", "2.25.8"]}, 2, (40, 32))
+    alone = render_instance(model.sample("CR", "CHEST", seed_from_uid("2.25.8"))[0],
+                            {**b, "SOPInstanceUID": "2.25.8", "InstanceNumber": 2}, (40, 32))
+    assert instance_bytes(cr[1]) == instance_bytes(alone)
+    [one] = synthesize_series(model, {**b, "SOPInstanceUIDs": ["2.25.8"], "InstanceNumber": 2},
+                              1, (40, 32))
+    assert instance_bytes(one) == instance_bytes(alone)
