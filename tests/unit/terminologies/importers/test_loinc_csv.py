@@ -52,3 +52,22 @@ def test_not_a_loinc_table(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidRequest):
         loinc_csv.read(tmp_path / "empty")
+
+
+def test_multiaxial_hierarchy_from_release_folder(tmp_path):
+    meta, it = loinc_csv.read(FIXTURES / "loinc")
+    concepts = list(it)
+    by = {c.code: c for c in concepts}
+    assert meta["hierarchyMeaning"] == "is-a"
+    assert [c.code for c in concepts][:6] == ["2345-7", "4548-4", "8867-4", "29463-7", "8302-2", "99999-9"]
+    assert by["2345-7"].parents == ("LP900002-2", "LP900001-1")
+    assert by["LP900004-4"].display == "Vital signs (made-up part)" and by["LP900004-4"].parents == ("LP900003-3",)
+    assert by["99999-9"].parents == ()
+    from terminologies.importers import codesystem_kwargs
+    from terminologies.model import CodeSystemData
+
+    cs = CodeSystemData.from_concepts(meta["url"], concepts, **codesystem_kwargs(meta))
+    assert cs.descendants("LP900003-3") == {"LP900004-4", "8867-4", "29463-7", "8302-2"}
+    assert list(loinc_csv.read(FIXTURES / "loinc")[1]) == concepts
+    flat = list(loinc_csv.read(FIXTURES / "loinc", hierarchy=False)[1])
+    assert len(flat) == 6 and all(not c.parents for c in flat)
