@@ -11,6 +11,11 @@ in-memory index; see ``codesystem_kwargs``.
 from __future__ import annotations
 
 
+def drop_none(meta: dict) -> dict:
+    """Metadata without None values (JSON null is not valid FHIR)."""
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 def codesystem_kwargs(meta: dict) -> dict:
     """Keyword arguments for ``CodeSystemData.from_concepts`` from importer metadata."""
     skip = {"resourceType", "url", "version", "name", "title", "content", "supplements", "property"}

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..model import Concept
+from . import drop_none as _drop_none
 
 URL = "http://dicom.nema.org/resources/ontology/DCM"
 # DICOM's own FHIR ValueSets for context groups use this canonical form (PS3.16).
@@ -48,7 +49,7 @@ def read(path: str | Path | None = None) -> tuple[dict, Iterator[Concept]]:
             {"code": "cid", "type": "integer", "description": "a DICOM context group (CID) containing the code"},
         ],
     }
-    return meta, _concepts()
+    return _drop_none(meta), _concepts()
 
 
 def _concepts() -> Iterator[Concept]:

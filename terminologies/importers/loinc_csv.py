@@ -24,6 +24,7 @@ from typing import Iterator
 
 from ..errors import InvalidRequest
 from ..model import Concept, Designation
+from . import drop_none as _drop_none
 from ._files import Release
 
 URL = "http://loinc.org"
@@ -87,7 +88,7 @@ def read(path: str | Path, version: str | None = None,
     if hierarchy is not None:
         meta["hierarchyMeaning"] = "is-a"
         props.insert(0, {"code": "parent", "uri": "http://hl7.org/fhir/concept-properties#parent", "type": "code"})
-    return meta, _concepts(release, name, [c for c in PROPERTY_COLUMNS if c in header], hierarchy)
+    return _drop_none(meta), _concepts(release, name, [c for c in PROPERTY_COLUMNS if c in header], hierarchy)
 
 
 def _hierarchy(release: Release) -> tuple[dict[str, list[str]], dict[str, str]] | None:

@@ -26,6 +26,7 @@ from typing import Iterator
 
 from ..errors import InvalidRequest
 from ..model import Concept, Designation
+from . import drop_none as _drop_none
 from ._files import Release
 
 URL = "http://snomed.info/sct"
@@ -112,7 +113,7 @@ def read(path: str | Path, language_refset: str | None = None,
         "title": "SNOMED CT", "status": "active", "content": "complete", "hierarchyMeaning": "is-a",
         "caseSensitive": False, "valueSet": f"{URL}?fhir_vs", "property": PROPERTIES,
     }
-    return meta, _concepts(release, concept_file, language_refset)
+    return _drop_none(meta), _concepts(release, concept_file, language_refset)
 
 
 def _concepts(release: Release, concept_file: str, language_refset: str | None) -> Iterator[Concept]:

@@ -8,6 +8,7 @@ from defusedxml import ElementTree as SafeET
 
 from ..errors import InvalidRequest
 from ..model import Concept
+from . import drop_none as _drop_none
 
 URL = "http://unitsofmeasure.org"
 
@@ -49,7 +50,7 @@ def read(path: str | Path | None = None) -> tuple[dict, Iterator[Concept]]:
     }
     if path is None:
         meta["version"] = None
-        return meta, iter([Concept(code, display) for code, display in COMMON_UNITS])
+        return _drop_none(meta), iter([Concept(code, display) for code, display in COMMON_UNITS])
     path = Path(path)
     try:
         root = SafeET.parse(str(path)).getroot()
@@ -60,7 +61,7 @@ def read(path: str | Path | None = None) -> tuple[dict, Iterator[Concept]]:
     if root.tag != "root":
         raise InvalidRequest(f"{path} is not a ucum-essence.xml (root element {root.tag!r})")
     meta["version"] = root.get("version")
-    return meta, _essence(root)
+    return _drop_none(meta), _essence(root)
 
 
 def _essence(root) -> Iterator[Concept]:

@@ -45,3 +45,11 @@ def test_imported_codesystems_validate(module, path):
 def test_cid_value_sets_validate():
     for vs in dicom_dcm.cid_value_sets([4, 29, 7021]):
         ValueSet.model_validate(vs)
+
+
+def test_importer_metadata_has_no_nulls(tmp_path):
+    from terminologies.importers import ucum
+
+    for meta, _ in (ucum.read(), loinc_csv.read(FIXTURES / "loinc" / "Loinc.csv"), dicom_dcm.read()):
+        assert None not in meta.values()
+        CodeSystem.model_validate({**meta, "content": "not-present"})
