@@ -134,7 +134,9 @@ class SyntheticDicomSource:
     def _candidates(self, query: dict[str, str]) -> np.ndarray:
         c = self.cohort
         ix = c.index
-        mask = ix["_n_img"].to_numpy() > 0 if "_n_img" in ix.columns else np.ones(len(ix), bool)
+        # Every patient is a candidate: the index's imaging counts come from the patient
+        # model and need not agree with the studies the event model generates.
+        mask = np.ones(len(ix), bool)
         pid = query.get("PatientID")
         if pid and not matching.has_wildcards(pid):
             m = np.zeros(len(ix), bool)

@@ -7,8 +7,7 @@
   ``gender``, ``birthdate`` with prefixes, ``family``, ``given``, ``name``,
   ``deceased``), paged by ``_offset`` in the ``next`` link, with an exact total. Clinical
   types: candidate patients come from ``patient``/``subject`` (that patient only) or from
-  the index (condition flags and per-code counts for ``code``, modalities for
-  ``ImagingStudy?modality``), only those are generated, and every parameter is then
+  the index (condition flags for ``Condition?code``), only those are generated, and every parameter is then
   evaluated on the generated resources with the same FHIRPath index values the real
   store uses (:func:`server.fhir.extract.extract`). These pages are stateless too: the
   ``next`` link carries the position in the candidate list (``_cursor``) and the matches
@@ -36,9 +35,10 @@ SERVED_TYPES = ("Patient",) + CLINICAL_TYPES
 PATIENT_PARAMS = ("_id", "identifier", "gender", "birthdate", "family", "given", "name", "deceased")
 RESULT_PARAMS = {"_count", "_offset", "_cursor", "_skip", "_total", "_summary", "_elements",
                  "_format", "_pretty", "_sort"}
-# Patient-table columns that say which patients can have a code (mappings column names).
-CODE_PREFIX = {"Condition": "cond", "MedicationRequest": "med", "Procedure": "proc",
-               "Immunization": "imm", "Observation": "obs"}
+# Patient-table columns that say which patients have a code (mappings column names). Only
+# condition flags: the event model generates a condition's onset exactly when the row has
+# its flag; other counts are not binding on the event model, so those searches scan.
+CODE_PREFIX = {"Condition": "cond"}
 _SAFE = re.compile(r"[^A-Za-z0-9.\-]")
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -283,17 +283,6 @@ class SyntheticSource:
                 mask &= m
             elif name == "code" and res_type in CODE_PREFIX and mod is None:
                 mask &= self._code_mask(res_type, value)
-            elif name == "modality" and res_type == "ImagingStudy" and mod is None:
-                m = np.zeros(len(ix), dtype=bool)
-                for v in value.split(","):
-                    mod_code = v.rpartition("|")[2]
-                    cols = [c for c in ix.columns if c.startswith(f"img_{mod_code}_")] + \
-                        (["img_other"] if "img_other" in ix.columns else [])
-                    for col in cols:
-                        m |= ix[col].fillna(0).to_numpy() > 0
-                mask &= m
-        if res_type == "ImagingStudy" and "_n_img" in ix.columns:
-            mask &= ix["_n_img"].to_numpy() > 0
         return np.flatnonzero(mask)
 
     def _code_mask(self, res_type: str, value: str) -> np.ndarray:

@@ -1,0 +1,125 @@
+"""DICOM over a synthetic cohort: DICOMweb and C-FIND agree with the cohort's FHIR."""
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+
+from tests.unit.server.synthetic.conftest import COHORT, SIZE
+
+FHIR = f"/synthetic/{COHORT}/fhir"
+WEB = f"/synthetic/{COHORT}/dicomweb"
+
+
+def _first_study(client) -> tuple[dict, dict]:
+    for i in range(SIZE):
+        b = client.get(f"{FHIR}/Patient/{COHORT}-{i}/$everything").get_json()
+        res = [e["resource"] for e in b["entry"]]
+        studies = [r for r in res if r["resourceType"] == "ImagingStudy"]
+        if studies:
+            return res[0], studies[0]
+    pytest.fail("no virtual patient of the tiny cohort has an ImagingStudy")
+
+
+def _v(ds_json: dict, tag: str):
+    val = ds_json.get(tag, {}).get("Value", [None])[0]
+    return val["Alphabetic"] if isinstance(val, dict) else val
+
+
+def test_fhir_and_dicomweb_agree_on_a_virtual_study(cohort_env):
+    from server.synthetic.dicom import body_part_of
+
+    c = cohort_env.app().test_client()
+    patient, study = _first_study(c)
+    suid = study["identifier"][0]["value"].removeprefix("urn:oid:")
+    series = study["series"][0]
+    r = c.get(f"{WEB}/studies?StudyInstanceUID={suid}", headers={"Accept": "application/dicom+json"})
+    assert r.status_code == 200, r.data
+    (found,) = r.get_json()
+    name = patient["name"][0]
+    assert _v(found, "0020000D") == suid
+    assert _v(found, "00100020") == patient["id"]
+    assert _v(found, "00100010") == f"{name['family']}^{name['given'][0]}"
+    assert _v(found, "00100030") == patient["birthDate"].replace("-", "")
+    assert _v(found, "00100040") == {"male": "M", "female": "F"}.get(patient.get("gender"))
+    assert _v(found, "00080020") == study["started"][:10].replace("-", "")
+    assert series["modality"]["code"] in found["00080061"]["Value"]
+    # series level: UID, modality, body part
+    r = c.get(f"{WEB}/studies/{suid}/series", headers={"Accept": "application/dicom+json"})
+    ser = {_v(s, "0020000E"): s for s in r.get_json()}
+    assert set(ser) == {s["uid"] for s in study["series"]}
+    # instance retrieval: a valid Part 10 file with the same identifying attributes
+    inst = series["instance"][0]
+    r = c.get(f"{WEB}/studies/{suid}/series/{series['uid']}/instances/{inst['uid']}",
+              headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert r.status_code == 200
+    body = r.data
+    start = body.index(b"DICM") - 128
+    ds = pydicom.dcmread(io.BytesIO(body[start:]))
+    assert ds.SOPInstanceUID == inst["uid"] and ds.SeriesInstanceUID == series["uid"]
+    assert ds.StudyInstanceUID == suid and ds.PatientID == patient["id"]
+    assert ds.SOPClassUID == inst["sopClass"]["code"]
+    assert ds.Modality == series["modality"]["code"]
+    assert str(ds.get("BodyPartExamined", "")) == body_part_of(series.get("bodySite", {}).get("code"))
+    assert ds.StudyDate == study["started"][:10].replace("-", "")
+    assert str(ds.PatientBirthDate) == patient["birthDate"].replace("-", "")
+    assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+    # the same bytes again (deterministic rendering), and writes are refused
+    again = c.get(f"{WEB}/studies/{suid}/series/{series['uid']}/instances/{inst['uid']}",
+                  headers={"Accept": 'multipart/related; type="application/dicom"'}).data
+    assert again[again.index(b"DICM"):again.index(b"DICM") + 2000] == body[start + 128:start + 2128]
+    r = c.post(f"{WEB}/studies", data=b"--x--", content_type='multipart/related; type="application/dicom"; boundary=x')
+    assert r.status_code in (405, 400)
+    assert c.get(f"/synthetic/nosuch/dicomweb/studies").status_code == 404
+
+
+def test_c_find_to_the_cohort_ae_title(cohort_env):
+    pytest.importorskip("pynetdicom")
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    from server.config import load_config
+    from server.dicom.store import DicomStore
+    from server.dimse.server import start_dimse
+    from server.store import SqlStore
+    from server.synthetic.dicom import dimse_sources
+
+    c = cohort_env.app().test_client()
+    patient, study = _first_study(c)
+    suid = study["identifier"][0]["value"].removeprefix("urn:oid:")
+    cfg = load_config({**cohort_env.config, "ae_title": "SYNTHPORT", "dimse_host": "127.0.0.1",
+                       "dimse_timeout": 20}, environ={})
+    sql = SqlStore.from_url(cohort_env.db_url, cfg)
+    sources = dimse_sources(cfg, sql, DicomStore(sql, cfg))
+    assert set(sources) == {"SYNTHPORT", COHORT.upper()}
+    server = start_dimse(cfg, sources, port=0)
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(FIND)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title=COHORT.upper())
+        assert assoc.is_established
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = suid
+        q.PatientID = ""
+        q.PatientName = ""
+        q.StudyDate = ""
+        q.ModalitiesInStudy = ""
+        found = []
+        for st, ident in assoc.send_c_find(q, FIND):
+            if st.Status in (0xFF00, 0xFF01):
+                found.append(ident)
+        assoc.release()
+        assert len(found) == 1
+        assert found[0].PatientID == patient["id"]
+        assert found[0].StudyDate == study["started"][:10].replace("-", "")
+        # the real AE title does not see the cohort
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="SYNTHPORT")
+        real = [i for st, i in assoc.send_c_find(q, FIND) if st.Status in (0xFF00, 0xFF01)]
+        assoc.release()
+        assert real == []
+    finally:
+        server.shutdown()
+        sql.engine.dispose()
