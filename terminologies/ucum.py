@@ -38,6 +38,9 @@ _ARBITRARY = re.compile(
     r"\[(?:IU|iU|arb'U|USP'U|GPL'U|MPL'U|APL'U|beth'U|anti'Xa'U|todd'U|dye'U|smgy'U|bdsk'U|ka'U|knk'U|"
     r"mclg'U|tb'U|CCID_50|TCID_50|EID_50|PFU|FFU|CFU|IR|BAU|AU|Amb'a'1'U|PNU|Lf|D'ag'U|FEU|ELU|EU)\]"
 )
+# UCUM special units that ucumvert does not parse (non-linear, UCUM §4.4 / isSpecial): valid,
+# commensurable only with themselves.
+_OPAQUE = frozenset({"[pH]", "[kp'_X]", "[kp'_C]", "[kp'_M]", "[kp'_Q]"})
 # pint dimension -> UCUM base atom (UCUM §3.1 base units; mass in gram, not kg).
 _BASE = (("[mass]", "g"), ("[length]", "m"), ("[time]", "s"), ("[temperature]", "K"),
          ("[substance]", "mol"), ("[current]", "A"), ("[luminosity]", "cd"))
@@ -63,7 +66,7 @@ def _parse_cached(unit: str):
     so a column full of one bad unit is parsed once."""
     if not unit or unit != unit.strip() or " " in unit:
         return None, f"{unit!r} is not a valid UCUM unit"
-    if unit == "1":
+    if unit == "1" or unit in _OPAQUE:
         return _ureg().Quantity(1, "dimensionless"), None
     # An arbitrary unit is opaque: parse the rest with the atom replaced by 1.
     expr = _ARBITRARY.sub("1", unit)
@@ -121,6 +124,9 @@ def convert(value: float, from_unit: str, to_unit: str) -> float:
 def _affine(from_unit: str, to_unit: str) -> tuple[float, float]:
     """``(scale, offset)`` with ``to = from * scale + offset``."""
     src, dst = _parse(from_unit), _parse(to_unit)
+    if from_unit in _OPAQUE or to_unit in _OPAQUE:
+        raise UnitError(f"cannot convert {from_unit!r} to {to_unit!r}: a special unit such as "
+                        f"{(from_unit if from_unit in _OPAQUE else to_unit)!r} converts only to itself")
     if _arbitrary_atoms(from_unit) != _arbitrary_atoms(to_unit):
         raise UnitError(f"cannot convert {from_unit!r} to {to_unit!r}: arbitrary units are "
                         "only commensurable with themselves (UCUM §4.5)")
@@ -148,8 +154,11 @@ def _offset(q) -> bool:
 
 
 def canonical_unit(unit: str) -> str:
-    """The UCUM canonical unit of ``unit``'s dimension (``"mg/dL"`` -> ``"g.m-3"``)."""
+    """The UCUM canonical unit of ``unit``'s dimension (``"mg/dL"`` -> ``"g.m-3"``;
+    a special unit such as ``[pH]`` is its own canonical unit)."""
     q = _parse(unit)
+    if unit in _OPAQUE:
+        return unit
     dims = q.dimensionality
     parts = []
     for key, atom in _BASE:
@@ -171,6 +180,8 @@ def canonical(value: float, unit: str) -> tuple[float, str]:
         UnitError: invalid unit.
     """
     target = canonical_unit(unit)
+    if target == unit:
+        return float(value), unit
     if target == "1":
         src = _parse(unit)
         return float((value * src).to("dimensionless").magnitude), "1"

@@ -30,7 +30,7 @@ COMMON_UNITS: tuple[tuple[str, str], ...] = (
     ("U/L", "enzyme unit per liter"), ("[IU]/L", "international unit per liter"), ("m[IU]/L", "milli international unit per liter"),
     ("mL/min", "milliliter per minute"), ("mL/min/{1.73_m2}", "milliliter per minute per 1.73 square meter"),
     ("s", "second"), ("min", "minute"), ("h", "hour"), ("d", "day"), ("wk", "week"), ("mo", "month"), ("a", "year"),
-    ("kPa", "kilopascal"), ("mosm/kg", "milliosmole per kilogram"), ("{score}", "score"),
+    ("kPa", "kilopascal"), ("mosm/kg", "milliosmole per kilogram"), ("[pH]", "pH"), ("{score}", "score"),
 )
 
 

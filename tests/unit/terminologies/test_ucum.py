@@ -6,7 +6,7 @@ import pytest
 from terminologies import ucum
 from terminologies.errors import TerminologyError
 
-CLINICAL = ["mg/dL", "mmol/L", "kg", "g", "[lb_av]", "cm", "[in_i]", "m", "kg/m2", "mm[Hg]", "/min", "{beats}/min",
+CLINICAL = ["[pH]", "mg/dL", "mmol/L", "kg", "g", "[lb_av]", "cm", "[in_i]", "m", "kg/m2", "mm[Hg]", "/min", "{beats}/min",
             "%", "Cel", "[degF]", "10*3/uL", "fL", "pg", "g/dL", "mL/min/{1.73_m2}", "U/L", "[IU]/L"]
 
 
@@ -51,6 +51,8 @@ def test_convert(value, src, dst, expected):
     ("U/L", "mmol/L"),
     ("Cel", "kg"),
     ("bogus", "kg"),
+    ("[pH]", "1"),
+    ("mol/L", "[pH]"),
 ])
 def test_incommensurable(src, dst):
     with pytest.raises(ucum.UnitError) as e:
@@ -65,6 +67,7 @@ def test_incommensurable(src, dst):
     (50, "%", (0.5, "1")),
     (3, "[IU]/L", (3000.0, "[IU].m-3")),
     (1, "mm[Hg]", (133322.387415, "g.m-1.s-2")),
+    (7.4, "[pH]", (7.4, "[pH]")),
 ])
 def test_canonical(value, unit, expected):
     v, u = ucum.canonical(value, unit)
@@ -76,3 +79,7 @@ def test_canonical(value, unit, expected):
 def test_same_dimension_same_canonical():
     assert ucum.canonical(1, "kg")[1] == ucum.canonical(1, "[lb_av]")[1] == "g"
     assert ucum.canonical(1, "mmol/L")[1] != ucum.canonical(1, "mg/dL")[1]
+
+
+def test_special_unit_to_itself():
+    assert ucum.convert(7.4, "[pH]", "[pH]") == 7.4
