@@ -196,6 +196,29 @@ def learn_dependencies(events: pd.DataFrame, min_support: int = 3,
     return out
 
 
+def recurring_conditions(events: pd.DataFrame) -> list[tuple]:
+    """(system, code) of conditions that begin again while still active (no abatement since).
+
+    Any other condition is, in the training data, never re-entered while active, and the
+    sampler keeps it so.
+    """
+    ev = sort_events(events[events["kind"].isin(["condition_onset", "condition_abatement"])])
+    out = set()
+    active: set = set()
+    last = None
+    for r in ev[["patient_id", "kind", "system", "code"]].itertuples(index=False):
+        if r.patient_id != last:
+            active, last = set(), r.patient_id
+        key = (_none(r.system), _none(r.code))
+        if r.kind == "condition_onset":
+            if key in active:
+                out.add(key)
+            active.add(key)
+        else:
+            active.discard(key)
+    return sorted(out, key=str)
+
+
 def _none(v):
     if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
         return None

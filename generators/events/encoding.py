@@ -32,6 +32,24 @@ def gap_edges(n_bins: int = 48) -> np.ndarray:
     return np.concatenate([[0.0, ZERO_GAP], np.exp(logs)])
 
 
+def gap_class(t_prev, t_new, ref, edges: np.ndarray, first=False) -> np.ndarray:
+    """Time class of an event: forward gap bin ``k``, or ``G + k`` for "``k`` back from the end".
+
+    An event closer to the reference age (death or the end of the record) than to the
+    event before it is placed by its distance to that bound, a gap of years by its
+    length: either way the bin is a small share of the time it measures, so a history
+    starts about as many years before the reference as the real ones do. The first event
+    (``first``, scalar or per element) is always placed back from a known reference.
+    """
+    g = np.maximum(np.asarray(t_new, float) - t_prev, 0.0)
+    ref = np.broadcast_to(np.asarray(ref, float), g.shape)
+    with np.errstate(invalid="ignore"):
+        x = np.where(np.isfinite(ref), np.maximum(ref - t_new, 0.0), np.inf)
+    n = len(edges) - 1
+    back = (x < g) | (np.asarray(first) & np.isfinite(x))
+    return np.where(back, n + gap_to_bin(np.where(back, x, 0.0), edges), gap_to_bin(g, edges))
+
+
 def gap_to_bin(gaps: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin index of each gap (days, >= 0)."""
     g = np.maximum(np.asarray(gaps, float), 0.0)

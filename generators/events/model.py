@@ -17,11 +17,11 @@ import pandas as pd
 from . import sampler as _sampler
 from .constraints import (
     EVENT_COLUMNS, code_matches, condition_columns, learn_dependencies, onset_window,
-    patient_ids, reference_days, sort_events,
+    patient_ids, recurring_conditions, reference_days, sort_events,
 )
 from .encoding import (
-    BOS, EOS, N_SPECIAL, PAD, SLOT_NONE, PatientEncoder, Vocabulary, event_keys, gap_edges,
-    gap_to_bin,
+    BOS, EOS, N_SPECIAL, PAD, SLOT_NONE, PatientEncoder, Vocabulary, event_keys, gap_class,
+    gap_edges,
 )
 
 FORMAT = "synthport-event-model"
@@ -50,7 +50,7 @@ class EventModel:
     """
 
     def __init__(self, hidden: int = 192, d_in: int = 96, max_per_kind: int = 200,
-                 min_patients: int = 2, n_value_bins: int = 16, n_gap_bins: int = 48,
+                 min_patients: int = 2, n_value_bins: int = 16, n_gap_bins: int = 96,
                  min_dependency_support: int = 3, max_train_len: int = 3000):
         self.config = {
             "hidden": hidden, "d_in": d_in, "d_head": 64, "max_per_kind": max_per_kind,
@@ -114,6 +114,7 @@ class EventModel:
             idx = np.array([], dtype=np.int64) if idx is None else idx[: cfg["max_train_len"]]
             seqs.append((i, idx))
         lengths = np.array([len(ix) for _, ix in seqs])
+        T_pend = _flagged_onsets(patients, events, conds, ref)
         slot = np.array([tk.get("slot", SLOT_NONE) for tk in vocab.tokens])
         n_val = cfg["n_value_bins"] + 1
 
@@ -127,12 +128,16 @@ class EventModel:
             for r, (i, ix) in enumerate(batch):
                 n = len(ix)
                 tt = np.concatenate([[0.0], t[ix]])
-                gaps = np.diff(tt)
-                gb = gap_to_bin(gaps, edges)
+                gb = gap_class(tt[:-1], tt[1:], ref[i], edges, first=np.arange(n) == 0)
                 tin[r, : n + 1] = np.concatenate([[BOS], tok[ix]])
                 gin[r, 1: n + 1] = gb
                 vin[r, 1: n + 1] = vb[ix]
-                cont[r, : n + 1] = _cont_features(tt, ref[i])
+                # Onset time of the next flagged condition not yet begun before step s.
+                t_next = np.full(n + 1, np.inf)
+                for T_c, pos in T_pend.get(pids[i], ()):
+                    s_idx = np.arange(n + 1)
+                    t_next = np.where(s_idx <= pos, np.minimum(t_next, T_c), t_next)
+                cont[r, : n + 1] = _cont_features(tt, ref[i], t_next)
                 truncated = len(grp.get(pids[i], ())) > n
                 tout[r, :n] = tok[ix]
                 if not truncated:
@@ -144,7 +149,7 @@ class EventModel:
             return [as_t(a) for a in (tin, gin, vin, cont, cx, tout, gout, vout)]
 
         torch.manual_seed(seed)
-        net = EventNet(len(vocab), len(edges) - 1, n_val, cond_x.shape[1], cfg["d_in"],
+        net = EventNet(len(vocab), 2 * (len(edges) - 1), n_val, cond_x.shape[1], cfg["d_in"],
                        cfg["hidden"], cfg["d_head"]).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         order = np.argsort(lengths, kind="stable")
@@ -186,6 +191,7 @@ class EventModel:
             "vocab": vocab.to_json(), "encoder": enc.to_json(),
             "gap_edges": [float(e) for e in edges],
             "dependencies": learn_dependencies(events, cfg["min_dependency_support"]),
+            "recurring_conditions": [list(k) for k in recurring_conditions(events)],
             "conditions": conds,
             "onset_window": list(onset_window(_onset_values(patients, conds))),
             "encounter_kinds": sorted(k for k, v in enc_share.items() if v >= 0.5 and k != "encounter"),
@@ -291,18 +297,59 @@ class EventModel:
 
         self._require_fitted()
         c, mt = self.config, self.meta
-        net = EventNet(len(mt["vocab"]["tokens"]), len(mt["gap_edges"]) - 1, mt["n_val"], mt["n_cond"],
+        net = EventNet(len(mt["vocab"]["tokens"]), 2 * (len(mt["gap_edges"]) - 1), mt["n_val"], mt["n_cond"],
                        c["d_in"], c["hidden"], c["d_head"])
         net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.params.items()})
         return net.to(device)
 
 
-def _cont_features(t: np.ndarray, ref: float) -> np.ndarray:
-    """Continuous step features: age (centuries), time left to the bound, bound known."""
+def _cont_features(t: np.ndarray, ref: float, t_next: np.ndarray) -> np.ndarray:
+    """Continuous step features (see ``net.N_CONT``); the sampler computes the same."""
     t = np.asarray(t, float)
     finite = math.isfinite(ref)
     left = np.clip((ref - t) / 36525.0, -0.1, 1.5) if finite else np.full_like(t, 1.5)
-    return np.stack([t / 36525.0, left, np.full_like(t, float(finite))], axis=-1)
+    has, d, e = pending_features(t, t_next, ref)
+    return np.stack([t / 36525.0, left, np.full_like(t, float(finite)), has, d, e], axis=-1)
+
+
+def pending_features(t: np.ndarray, t_next: np.ndarray, ref) -> tuple[np.ndarray, ...]:
+    """(a flagged onset is pending, years until it / 10 (clipped), its distance before the
+    reference in centuries) for times ``t``."""
+    has = np.isfinite(t_next)
+    with np.errstate(invalid="ignore"):
+        d = np.where(has, np.clip((t_next - t) / 365.25, -2.0, 10.0) / 10.0, 0.0)
+        e = np.where(has & np.isfinite(ref), (ref - t_next) / 36525.0, 0.0)
+    return has.astype(float), d, e
+
+
+def _flagged_onsets(patients: pd.DataFrame, events: pd.DataFrame, conds: list[dict],
+                    ref: np.ndarray) -> dict[str, list[tuple[float, float]]]:
+    """Per patient: (onset day from the row, position of that first onset in the sequence).
+
+    Only flags set to 1 with a known onset age count; the position is ``inf`` when the
+    sequence lacks the onset. Onset days are clipped to [0, reference] as when sampling.
+    """
+    out: dict[str, list] = {}
+    if not conds:
+        return out
+    pids = patient_ids(patients)
+    pos = events.groupby("patient_id", sort=False).cumcount().to_numpy()
+    on = events[events["kind"] == "condition_onset"]
+    pairs = on[["system", "code"]].drop_duplicates()
+    for cd in conds:
+        if not cd["onset_age"] or cd["column"] not in patients.columns:
+            continue
+        flag = pd.to_numeric(patients[cd["column"]], errors="coerce").to_numpy(float)
+        age = pd.to_numeric(patients[cd["onset_age"]], errors="coerce").to_numpy(float)
+        match = [(r.system, r.code) for r in pairs.itertuples(index=False)
+                 if code_matches(cd["code"], r.system, r.code)]
+        sel = on[[(a, b) in match for a, b in zip(on["system"], on["code"])]] if match else on.iloc[:0]
+        first = pd.Series(pos[sel.index], index=sel["patient_id"].to_numpy()).groupby(level=0).min()
+        for i, p in enumerate(pids):
+            if flag[i] >= 0.5 and not np.isnan(age[i]):
+                T = float(np.clip(age[i] * 365.25, 0.0, ref[i]))
+                out.setdefault(p, []).append((T, float(first.get(p, np.inf))))
+    return out
 
 
 def _normalise_events(events: pd.DataFrame) -> pd.DataFrame:

@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-N_CONT = 3  # age at the event, time left to the reference age, reference known
+# Continuous step features: age at the event, time left to the reference age, reference
+# known, a flagged condition of the patient row still to begin, time to its onset age,
+# and how long before the reference that onset lies.
+N_CONT = 6
 
 
 class EventNet(nn.Module):

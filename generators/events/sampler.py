@@ -18,7 +18,7 @@ import pandas as pd
 
 from .constraints import code_matches, floats, reference_days
 from .encoding import (
-    BOS, CARRIED, EOS, PAD, SLOT_CAT, SLOT_DUR, SLOT_NONE, SLOT_NUM, PatientEncoder,
+    BOS, CARRIED, EOS, PAD, SLOT_CAT, SLOT_DUR, SLOT_NONE, SLOT_NUM, PatientEncoder, gap_class,
 )
 
 N_DRAWS = 6  # token, gap bin, position in gap bin, value bin, position in value bin, tail code
@@ -127,6 +127,9 @@ class Sampler:
                               or [BOS])
         self.C = C = max(len(self.c_info), 1)
         self.on_tok = np.nonzero(self.tok_c >= 0)[0]
+        # A condition that never began again while active in training stays so.
+        recurring = {tuple(k) for k in meta.get("recurring_conditions", [])}
+        self.no_reonset = np.array([(ci["system"], ci["code"]) not in recurring for ci in self.c_info] or [True])
         self.ab_tok = np.nonzero(self.abate_c >= 0)[0]
 
         # Dependencies: token v may appear only once every condition in req[v] has begun.
@@ -162,7 +165,8 @@ class Sampler:
         ref = ref_all = reference_days(cols).astype(float)
         finite = np.isfinite(ref)
         gi_const = x @ self.cond_W.T + self.cond_b + finite[:, None].astype(float) * self.cont_W[2]
-        W_age, W_left = self.cont_W[0] / 36525.0, self.cont_W[1]
+        W_age, W_left, W_has, W_next, W_before = (self.cont_W[0] / 36525.0, self.cont_W[1], self.cont_W[3],
+                                                  self.cont_W[4], self.cont_W[5])
 
         # Patient-table condition flags: 1 = must begin near T, 0 = must not begin.
         flag = np.full((B, C), -1.0)
@@ -183,6 +187,8 @@ class Sampler:
         T_dead = np.where(np.isnan(T), np.inf, T + self.after)
         T_key = np.where(np.isnan(T), 1e18, T)
         pend_any = (flag == 1.0)
+        T_known = np.where(np.isnan(T), np.inf, T)
+        has_known = bool(np.isfinite(np.where(pend_any, T_known, np.inf)).any())
 
         steps = self.max_events + C + 2
         U = np.stack([patient_stream(seed, k, steps) for k in keys])  # [B, steps, N_DRAWS]
@@ -198,11 +204,12 @@ class Sampler:
         step = 0
         edges = self.edges
         n_gap = len(edges) - 1
-        edges_lo = edges[:n_gap]
+        edges_lo, edges_hi = edges[:n_gap], edges[1:]
         log_edges = np.log(np.maximum(edges, 1e-300))
         ab_tok, ab_c = self.ab_tok, self.abate_c[self.ab_tok]
         dep_tok, req_T = self.dep_tok, self.req_T
         on_tok, on_c = self.on_tok, self.tok_c[self.on_tok]
+        no_reonset_on = self.no_reonset[on_c]
         tok_c, abate_c, nbins, c_tok = self.tok_c, self.abate_c, self.nbins, self.c_tok
         s_tok, s_gap, s_val, s_hh = self.s_tok, self.s_gap, self.s_val, self.s_hh
         max_events = self.max_events
@@ -213,6 +220,13 @@ class Sampler:
             left = np.where(finite, np.minimum(np.maximum((ref - t) / 36525.0, -0.1), 1.5), 1.5)
             gi = self.EI[tok] + self.GI[gb] + self.VI[vb] + gi_const
             gi += t[:, None] * W_age + left[:, None] * W_left
+            if has_known:
+                # Same features as training (model.pending_features), inlined for speed.
+                t_next = np.where(pend_any & ~seen, T_known, np.inf).min(axis=1)
+                has = np.isfinite(t_next)
+                d = np.where(has, np.minimum(np.maximum((t_next - t) / 365.25, -2.0), 10.0) / 10.0, 0.0)
+                e = np.where(has & finite, (ref - t_next) / 36525.0, 0.0)
+                gi += has[:, None] * W_has + d[:, None] * W_next + e[:, None] * W_before
             gh = Z[:, s_hh]
             rz = 0.5 + 0.5 * np.tanh(0.5 * (gi[:, :2 * H] + gh[:, :2 * H]))  # sigmoid
             n = np.tanh(gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:])
@@ -229,6 +243,8 @@ class Sampler:
                     allowed[:, ab_tok] &= active[:, ab_c]
                 if len(dep_tok):
                     allowed[:, dep_tok] &= ((~seen) @ req_T) < 0.5
+                if len(on_tok):
+                    allowed[:, on_tok] &= ~(active[:, on_c] & no_reonset_on)
                 if has_flags and len(on_tok):
                     pend = pend_any[:, on_c] & ~seen[:, on_c]
                     allowed[:, on_tok] &= ~pend | (t[:, None] >= T_lo[:, on_c])
@@ -236,26 +252,41 @@ class Sampler:
             new_tok = _draw(Z[:, s_tok], allowed, u[:, 0])
             is_eos = new_tok == EOS
 
-            # Gap of that token, never past the bound (or a pending onset's window).
-            maxgap = ref - t
+            # Time of that token (see encoding.gap_class): a forward gap, or a distance back
+            # from the reference; never past the bound nor a pending onset's window.
+            t_max = ref
             if has_flags:
                 c_new = np.maximum(tok_c[new_tok], 0)
                 r_ = rows_idx[:n_live]
                 pend_new = (tok_c[new_tok] >= 0) & pend_any[r_, c_new] & ~seen[r_, c_new]
                 if pend_new.any():
-                    maxgap = np.minimum(maxgap, np.where(pend_new, T_dead[r_, c_new] - t, np.inf))
-            maxgap = np.maximum(maxgap, 0.0)
+                    t_max = np.minimum(ref, np.where(pend_new, T_dead[r_, c_new], np.inf))
+            gmax = np.maximum(t_max - t, 0.0)
+            xmax = np.where(finite, np.maximum(ref - t, 0.0), 0.0)
+            xmin = np.where(finite, np.maximum(ref - t_max, 0.0), 0.0)
             gl = np.maximum(Z[:, s_gap] + self.gap_U[new_tok], 0.0) @ self.gap_W2 + self.gap_b2
-            gbin = _draw(gl, edges_lo <= maxgap[:, None], u[:, 1])
-            lo_l = log_edges[gbin]
-            hi_l = np.log(np.maximum(np.minimum(edges[gbin + 1], maxgap), edges[gbin]))
-            # Log-uniform inside a log-spaced bin; linear in the sub-minute bin; 0 in bin 0.
-            gap = np.exp(lo_l + u[:, 2] * (hi_l - lo_l))
-            small = gbin <= 1
+            fwd_ok = edges_lo <= gmax[:, None]
+            if step == 0:
+                fwd_ok &= ~finite[:, None]  # the first event is placed back from the reference
+            ok = np.concatenate([fwd_ok,
+                                 (edges_lo <= xmax[:, None]) & (edges_hi >= xmin[:, None])
+                                 & finite[:, None]], axis=1)
+            cls = _draw(gl, ok, u[:, 1])
+            is_b = cls >= n_gap
+            k = cls - n_gap * is_b
+            lo = np.where(is_b, np.maximum(edges[k], xmin), edges[k])
+            hi = np.maximum(np.minimum(edges[k + 1], np.where(is_b, xmax, gmax)), lo)
+            # Log-uniform inside a log-spaced bin; linear in the sub-minute bin and bin 0.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lo_l = np.log(lo)
+                v = np.exp(lo_l + u[:, 2] * (np.log(hi) - lo_l))
+            small = k <= 1
             if small.any():
-                lin = edges[gbin] + u[:, 2] * (np.exp(hi_l) - edges[gbin])
-                gap = np.where(gbin == 0, 0.0, np.where(small, lin, gap))
-            t_new = np.where(is_eos, np.inf, t + gap)
+                v = np.where(small, lo + u[:, 2] * (hi - lo), v)
+                # Forward bin 0 is "the same instant": exactly no gap.
+                v = np.where((k == 0) & ~is_b, 0.0, v)
+            t_new = np.where(is_b, ref - v, t + v)
+            t_new = np.where(is_eos, np.inf, np.minimum(np.maximum(t_new, t), t_max))
 
             # A flagged condition whose window is about to pass (or the end) is inserted now.
             forced = np.full(n_live, -1)
@@ -295,15 +326,19 @@ class Sampler:
             if is_eos.any():
                 k = ~is_eos
                 t_new = t_new[k]
-                gb = np.minimum(np.searchsorted(edges, t_new - t[k], side="right") - 1, n_gap - 1)
+                gb = self._input_bin(t_new, t[k], ref[k], step == 1)
                 t, tok, vb, h, Z, live, U = t_new, new_tok[k], vbin[k], h[k], Z[k], live[k], U[k]
                 seen, active, ref, finite, gi_const = seen[k], active[k], ref[k], finite[k], gi_const[k]
-                allowed0, flag, T, T_lo, T_dead, T_key, pend_any = (
-                    allowed0[k], flag[k], T[k], T_lo[k], T_dead[k], T_key[k], pend_any[k])
+                allowed0, flag, T, T_lo, T_dead, T_key, pend_any, T_known = (
+                    allowed0[k], flag[k], T[k], T_lo[k], T_dead[k], T_key[k], pend_any[k], T_known[k])
             else:
-                gb = np.minimum(np.searchsorted(edges, t_new - t, side="right") - 1, n_gap - 1)
+                gb = self._input_bin(t_new, t, ref, step == 1)
                 t, tok, vb = t_new, new_tok, vbin
         return self._frame(out, pids, ref_all)
+
+    def _input_bin(self, t_new, t, ref, first):
+        """Time class fed back as the next input (as in training)."""
+        return gap_class(t, t_new, ref, self.edges, first)
 
     # ---------------------------------------------------------------- decoding
 
