@@ -152,7 +152,7 @@ def import_codesystem(store: SqlStore, meta: dict, concepts: Iterable[Concept],
                     conn.exec_driver_sql(ins_edge, [(cs_pk, c.code, p)])
                 edges += len(set(c.parents)) - old
             conn.execute(update(T).where(T.c.pk == cs_pk).values(concept_count=n, updated=time.time()))
-            _put_resource(store, conn, _resource(meta, res_id, n, content))
+            _put_resource(store, conn, _resource(meta, res_id, n, content, edges > 0))
     finally:
         conn.close()
         if bar is not None:
@@ -160,7 +160,7 @@ def import_codesystem(store: SqlStore, meta: dict, concepts: Iterable[Concept],
     return ImportResult(url, version, res_id, n, edges, time.time() - t0)
 
 
-def _resource(meta: dict, res_id: str, count: int, content: str) -> dict:
+def _resource(meta: dict, res_id: str, count: int, content: str, hierarchy: bool) -> dict:
     """The CodeSystem resource of an import: metadata only, concepts in the tables."""
     body = {k: v for k, v in meta.items()
             if k not in ("resourceType", "id", "meta", "concept", "count", "content")}
@@ -169,7 +169,7 @@ def _resource(meta: dict, res_id: str, count: int, content: str) -> dict:
             "status": meta.get("status", "active"), **body,
             # FHIR R4 §4.8.5: not-present = the concepts are not in this resource.
             "content": "not-present", "count": count}
-    if any(p.get("code") == "parent" for p in body.get("property") or ()) or count:
+    if hierarchy:
         body.setdefault("hierarchyMeaning", "is-a")
     return body
 

@@ -96,6 +96,7 @@ class _SqlConcepts(Mapping):
     def __init__(self, sql: _Sql, cs_pk: int, count: int):
         self.sql, self.cs_pk, self.count = sql, cs_pk, count
         self._cache: OrderedDict[str, Concept | None] = OrderedDict()
+        self._seq: dict[str, int] = {}           # source order of the codes read so far
         self._lock = threading.Lock()
 
     def get(self, code, default=None):
@@ -105,14 +106,16 @@ class _SqlConcepts(Mapping):
                 hit = self._cache[code]
                 return default if hit is None else hit
         rows = self.sql.rows(
-            "SELECT c.display, c.inactive, c.data, p.parent FROM term_concept c "
+            "SELECT c.display, c.inactive, c.data, c.seq, p.parent FROM term_concept c "
             "LEFT JOIN term_parent p ON p.cs_pk = c.cs_pk AND p.child = c.code "
             "WHERE c.cs_pk = ? AND c.code = ?", (self.cs_pk, code))
         concept = None
         if rows:
-            parents = tuple(r[3] for r in rows if r[3] is not None)
+            parents = tuple(r[4] for r in rows if r[4] is not None)
             concept = decode_concept(code, rows[0][0], rows[0][1], rows[0][2], parents)
         with self._lock:
+            if rows:
+                self._seq[code] = rows[0][3]
             self._cache[code] = concept
             if len(self._cache) > _CONCEPT_CACHE:
                 self._cache.popitem(last=False)
@@ -128,11 +131,20 @@ class _SqlConcepts(Mapping):
         return self.get(code) is not None
 
     def prefetch(self, codes) -> dict[str, int]:
-        """Read many concepts in a few queries (into the cache); returns code -> seq."""
+        """Read many concepts in a few queries (into the cache); returns code -> seq of
+        those that exist. Codes already read are not asked again."""
         codes = list(dict.fromkeys(codes))
-        seq: dict[str, int] = {}
-        for i in range(0, len(codes), 500):
-            chunk = codes[i:i + 500]
+        with self._lock:
+            seq, missing = {}, []
+            for c in codes:
+                if c in self._cache and self._cache[c] is None:
+                    continue                      # known not to exist
+                if c in self._cache and c in self._seq:
+                    seq[c] = self._seq[c]
+                else:
+                    missing.append(c)
+        for i in range(0, len(missing), 500):
+            chunk = missing[i:i + 500]
             marks = ", ".join("?" * len(chunk))
             rows = self.sql.rows(f"SELECT code, seq, display, inactive, data FROM term_concept "
                                  f"WHERE cs_pk = ? AND code IN ({marks})", (self.cs_pk, *chunk))
@@ -147,8 +159,12 @@ class _SqlConcepts(Mapping):
             with self._lock:
                 for code in chunk:
                     self._cache[code] = found.get(code)
+                    if code in seq:
+                        self._seq[code] = seq[code]
                 while len(self._cache) > _CONCEPT_CACHE:
                     self._cache.popitem(last=False)
+                if len(self._seq) > 2 * _CONCEPT_CACHE:
+                    self._seq.clear()
         return seq
 
     def __len__(self) -> int:
