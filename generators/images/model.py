@@ -4,7 +4,8 @@
 2014; Sohn et al. 2015) at 64 px (or 128 px) on arrays from
 :func:`generators.images.data.collect_images`. ``sample`` decodes latent codes drawn
 from a ``torch.Generator`` seeded by the caller (``seed_from_uid(SOPInstanceUID)``), so
-the same (model, modality, body part, seed) always gives the identical array.
+the same (model, modality, body part, seed, n) always gives the identical array, in any
+process: the decoder runs on the CPU and outputs are rounded to 12-bit steps.
 
 Classes and fallback (:meth:`ImageModel.resolve`):
 
