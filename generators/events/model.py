@@ -47,15 +47,18 @@ class EventModel:
         min_dependency_support: patients needed before "A always follows condition C" is
             enforced.
         max_train_len: longer histories are cut to their first events for training.
+        chunk_len: steps per truncated-backpropagation chunk.
     """
 
     def __init__(self, hidden: int = 192, d_in: int = 96, max_per_kind: int = 200,
                  min_patients: int = 2, n_value_bins: int = 16, n_gap_bins: int = 96,
-                 min_dependency_support: int = 3, max_train_len: int = 3000):
+                 min_dependency_support: int = 3, max_train_len: int = 20000,
+                 chunk_len: int = 512):
         self.config = {
             "hidden": hidden, "d_in": d_in, "d_head": 64, "max_per_kind": max_per_kind,
             "min_patients": min_patients, "n_value_bins": n_value_bins, "n_gap_bins": n_gap_bins,
             "min_dependency_support": min_dependency_support, "max_train_len": max_train_len,
+            "chunk_len": chunk_len,
         }
         self.params: dict[str, np.ndarray] | None = None
         self.meta: dict = {}
@@ -156,7 +159,8 @@ class EventModel:
         batches = [[seqs[j] for j in order[k: k + batch_size]] for k in range(0, len(order), batch_size)]
         built = [build(b) for b in batches]
         gen = np.random.default_rng(seed)
-        total_steps = max(1, epochs * len(built))
+        chunk = int(cfg["chunk_len"])
+        total_steps = max(1, epochs * sum(-(-b[0].shape[1] // chunk) for b in built))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
                                                     pct_start=0.1)
         ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
@@ -168,16 +172,25 @@ class EventModel:
             for bi in gen.permutation(len(built)):
                 tin, gin, vin, cont, cx, tout, gout, vout = built[bi]
                 tok_next = torch.clamp(tout, min=0)
-                lt, lg, lv = net(tin, gin, vin, cont, cx, tok_next)
-                loss = (ce(lt.flatten(0, 1), tout.flatten()) + ce(lg.flatten(0, 1), gout.flatten())
-                        + (ce(lv.flatten(0, 1), vout.flatten()) if (vout >= 0).any() else 0.0))
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                tot += float(loss.detach())
-                cnt += 1
+                h = None
+                # Truncated backpropagation through time: long histories are trained in
+                # chunks, the state carried over (detached) from one chunk to the next.
+                for a in range(0, tin.shape[1], chunk):
+                    sl = slice(a, a + chunk)
+                    lt, lg, lv, h = net(tin[:, sl], gin[:, sl], vin[:, sl], cont[:, sl], cx,
+                                        tok_next[:, sl], h)
+                    h = h.detach()
+                    to, go, vo = tout[:, sl], gout[:, sl], vout[:, sl]
+                    loss = ce(lt.flatten(0, 1), to.flatten()) + ce(lg.flatten(0, 1), go.flatten())
+                    if (vo >= 0).any():
+                        loss = loss + ce(lv.flatten(0, 1), vo.flatten())
+                    opt.zero_grad()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    tot += float(loss.detach())
+                    cnt += 1
             history.append(tot / max(cnt, 1))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{history[-1]:.3f}")
@@ -196,7 +209,7 @@ class EventModel:
             "onset_window": list(onset_window(_onset_values(patients, conds))),
             "encounter_kinds": sorted(k for k, v in enc_share.items() if v >= 0.5 and k != "encounter"),
             "columns": _output_columns(events_df),
-            "max_events": int(min(1.25 * lengths.max() + 8, 2 * cfg["max_train_len"])),
+            "max_events": int(min(1.25 * lengths.max() + 8, 1.25 * cfg["max_train_len"])),
             "training": {"patients": int(len(pids)), "events": int(len(events)), "epochs": epochs,
                          "device": device, "loss": history,
                          "seconds": round(time.perf_counter() - t_start, 3)},

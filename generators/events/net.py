@@ -37,14 +37,16 @@ class EventNet(nn.Module):
         self.val_tok = nn.Embedding(n_tokens, d_head)
         self.val_out = nn.Linear(d_head, n_val)
 
-    def forward(self, tok, gap, val, cont, cond, tok_next):
-        """Logits for next token [B,T,V], its gap bin [B,T,G] and its value bin [B,T,NV]."""
+    def forward(self, tok, gap, val, cont, cond, tok_next, h0=None):
+        """Logits for next token [B,T,V], its time class [B,T,G] and its value bin [B,T,NV],
+        and the last state (to continue with the next chunk of the same sequences)."""
         x = (self.tok_emb(tok) + self.gap_emb(gap) + self.val_emb(val)
              + self.cond(cond)[:, None, :] + self.cont(cont))
-        h0 = torch.tanh(self.h0(cond))[None]
-        h, _ = self.gru(x, h0)
+        if h0 is None:
+            h0 = torch.tanh(self.h0(cond))[None]
+        h, h_last = self.gru(x, h0)
         h = self.drop(h)
         tok_logits = self.tok_head(h)
         g = torch.relu(self.gap_h(h) + self.gap_tok(tok_next))
         v = torch.relu(self.val_h(h) + self.val_tok(tok_next))
-        return tok_logits, self.gap_out(g), self.val_out(v)
+        return tok_logits, self.gap_out(g), self.val_out(v), h_last

@@ -145,6 +145,7 @@ class Sampler:
         self.dep_tok = np.nonzero(req.any(axis=1))[0]
         self.req_T = req[self.dep_tok].T.copy()  # [C, n_dep]
         self._val_range = np.arange(self.val_b2.shape[0])
+        self._n_gap = len(self.edges) - 1
         self.has_abatement = any(t.get("kind") == "condition_abatement" for t in toks)
 
     # ---------------------------------------------------------------- one batch
@@ -214,15 +215,28 @@ class Sampler:
         s_tok, s_gap, s_val, s_hh = self.s_tok, self.s_gap, self.s_val, self.s_hh
         max_events = self.max_events
         rows_idx = np.arange(B)
+        dirty = True
         while len(live):
             n_live = len(live)
             # GRU step (PyTorch gate order r, z, n); the cont features enter linearly.
             left = np.where(finite, np.minimum(np.maximum((ref - t) / 36525.0, -0.1), 1.5), 1.5)
             gi = self.EI[tok] + self.GI[gb] + self.VI[vb] + gi_const
             gi += t[:, None] * W_age + left[:, None] * W_left
-            if has_known:
+            if dirty:
+                # Masks that change only with the set of begun/active conditions.
+                state_ok = allowed0.copy()
+                if len(ab_tok):
+                    state_ok[:, ab_tok] &= active[:, ab_c]
+                if len(dep_tok):
+                    state_ok[:, dep_tok] &= ((~seen) @ req_T) < 0.5
+                if len(on_tok):
+                    state_ok[:, on_tok] &= ~(active[:, on_c] & no_reonset_on)
+                pending = pend_any & ~seen if has_flags else None
+                any_pending = has_flags and bool(pending.any())
+                dirty = False
+            if any_pending and has_known:
                 # Same features as training (model.pending_features), inlined for speed.
-                t_next = np.where(pend_any & ~seen, T_known, np.inf).min(axis=1)
+                t_next = np.where(pending, T_known, np.inf).min(axis=1)
                 has = np.isfinite(t_next)
                 d = np.where(has, np.minimum(np.maximum((t_next - t) / 365.25, -2.0), 10.0) / 10.0, 0.0)
                 e = np.where(has & finite, (ref - t_next) / 36525.0, 0.0)
@@ -238,16 +252,9 @@ class Sampler:
             if step >= max_events:
                 allowed = np.zeros((n_live, V), bool)
             else:
-                allowed = allowed0.copy()
-                if len(ab_tok):
-                    allowed[:, ab_tok] &= active[:, ab_c]
-                if len(dep_tok):
-                    allowed[:, dep_tok] &= ((~seen) @ req_T) < 0.5
-                if len(on_tok):
-                    allowed[:, on_tok] &= ~(active[:, on_c] & no_reonset_on)
-                if has_flags and len(on_tok):
-                    pend = pend_any[:, on_c] & ~seen[:, on_c]
-                    allowed[:, on_tok] &= ~pend | (t[:, None] >= T_lo[:, on_c])
+                allowed = state_ok.copy()
+                if any_pending and len(on_tok):
+                    allowed[:, on_tok] &= ~pending[:, on_c] | (t[:, None] >= T_lo[:, on_c])
             allowed[:, EOS] = True
             new_tok = _draw(Z[:, s_tok], allowed, u[:, 0])
             is_eos = new_tok == EOS
@@ -255,10 +262,10 @@ class Sampler:
             # Time of that token (see encoding.gap_class): a forward gap, or a distance back
             # from the reference; never past the bound nor a pending onset's window.
             t_max = ref
-            if has_flags:
+            if any_pending:
                 c_new = np.maximum(tok_c[new_tok], 0)
                 r_ = rows_idx[:n_live]
-                pend_new = (tok_c[new_tok] >= 0) & pend_any[r_, c_new] & ~seen[r_, c_new]
+                pend_new = (tok_c[new_tok] >= 0) & pending[r_, c_new]
                 if pend_new.any():
                     t_max = np.minimum(ref, np.where(pend_new, T_dead[r_, c_new], np.inf))
             gmax = np.maximum(t_max - t, 0.0)
@@ -290,17 +297,15 @@ class Sampler:
 
             # A flagged condition whose window is about to pass (or the end) is inserted now.
             forced = np.full(n_live, -1)
-            if has_flags:
-                pending = pend_any & ~seen
-                if pending.any():
-                    dl = np.where(pending, T_dead, np.inf).min(axis=1)
-                    trig = pending.any(axis=1) & ((t_new > dl) | is_eos)
-                    for r in np.nonzero(trig)[0]:
-                        c = int(np.argmin(np.where(pending[r], T_key[r], np.inf)))
-                        forced[r] = c
-                        new_tok[r] = c_tok[c]
-                        t_new[r] = t[r] if np.isnan(T[r, c]) else max(t[r], T[r, c])
-                    is_eos = new_tok == EOS
+            if any_pending:
+                dl = np.where(pending, T_dead, np.inf).min(axis=1)
+                trig = pending.any(axis=1) & ((t_new > dl) | is_eos)
+                for r in np.nonzero(trig)[0]:
+                    c = int(np.argmin(np.where(pending[r], T_key[r], np.inf)))
+                    forced[r] = c
+                    new_tok[r] = c_tok[c]
+                    t_new[r] = t[r] if np.isnan(T[r, c]) else max(t[r], T[r, c])
+                is_eos = new_tok == EOS
 
             # Value of the event.
             nbv = np.where(forced >= 0, 0, nbins[new_tok])
@@ -319,12 +324,15 @@ class Sampler:
             if len(r_on):
                 seen[r_on, c_all[r_on]] = True
                 active[r_on, c_all[r_on]] = True
+                dirty = True
             r_ab = np.nonzero(abate_c[new_tok] >= 0)[0]
             if len(r_ab):
                 active[r_ab, abate_c[new_tok[r_ab]]] = False
+                dirty = True
             step += 1
             if is_eos.any():
                 k = ~is_eos
+                dirty = True
                 t_new = t_new[k]
                 gb = self._input_bin(t_new, t[k], ref[k], step == 1)
                 t, tok, vb, h, Z, live, U = t_new, new_tok[k], vbin[k], h[k], Z[k], live[k], U[k]
@@ -337,8 +345,14 @@ class Sampler:
         return self._frame(out, pids, ref_all)
 
     def _input_bin(self, t_new, t, ref, first):
-        """Time class fed back as the next input (as in training)."""
-        return gap_class(t, t_new, ref, self.edges, first)
+        """Time class fed back as the next input: ``encoding.gap_class``, inlined for speed."""
+        g = t_new - t
+        x = ref - t_new
+        back = (x < g) | first if first else x < g  # x is inf (never < g) when ref is unknown
+        if first:
+            back &= np.isfinite(x)
+        b = np.searchsorted(self.edges, np.where(back, x, g), side="right") - 1
+        return np.minimum(b, self._n_gap - 1) + self._n_gap * back
 
     # ---------------------------------------------------------------- decoding
 
