@@ -416,7 +416,8 @@ def infer_constraints(df: pd.DataFrame, codecs: dict[str, ColumnCodec],
     * a numerical column missing exactly when a binary column is false: ``present_if``
       (``cond_X_onset_age`` / ``cond_X``, ``age_at_death`` / ``deceased``); a flag whose
       name prefixes the column is preferred;
-    * ``derived`` for a column that is another one times +-1 plus a constant;
+    * ``derived`` for a numerical/datetime column that is a linear function of an
+      earlier one on every row where both exist;
     * a numerical column whose name has the word ``age`` and never exceeds ``age``:
       ``upper age`` (onset ages, age at death).
     """
@@ -443,35 +444,21 @@ def infer_constraints(df: pd.DataFrame, codecs: dict[str, ColumnCodec],
             if np.array_equal(truthy, present):
                 out.append(Constraint("present_if", c.name, f.name, toks))
                 break
-    # Exact copies up to sign and a constant: B = +-A + c on every row where both exist.
+    # Exact linear copies: B = scale * A + offset on every row where both exist
+    # (age / birth date, birth_year / age, age_at_death / age).
     derived = {c.column for c in declared if c.kind == "derived"}
+    floats = {c.name: c._to_float(df[c.name]) for c in codecs.values() if c.kind != "categorical"}
     sources: list[str] = []
     for c in codecs.values():
-        if c.kind == "categorical":
+        if c.kind == "categorical" or c.name in derived:
             continue
-        if c.name in derived:
-            continue
-        v = pd.to_numeric(df[c.name], errors="coerce").to_numpy(dtype=float) \
-            if c.kind == "numerical" else c._to_float(df[c.name])
+        v = floats[c.name]
         found = None
-        for a_name in sources:
-            a_codec = codecs[a_name]
-            if a_codec.kind != c.kind:
-                continue
-            a = pd.to_numeric(df[a_name], errors="coerce").to_numpy(dtype=float) \
-                if a_codec.kind == "numerical" else a_codec._to_float(df[a_name])
-            both = ~np.isnan(a) & ~np.isnan(v)
-            if both.sum() < 5:
-                continue
-            if np.unique(v[both]).size < 2:
-                continue
-            for scale in (1.0, -1.0):
-                off = v[both] - scale * a[both]
-                if np.all(np.abs(off - off[0]) <= 1e-9 * max(1.0, abs(off[0]))):
-                    found = Constraint("derived", c.name, a_name, scale=scale, offset=float(off[0]))
+        if np.unique(v[~np.isnan(v)]).size >= 2:
+            for a_name in sources:
+                found = _linear(c.name, v, a_name, floats[a_name])
+                if found:
                     break
-            if found:
-                break
         if found:
             out.append(found)
             derived.add(c.name)
@@ -491,6 +478,25 @@ def infer_constraints(df: pd.DataFrame, codecs: dict[str, ColumnCodec],
             if both.sum() >= 5 and np.all(v[both] <= a[both]):
                 out.append(Constraint("upper", c.name, "age"))
     return out
+
+
+def _linear(name: str, v: np.ndarray, a_name: str, a: np.ndarray) -> Constraint | None:
+    both = ~np.isnan(a) & ~np.isnan(v)
+    if both.sum() < 5:
+        return None
+    x, y = a[both], v[both]
+    if x.max() == x.min():
+        return None
+    # Two far-apart points give the line, every other row must lie on it.
+    i, k = int(x.argmin()), int(x.argmax())
+    scale = (y[k] - y[i]) / (x[k] - x[i])
+    if scale == 0:
+        return None
+    offset = y[i] - scale * x[i]
+    tol = 1e-9 * max(1.0, float(np.abs(y).max()))
+    if np.all(np.abs(scale * x + offset - y) <= tol):
+        return Constraint("derived", name, a_name, scale=float(scale), offset=float(offset))
+    return None
 
 
 def check_constraints(df: pd.DataFrame, constraints: list[Constraint]) -> None:

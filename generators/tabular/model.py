@@ -166,7 +166,10 @@ class PatientModel:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise TabularModelError("device='cuda' asked for but torch sees no CUDA device")
         t0 = time.perf_counter()
-        metadata = {k: dict(v) for k, v in (metadata or {}).items()}
+        metadata = dict(metadata or {})
+        if isinstance(metadata.get("columns"), Mapping):  # mappings' {"table", "columns"}
+            metadata = dict(metadata["columns"])
+        metadata = {k: dict(v) for k, v in metadata.items() if isinstance(v, Mapping)}
         data = df.drop(columns=[c for c in df.columns if c in ID_COLUMNS])
         for col, meta in metadata.items():
             if col not in data.columns and col not in ID_COLUMNS and meta.get("kind") not in SKIP_KINDS:
@@ -407,10 +410,22 @@ class PatientModel:
                 if len(rare):
                     given[j] = {int(pos[r]): s_set.iat[r] for r in rare}
 
+    def _constraints_of(self, j: int) -> list[tuple[Constraint, int, int]]:
+        """Constraints touching column j as (constraint, column index, other index), cached."""
+        key = (id(self.constraints), len(self.constraints), len(self.codecs))
+        if getattr(self, "_cidx_key", None) != key:
+            names = {c.name: i for i, c in enumerate(self.codecs)}
+            idx: dict[int, list] = {}
+            for c in self.constraints:
+                ci, oi = names[c.column], names[c.other]
+                idx.setdefault(ci, []).append((c, ci, oi))
+                idx.setdefault(oi, []).append((c, ci, oi))
+            self._cidx, self._cidx_key = idx, key
+        return self._cidx.get(j, [])
+
     def _constraint_masks(self, j: int, tok: np.ndarray, val: np.ndarray, known: np.ndarray):
         """Allowed tokens (rows x V_j) and value bounds for column j given what is known."""
         codec = self.codecs[j]
-        names = self.columns
         v = codec.n_tokens
         allowed = None
         lower = upper = None
@@ -432,18 +447,13 @@ class PatientModel:
                     structural = np.ones((m, v), dtype=bool)
                 structural[rows] &= ok
 
-        for c in self.constraints:
-            if names.index(c.column) == j:
-                o = names.index(c.other)
-            elif names.index(c.other) == j:
-                o = names.index(c.column)
-            else:
-                continue
+        for c, ci, oi in self._constraints_of(j):
+            o = oi if ci == j else ci
             kn = known[:, o]
             if c.kind == "derived":
                 continue
             if c.kind == "present_if":
-                child = names.index(c.column) == j
+                child = ci == j
                 if child:
                     if codec.na_token < 0:
                         continue
@@ -467,7 +477,7 @@ class PatientModel:
             if not have.any():
                 continue
             # Column j must be <= ov ("at most") or >= ov ("at least").
-            at_most = (c.kind == "upper") == (names.index(c.column) == j)
+            at_most = (c.kind == "upper") == (ci == j)
             ovf = np.where(have, ov, np.nan)
             if at_most:
                 ok = ~(lo_t[None, :] > ovf[:, None])
@@ -490,21 +500,18 @@ class PatientModel:
                  known: np.ndarray) -> bool:
         """Apply ``derived`` constraints to column j's fresh draws (in place); True if any."""
         codec = self.codecs[j]
-        names = self.columns
         changed = False
-        for c in self.constraints:
+        for c, ci, oi in self._constraints_of(j):
             if c.kind != "derived":
                 continue
-            if names.index(c.column) == j:  # this column follows its source
-                o = names.index(c.other)
+            if ci == j:  # this column follows its source
+                o = oi
                 rows = known[:, o] & ~np.isnan(val[:, o]) & (t != codec.na_token)
                 new = c.scale * val[rows, o] + c.offset
-            elif names.index(c.other) == j:  # the derived column was given: invert
-                o = names.index(c.column)
+            else:  # the derived column was given: invert
+                o = ci
                 rows = known[:, o] & ~np.isnan(val[:, o])
                 new = (val[rows, o] - c.offset) / c.scale
-            else:
-                continue
             if rows.any():
                 v[rows] = new
                 t[rows] = codec.encode_float(new)
