@@ -77,6 +77,21 @@ def test_large_sets_are_narrowed_to_the_codes_in_the_store(client, world, monkey
     assert subjects(client, **{"code:not-in": VS["url"]}) == {"htn", "finding", "other"}
 
 
+def test_long_code_lists_are_inlined_safely(client, world, monkeypatch):
+    """Lists longer than the bind-parameter chunk are rendered as literals: quoting must hold."""
+    import server.fhir.search as fsearch
+
+    monkeypatch.setattr(fsearch, "_IN_CHUNK", 1)
+    local = "http://example.org/local"
+    for code, pid in (("a'b", "q1"), ("c\\d", "q2"), ("x", "q3")):
+        assert post(client, "Condition", condition(code, system=local, pid=pid)).status_code == 201
+    vs = {"resourceType": "ValueSet", "url": "http://example.org/vs/quotes", "status": "active",
+          "compose": {"include": [{"system": local, "concept": [{"code": "a'b"}, {"code": "c\\d"}]}]}}
+    assert post(client, "ValueSet", vs).status_code == 201
+    assert subjects(client, **{"code:in": vs["url"]}) == {"q1", "q2"}
+    assert subjects(client, **{"code:below": f"{SCT}|73211009"}) == {"dm", "dm1", "dm2", "dm2neph"}
+
+
 def test_errors(client, world):
     assert_oo(client.get("/fhir/Condition", query_string={"code:below": "73211009"}), 400, "invalid")
     assert_oo(client.get("/fhir/Condition", query_string={"code:below": "http://nope|1"}), 400, "invalid")
