@@ -31,8 +31,13 @@ EVENT_COLUMNS = ["patient_id", "event_id", "kind", "t_days", "system", "code", "
                  # extensions beyond the minimal contract (all nullable)
                  "value_system", "value_display", "parent_id", "category", "study_uid",
                  "series_uid"]
+_ROW_FIELDS = ("patient_id", "event_id", "kind", "t_abs", "system", "code", "display", "value_num",
+               "value_code", "unit", "encounter_id", "end_abs", "modality", "body_site",
+               "value_system", "value_display", "parent_id", "category", "study_uid", "series_uid")
 _STR_COLS = [c for c in EVENT_COLUMNS if c not in ("t_days", "value_num", "end_t_days")]
-_CAT_COLS = ["kind", "system", "unit", "modality", "body_site", "value_system", "category"]
+# Low-cardinality strings are categories (small, fast); ids stay strings.
+_CAT_COLS = ["patient_id", "kind", "system", "code", "display", "unit", "modality", "body_site",
+             "value_system", "value_code", "value_display", "category"]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -104,14 +109,12 @@ class EventExtractor:
                 n_instances=_c(es.n_instances), sop_class=_c(es.sop_class)))
         self.rank = {s: i for i, s in enumerate(spec.system_preference)}
         self.aliases = dict(spec.code_systems)
-        self.cols: dict[str, list] = {c: [] for c in EVENT_COLUMNS}
-        self.cols["t_abs"] = []
-        self.cols["end_abs"] = []
-        del self.cols["t_days"], self.cols["end_t_days"]
+        self.rows: list[tuple] = []
         self.children: dict[tuple[str, str], str] = {}
         self.demo: list[dict] = []
         self.displays: dict[tuple[str, str], str] = {}
         self.skipped: Counter = Counter()
+        self._seen: dict[str, set] = {}
         d = spec.demographics
         self._demo_paths = {k: [compile_path(p) for p in getattr(d, k)]
                             for k in DemographicsFields}
@@ -124,6 +127,15 @@ class EventExtractor:
         codings = cc.get("coding")
         if codings is None:
             codings = [cc] if "code" in cc else ()
+        if len(codings) == 1:
+            c = codings[0]
+            if isinstance(c, dict) and c.get("code"):
+                sysu = c.get("system")
+                sysu = self.aliases.get(sysu, sysu)
+                d = c.get("display") or cc.get("text")
+                if d is not None and sysu is not None and (sysu, c["code"]) not in self.displays:
+                    self.displays[(sysu, c["code"])] = d
+                return sysu, c["code"], d
         best, best_rank = None, 1 << 30
         for c in codings:
             if not isinstance(c, dict) or not c.get("code"):
@@ -149,6 +161,13 @@ class EventExtractor:
             self.skipped["record without Patient"] += 1
             return None
         pid = patient["id"]
+        seen = self._seen.get(pid)
+        if seen is not None:
+            # Another part of a patient already seen (one record per document): merge it,
+            # counting resources with the same type and id once.
+            self._add_resources(pid, record, seen)
+            return pid
+        seen = self._seen[pid] = set()
         demo = {"patient_id": pid}
         for k, getters in self._demo_paths.items():
             v = None
@@ -159,17 +178,25 @@ class EventExtractor:
                     break
             demo[k] = v
         self.demo.append(demo)
+        self._add_resources(pid, record, seen)
+        return pid
+
+    def _add_resources(self, pid: str, record: list[dict], seen: set) -> None:
         by_id = None
         by_type = self.by_type
         for r in record:
-            specs = by_type.get(r.get("resourceType"))
+            rt = r.get("resourceType")
+            specs = by_type.get(rt)
             if not specs:
                 continue
+            key = (rt, r.get("id"))
+            if key in seen:
+                continue
+            seen.add(key)
             for cs in specs:
                 if cs.med_ref is not None and by_id is None:
                     by_id = {x.get("id"): x for x in record if x.get("id")}
                 self._extract(pid, r, cs, by_id)
-        return pid
 
     def _time(self, getters, r) -> float | None:
         for g in getters:
@@ -189,7 +216,7 @@ class EventExtractor:
             if cs.primary:
                 self.skipped[f"{es.resource} without time"] += 1
             return
-        rid = r.get("id") or f"{es.resource}-{len(self.cols['event_id'])}"
+        rid = r.get("id") or f"{es.resource}-{len(self.rows)}"
         eid = rid if cs.primary else f"{rid}#{es.kind}"
         parent = None if cs.primary else rid
         end = self._time(cs.end_time, r) if cs.end_time else None
@@ -291,29 +318,9 @@ class EventExtractor:
                       display, n, sop, None, enc, end, mod, bs, None, None,
                       None if i == 0 else eid, None, study, suid)
 
-    def _row(self, pid, eid, kind, t, system, code, display, vnum, vcode, unit, enc, end, mod,
-             bs, vsys, vdisp, parent, cat, study, series) -> None:
-        c = self.cols
-        c["patient_id"].append(pid)
-        c["event_id"].append(eid)
-        c["kind"].append(kind)
-        c["t_abs"].append(t)
-        c["system"].append(system)
-        c["code"].append(code)
-        c["display"].append(display)
-        c["value_num"].append(vnum)
-        c["value_code"].append(vcode)
-        c["unit"].append(unit)
-        c["encounter_id"].append(enc)
-        c["end_abs"].append(end)
-        c["modality"].append(mod)
-        c["body_site"].append(bs)
-        c["value_system"].append(vsys)
-        c["value_display"].append(vdisp)
-        c["parent_id"].append(parent)
-        c["category"].append(cat)
-        c["study_uid"].append(study)
-        c["series_uid"].append(series)
+    def _row(self, *vals) -> None:
+        # fields in _ROW_FIELDS order; one tuple per event, columns are made once in build
+        self.rows.append(vals)
 
     # ------------------------------------------------------------------ tables
     def demographics(self) -> pd.DataFrame:
@@ -328,10 +335,12 @@ class EventExtractor:
 
     def build_events(self, demo: pd.DataFrame) -> pd.DataFrame:
         """The event table (times relative to birth; units not yet normalised)."""
-        c = self.cols
-        n = len(c["event_id"])
+        n = len(self.rows)
+        cols = list(zip(*self.rows)) if n else [()] * len(_ROW_FIELDS)
+        c = dict(zip(_ROW_FIELDS, cols))
         # object columns while the tables are built; type_event_table() types them at the end
-        df = pd.DataFrame({k: pd.Series(c[k], dtype="object") for k in EVENT_COLUMNS if k in c})
+        df = pd.DataFrame({k: pd.Series(c[k], dtype="object") for k in _ROW_FIELDS
+                           if k not in ("t_abs", "end_abs")})
         t_abs = np.asarray(c["t_abs"], dtype="float64")
         end_abs = np.asarray([np.nan if v is None else v for v in c["end_abs"]], dtype="float64")
         birth = demo.set_index("patient_id")["birth_ts"].astype("float64")
@@ -360,7 +369,6 @@ def type_event_table(df: pd.DataFrame) -> pd.DataFrame:
     """Column dtypes of the event table contract (category for low-cardinality strings)."""
     out = df.copy()
     for col in _STR_COLS:
-        out[col] = out[col].astype("object").where(out[col].notna(), None)
         if col in _CAT_COLS:
             out[col] = out[col].astype("category")
         else:

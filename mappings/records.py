@@ -172,8 +172,8 @@ _EHDS_NAME = re.compile(r"^(?P<cat>[^/]+)/(?P<stem>.+)_(?P=cat)\.json$")
 
 
 def iter_ehds_archive(path: str | Path, limit: int | None = None,
-                      categories: tuple[str, ...] = ("patient-summary", "medical-imaging")
-                      ) -> Iterator[Record]:
+                      categories: tuple[str, ...] = ("patient-summary", "medical-imaging"),
+                      complete: bool = True) -> Iterator[Record]:
     """Records of an EHDS archive (``<category>/<patient>_<category>.json`` document Bundles).
 
     The archive is read as a stream (``tarfile`` mode ``r|*``): nothing is unpacked to disk
@@ -181,8 +181,16 @@ def iter_ehds_archive(path: str | Path, limit: int | None = None,
     ``medical-imaging`` members, the small non-summary documents are collected in a first
     pass and joined to each patient summary in a second one (two decompressions, one
     parse of each document). Patients come in archive order; ``limit`` keeps the first N.
+
+    With ``complete=False`` the archive is read once and each document is yielded as soon
+    as it is read, so a patient's record comes in several parts (summary first). That is
+    what :func:`mappings.tables.map_records` accepts (it merges parts of one patient) and
+    is the fast way to map a whole archive.
     """
     path = Path(path)
+    if not complete:
+        yield from _iter_ehds_parts(path, limit, categories)
+        return
     main_cat = categories[0]
     wanted: list[str] = []
     extra: dict[str, list[bytes]] = {}
@@ -212,6 +220,23 @@ def iter_ehds_archive(path: str | Path, limit: int | None = None,
             done += 1
             if done >= len(want):
                 return
+
+
+def _iter_ehds_parts(path: Path, limit: int | None, categories: tuple[str, ...]) -> Iterator[Record]:
+    main_cat = categories[0]
+    wanted: set[str] = set()
+    with tarfile.open(path, mode="r|*") as tf:
+        for m in tf:
+            mt = _EHDS_NAME.match(m.name) if m.isfile() else None
+            if not mt or mt["cat"] not in categories:
+                continue
+            if mt["cat"] == main_cat:
+                if limit is not None and len(wanted) >= limit:
+                    continue
+                wanted.add(mt["stem"])
+            elif limit is not None and mt["stem"] not in wanted:
+                continue
+            yield from group_records(bundle_resources(orjson.loads(tf.extractfile(m).read())))
 
 
 def iter_records(path: str | Path, limit: int | None = None) -> Iterator[Record]:

@@ -6,6 +6,7 @@ column names are a contract with ``generators/``.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -283,8 +284,9 @@ def build_patient_table(demo: pd.DataFrame, events: pd.DataFrame, spec: MappingS
             # ties in time are broken by value, not by id, so "last" does not depend on ids
             df = df[df["code"].isin(codes)].sort_values(
                 ["patient_id", "code", "t_days", "value_num", "value_code"], kind="stable")
+            groups = {k: g for k, g in df.groupby("code", sort=False)}
             for c in codes:
-                d = df[df["code"] == c]
+                d = groups.get(c, df.iloc[0:0])
                 target = units.get(c, {}).get("unit")
                 numeric = d["value_num"].notna().sum() >= d["value_code"].notna().sum()
                 base = f"{prefix}_{column_key(c)}"
@@ -364,6 +366,10 @@ def map_records(records: Iterable[list[dict]], spec: MappingSpec | str | None = 
                 include_patient: Callable[[dict], bool] | None = None, **vocabulary) -> MappedTables:
     """Map patient records to the patient and event tables.
 
+    Records are consumed one at a time (pass a generator to keep memory flat). A patient
+    may come in several records (for example one per EHDS document): the parts are merged
+    and a resource with the same type and id is counted once.
+
     Args:
         records: iterable of records (lists of FHIR resource dicts, one patient each).
         spec: a MappingSpec, a spec path/name, or None for ``mappings/specs/default.toml``.
@@ -377,13 +383,22 @@ def map_records(records: Iterable[list[dict]], spec: MappingSpec | str | None = 
         spec = spec.with_vocabulary(**vocabulary)
     ex = EventExtractor(spec)
     excluded = 0
-    for rec in records:
-        if include_patient is not None:
-            p = next((r for r in rec if r.get("resourceType") == "Patient"), None)
-            if p is None or not include_patient(p):
-                excluded += 1
-                continue
-        ex.add_record(rec)
+    # JSON trees hold no reference cycles: the cyclic GC only costs time while hundreds of
+    # thousands of resources are parsed and walked (about a third of the run), so it is
+    # paused for the extraction and restored afterwards.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rec in records:
+            if include_patient is not None:
+                p = next((r for r in rec if r.get("resourceType") == "Patient"), None)
+                if p is None or not include_patient(p):
+                    excluded += 1
+                    continue
+            ex.add_record(rec)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     demo = ex.demographics()
     events = ex.build_events(demo)
     events, units = normalise_units(events, spec)
@@ -398,11 +413,14 @@ def map_records(records: Iterable[list[dict]], spec: MappingSpec | str | None = 
         ref_ts = (np.floor(ref_ts / 86400.0) + 1) * 86400.0
     patients, pmeta = build_patient_table(demo, events, spec, units, ex.displays, ref_ts)
     events = type_event_table(events)
-    used = set(zip(events["system"].astype("object"), events["code"].astype("object")))
+    def pairs(sys_col, code_col):
+        d = events[[sys_col, code_col]].dropna().drop_duplicates()
+        return set(zip(d[sys_col].astype("object"), d[code_col].astype("object")))
+
+    used = pairs("system", "code") | pairs("value_system", "value_code")
     used |= {("http://snomed.info/sct", c) for c in events["body_site"].dropna().unique()}
     used |= {("http://dicom.nema.org/resources/ontology/DCM", c)
              for c in events["modality"].dropna().unique()}
-    used |= set(zip(events["value_system"].astype("object"), events["value_code"].astype("object")))
     displays = {}
     for (s, c), d in sorted(ex.displays.items()):
         if (s, c) in used:
