@@ -27,6 +27,7 @@ Weights are saved as a torch ``state_dict`` (``weights.pt``, read back with
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -152,6 +153,7 @@ class ImageModel:
         self.classes: list[tuple[str, str]] = []
         self.class_counts: list[int] = []
         self.net = None
+        self._sampler = None  # float64 copy of the network, made on first sample
         self.meta: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ training
@@ -183,6 +185,7 @@ class ImageModel:
         from .data import resize
 
         t0 = time.perf_counter()
+        self._sampler = None
         if size is not None:
             self.size = size
         items = [(a, norm_modality(m), norm_body_part(b)) for a, m, b in images]
@@ -293,16 +296,21 @@ class ImageModel:
                 self.net.code_std[c] = spread.clamp(min=CODE_STD_MIN)
 
     def _codes(self, eps, cls: tuple[str, str]):
-        """Standard normal draws to latent codes of the class."""
+        """Standard normal draws to latent codes of the class (float64)."""
         c = self.classes.index(cls)
-        return self.net.code_mean[c] + self.net.code_std[c] * eps
+        return self.net.code_mean[c].double() + self.net.code_std[c].double() * eps.double()
 
     def _decode(self, z, cls: tuple[str, str]) -> np.ndarray:
         import torch
 
+        # Decoded in float64: float32 results depend on the number of intra-op threads
+        # (reduction order), float64 ones differ only far below the 12-bit rounding, so
+        # every worker gives the same pixels whatever its thread settings.
+        if self._sampler is None:
+            self._sampler = copy.deepcopy(self.net).double().eval()
         y = torch.full((z.shape[0],), self.classes.index(cls), dtype=torch.long)
         with torch.no_grad():
-            out = self.net.decode(z, y)[:, 0].numpy()
+            out = self._sampler.decode(z.double(), y)[:, 0].numpy()
         return (np.round(out * QUANT) / QUANT).astype(np.float32)
 
     def sample(self, modality: str, body_part: str = "", seed: int = 0, n: int = 1,
@@ -350,8 +358,9 @@ class ImageModel:
             return procedural_volume(m, b, seed, self.size, n_slices)
         n_anchor = max(2, math.ceil((n_slices - 1) / slices_per_anchor) + 1)
         gen = torch.Generator().manual_seed(seed & (2**63 - 1))
-        anchors = torch.randn(n_anchor, self.latent_dim, generator=gen) * temperature
-        pos = torch.linspace(0, n_anchor - 1, n_slices) if n_slices > 1 else torch.zeros(1)
+        anchors = (torch.randn(n_anchor, self.latent_dim, generator=gen) * temperature).double()
+        pos = (torch.linspace(0, n_anchor - 1, n_slices, dtype=torch.float64) if n_slices > 1
+               else torch.zeros(1, dtype=torch.float64))
         lo = pos.floor().long().clamp(max=n_anchor - 2)
         z = _slerp(anchors[lo], anchors[lo + 1], (pos - lo).unsqueeze(1))
         return self._decode(self._codes(z, cls), cls)
