@@ -5,7 +5,9 @@
 * training the conditional VAE on them (``--epochs``, ``--size``, ``--device``);
 * a synthetic CT series of ``--slices`` (50) slices at 256 x 256, sampled and rendered to
   PS3.10 bytes (target <= 2 s), median of ``--repeat`` runs, each with a new series UID;
-* a single radiograph (CR, 2500 x 2048) sampled and rendered to bytes (target <= 200 ms).
+* a single radiograph (CR, 2500 x 2048) sampled and rendered to bytes (target <= 200 ms);
+* after training, ``generators.images.quality.image_report`` against the training images
+  (histogram and spectrum similarity, distance to closest record, exact copies).
 
 Usage::
 
@@ -85,6 +87,17 @@ def main() -> int:
                                       for (m, b), n in zip(model.classes, model.class_counts)))
         if args.save:
             model.save(args.save)
+        from generators.images.quality import image_report
+
+        t0 = time.perf_counter()
+        report = image_report(model, got.images, n_per_class=32)
+        print(f"quality vs the training images ({time.perf_counter() - t0:.1f} s; "
+              f"exact copies {report['exact_copies']}, must be 0):")
+        for r in report["classes"]:
+            print(f"  {r['modality']}/{r['body_part'] or '*'}: n_real {r['n_real']}, histogram "
+                  f"{r['histogram_similarity']}, spectrum {r['spectrum_similarity']}, "
+                  f"DCR min/median {r['dcr_min']}/{r['dcr_median']} (real-real NN median "
+                  f"{r['real_nn_median']})")
 
     def ct_series(i: int) -> int:
         series = derived_uid("bench-ct", str(i))

@@ -6,6 +6,7 @@
 * :mod:`.procedural`: the fallback for modalities without training images.
 * :mod:`.render`: arrays to DICOM instances (``render_instance``, ``render_series``,
   ``instance_bytes``, ``series_bytes``).
+* :mod:`.quality`: ``image_report``: quality proxies and exact-copy check per class.
 * :mod:`.synth`: ``synthesize_series``: sample (seeded by the UIDs) and render a series.
 
 torch is imported lazily, so rendering and the procedural fallback work without it.
