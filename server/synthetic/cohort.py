@@ -45,6 +45,8 @@ YEAR_DAYS = 365.25
 HTEST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "HTEST",
          "display": "test health data"}
 IDENTIFIER_SYSTEM = "urn:synthport:synthetic-patient"
+# Patient-table columns that mappings.reverse.patient_resource reads.
+PATIENT_COLUMNS = ("sex", "age_at_death", "deceased", "marital_status", "country", "language")
 
 # Small built-in name lists (common across Europe; no real person is meant).
 FAMILY = ["Garcia", "Martin", "Muller", "Rossi", "Dubois", "Novak", "Jansen", "Silva",
@@ -226,6 +228,8 @@ class Cohort:
         self._images = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, Record] = OrderedDict()
+        self._patients: OrderedDict[int, StoredResource] = OrderedDict()
+        self._pcols: dict[str, list] | None = None
         self.cache_size = max(1, int(cache_size))
         self._id_re = re.compile(rf"^{re.escape(self.name)}-(\d+)(?:-[a-z]+-\d+)?$")
 
@@ -259,7 +263,7 @@ class Cohort:
         return i if i < self.size else None
 
     def birth_date(self, i: int) -> dt.date:
-        return dt.date(1970, 1, 1) + dt.timedelta(days=int(self.index["_birth"].iat[i]))
+        return dt.date(1970, 1, 1) + dt.timedelta(days=int(self._patient_columns()["_birth"][i]))
 
     # -- resources
     def _meta(self, r: dict) -> dict:
@@ -270,19 +274,32 @@ class Cohort:
         row = self.index.iloc[i]
         return {c: row[c] for c in self.model_columns}
 
+    def _patient_columns(self) -> dict[str, list]:
+        """The columns a Patient resource is made of, as Python lists (a search page of a
+        thousand Patients must not pay a DataFrame row lookup per patient)."""
+        cols = self._pcols
+        if cols is None:
+            names = [c for c in PATIENT_COLUMNS if c in self.index.columns]
+            cols = {c: self.index[c].astype("object").where(self.index[c].notna(), None).tolist()
+                    for c in names + ["_family", "_given", "_birth"]}
+            self._pcols = cols
+        return cols
+
     def patient_resource(self, i: int) -> dict:
         """The Patient alone (what search pages need), equal to the one in the record."""
         from mappings.reverse import patient_resource
 
+        cols = self._patient_columns()
+        row = {c: v[i] for c, v in cols.items() if not c.startswith("_")}
         disp = lambda s, c, f: f or self.displays.get(s or "", {}).get(c)  # noqa: E731
-        p = patient_resource(self._row(i), self.patient_id(i), self.birth_date(i), disp)
+        p = patient_resource(row, self.patient_id(i), self.birth_date(i), disp)
         return self._finish_patient(p, i)
 
     def _finish_patient(self, p: dict, i: int) -> dict:
-        ix = self.index
+        cols = self._patient_columns()
         p["identifier"] = [{"system": IDENTIFIER_SYSTEM, "value": self.patient_id(i)}]
-        p["name"] = [{"use": "official", "family": str(ix["_family"].iat[i]),
-                      "given": [str(ix["_given"].iat[i])]}]
+        p["name"] = [{"use": "official", "family": str(cols["_family"][i]),
+                      "given": [str(cols["_given"][i])]}]
         return self._meta(p)
 
     def stored(self, r: dict) -> StoredResource:
@@ -293,7 +310,15 @@ class Cohort:
         rec = self._cache.get(i)
         if rec is not None:
             return rec.stored[("Patient", self.patient_id(i))]
-        return self.stored(self.patient_resource(i))
+        hit = self._patients.get(i)
+        if hit is not None:
+            return hit
+        s = self.stored(self.patient_resource(i))
+        with self._lock:
+            self._patients[i] = s
+            while len(self._patients) > 10 * self.cache_size:
+                self._patients.popitem(last=False)
+        return s
 
     def record(self, i: int) -> Record:
         """Every resource of virtual patient i (bounded LRU per process)."""
@@ -319,7 +344,7 @@ class Cohort:
         events = self.events.sample(rows, seed=self.seed, keys=[str(i)])
         record = to_fhir_record(self._row(i), events, self.patient_id(i), displays=self.displays,
                                 birth_date=self.birth_date(i), anchor=self.anchor)
-        record[0] = self._finish_patient(record[0], i)
+        record[0] = self.patient_resource(i)   # the same dict as a Patient read gives
         study = 0
         for r in record[1:]:
             if r["resourceType"] == "ImagingStudy" and study < 255:
