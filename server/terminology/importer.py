@@ -28,6 +28,8 @@ from . import TABLES_TAG
 from .provider import encode_concept_data
 
 BATCH = 5_000
+COPY_CONCEPT = "COPY term_concept (cs_pk, code, seq, display, inactive, data) FROM STDIN"
+COPY_EDGE = "COPY term_parent (cs_pk, child, parent) FROM STDIN"
 SUPPLEMENT_URL = "urn:synthport:supplement:"
 SUPPLEMENT_TAG = {"system": "urn:synthport:terminology", "code": "store-supplement",
                   "display": "Codes used in the store, with their displays"}
@@ -118,11 +120,21 @@ def import_codesystem(store: SqlStore, meta: dict, concepts: Iterable[Concept],
             e_rows: list[tuple] = []
             dup: list[Concept] = []
 
+            pg = store.engine.dialect.name == "postgresql"
+
             def flush():
-                if c_rows:
-                    conn.exec_driver_sql(ins_concept, c_rows)
-                if e_rows:
-                    conn.exec_driver_sql(ins_edge, e_rows)
+                if pg:     # COPY: an order of magnitude faster than executemany on PostgreSQL
+                    with conn.connection.driver_connection.cursor() as cur:
+                        for sql, rows in ((COPY_CONCEPT, c_rows), (COPY_EDGE, e_rows)):
+                            if rows:
+                                with cur.copy(sql) as copy:
+                                    for row in rows:
+                                        copy.write_row(row)
+                else:
+                    if c_rows:
+                        conn.exec_driver_sql(ins_concept, c_rows)
+                    if e_rows:
+                        conn.exec_driver_sql(ins_edge, e_rows)
                 if bar is not None:
                     bar.update(len(c_rows))
                 c_rows.clear()
