@@ -115,6 +115,7 @@ class EventExtractor:
         self.displays: dict[tuple[str, str], str] = {}
         self.skipped: Counter = Counter()
         self._seen: dict[str, set] = {}
+        self._merged = False
         d = spec.demographics
         self._demo_paths = {k: [compile_path(p) for p in getattr(d, k)]
                             for k in DemographicsFields}
@@ -322,6 +323,27 @@ class EventExtractor:
         # fields in _ROW_FIELDS order; one tuple per event, columns are made once in build
         self.rows.append(vals)
 
+    # ------------------------------------------------------------------ parallel parts
+    def export_state(self) -> dict:
+        """What a worker process extracted (picklable), for :meth:`merge_state`."""
+        return {"rows": self.rows, "demo": self.demo, "children": self.children,
+                "displays": self.displays, "skipped": dict(self.skipped)}
+
+    def merge_state(self, state: dict) -> None:
+        """Add a worker's extraction. Call in input order: for a patient or an event seen
+        twice (two documents of one patient), the first one is kept, as in one process."""
+        self.rows.extend(state["rows"])
+        for d in state["demo"]:
+            if d["patient_id"] not in self._seen:
+                self._seen[d["patient_id"]] = set()
+                self.demo.append(d)
+        for k, v in state["children"].items():
+            self.children.setdefault(k, v)
+        for k, v in state["displays"].items():
+            self.displays.setdefault(k, v)
+        self.skipped.update(state["skipped"])
+        self._merged = True
+
     # ------------------------------------------------------------------ tables
     def demographics(self) -> pd.DataFrame:
         """One row per patient: raw demographic values and ``birth_ts`` (POSIX seconds)."""
@@ -335,6 +357,16 @@ class EventExtractor:
 
     def build_events(self, demo: pd.DataFrame) -> pd.DataFrame:
         """The event table (times relative to birth; units not yet normalised)."""
+        if self._merged:
+            # parts merged from workers: an event seen in two documents is kept once
+            seen_ev: set = set()
+            rows = []
+            for r in self.rows:
+                k = (r[0], r[1])
+                if k not in seen_ev:
+                    seen_ev.add(k)
+                    rows.append(r)
+            self.rows, self._merged = rows, False
         n = len(self.rows)
         cols = list(zip(*self.rows)) if n else [()] * len(_ROW_FIELDS)
         c = dict(zip(_ROW_FIELDS, cols))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -48,6 +49,7 @@ class MappedTables:
     patient_meta: dict
     event_meta: dict
     skipped: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)   # CPU seconds per phase
 
 
 # ---------------------------------------------------------------------------- units
@@ -377,12 +379,10 @@ def map_records(records: Iterable[list[dict]], spec: MappingSpec | str | None = 
         **vocabulary: overrides of the spec's vocabulary (``top_k``, ``min_count``,
             ``reference_date``).
     """
-    if not isinstance(spec, MappingSpec):
-        spec = load_spec(spec or "default")
-    if vocabulary:
-        spec = spec.with_vocabulary(**vocabulary)
+    spec = resolve_spec(spec, **vocabulary)
     ex = EventExtractor(spec)
     excluded = 0
+    c0 = time.process_time()
     # JSON trees hold no reference cycles: the cyclic GC only costs time while hundreds of
     # thousands of resources are parsed and walked (about a third of the run), so it is
     # paused for the extraction and restored afterwards.
@@ -399,9 +399,30 @@ def map_records(records: Iterable[list[dict]], spec: MappingSpec | str | None = 
     finally:
         if gc_was_enabled:
             gc.enable()
+    return finish_tables(ex, spec, {"read_and_extract": time.process_time() - c0}, excluded)
+
+
+def resolve_spec(spec: MappingSpec | str | None, **vocabulary) -> MappingSpec:
+    """A MappingSpec from a spec, a path/name or None (default), with vocabulary overrides."""
+    if not isinstance(spec, MappingSpec):
+        spec = load_spec(spec or "default")
+    if vocabulary:
+        spec = spec.with_vocabulary(**vocabulary)
+    return spec
+
+
+def finish_tables(ex: EventExtractor, spec: MappingSpec, timings: dict[str, float],
+                  excluded: int = 0) -> MappedTables:
+    """The tables of an extractor that has seen every record."""
+    clock = time.process_time
+    c0 = clock()
     demo = ex.demographics()
     events = ex.build_events(demo)
+    timings["event_table"] = clock() - c0
+    c0 = clock()
     events, units = normalise_units(events, spec)
+    timings["units"] = clock() - c0
+    c0 = clock()
     if spec.vocabulary.reference_date is not None:
         rd = spec.vocabulary.reference_date
         ref_ts = dt.datetime(rd.year, rd.month, rd.day, tzinfo=dt.timezone.utc).timestamp()
@@ -412,6 +433,8 @@ def map_records(records: Iterable[list[dict]], spec: MappingSpec | str | None = 
         # the day after the last event, so that every event is before the reference date
         ref_ts = (np.floor(ref_ts / 86400.0) + 1) * 86400.0
     patients, pmeta = build_patient_table(demo, events, spec, units, ex.displays, ref_ts)
+    timings["patient_table"] = clock() - c0
+    c0 = clock()
     events = type_event_table(events)
     def pairs(sys_col, code_col):
         d = events[[sys_col, code_col]].dropna().drop_duplicates()
@@ -435,7 +458,8 @@ def map_records(records: Iterable[list[dict]], spec: MappingSpec | str | None = 
     skipped = dict(ex.skipped)
     if excluded:
         skipped["excluded by include_patient"] = excluded
-    return MappedTables(patients, events, pmeta, emeta, skipped)
+    timings["typing_and_metadata"] = clock() - c0
+    return MappedTables(patients, events, pmeta, emeta, skipped, timings)
 
 
 def vocabulary_counts(events: pd.DataFrame, kind: str) -> Counter:
