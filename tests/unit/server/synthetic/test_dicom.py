@@ -115,6 +115,36 @@ def test_c_find_to_the_cohort_ae_title(cohort_env):
         assert len(found) == 1
         assert found[0].PatientID == patient["id"]
         assert found[0].StudyDate == study["started"][:10].replace("-", "")
+        # C-GET of the study on the cohort AE title: the rendered instances come back
+        from pynetdicom import build_role, evt
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        sops = [i for s in study["series"] for i in s["instance"]]
+        classes = sorted({i["sopClass"]["code"] for i in sops})
+        got = {}
+
+        def on_store(event):
+            got[event.request.AffectedSOPInstanceUID] = event.dataset
+            return 0x0000
+
+        gae = AE(ae_title="TESTSCU")
+        gae.add_requested_context(GET)
+        for cls in classes:
+            gae.add_requested_context(cls, [ExplicitVRLittleEndian])
+        assoc = gae.associate("127.0.0.1", server.server_address[1], ae_title=COHORT.upper(),
+                              ext_neg=[build_role(cls, scp_role=True) for cls in classes],
+                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        g = Dataset()
+        g.QueryRetrieveLevel = "STUDY"
+        g.StudyInstanceUID = suid
+        rsps = [st for st, _ in assoc.send_c_get(g, GET)]
+        assoc.release()
+        assert rsps[-1].Status == 0x0000
+        assert sorted(got) == sorted(i["uid"] for i in sops)
+        ds = next(iter(got.values()))
+        assert ds.PatientID == patient["id"] and ds.StudyInstanceUID == suid
         # the real AE title does not see the cohort
         assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="SYNTHPORT")
         real = [i for st, i in assoc.send_c_find(q, FIND) if st.Status in (0xFF00, 0xFF01)]

@@ -136,11 +136,15 @@ def test_clinical_search_by_patient_and_code(cohort_env):
         every += [e["resource"] for e in b.get("entry", [])]
     codes = sorted({r["code"]["coding"][0]["code"] for r in every if r["resourceType"] == "Condition"})
     assert codes, "the tiny model generates conditions"
-    code = codes[0]
-    want = [r["id"] for r in every if r["resourceType"] == "Condition"
-            and r["code"]["coding"][0]["code"] == code]
-    found = _all_pages(c, f"{BASE}/Condition?code={code}&_count=3")
-    assert [r["id"] for r in found] == want
+    for code in codes:   # index candidates (condition flags, "other") lose no match
+        want = [r["id"] for r in every if r["resourceType"] == "Condition"
+                and r["code"]["coding"][0]["code"] == code]
+        found = _all_pages(c, f"{BASE}/Condition?code={code}&_count=3")
+        assert [r["id"] for r in found] == want, code
+    # a date parameter evaluated on the generated resources
+    onset = sorted(r["onsetDateTime"][:4] for r in every if r.get("onsetDateTime"))[0]
+    got = _all_pages(c, f"{BASE}/Condition?onset-date=ge{onset}-01-01&patient={COHORT}-2")
+    assert [r["id"] for r in got] == [r["id"] for r in conds if r.get("onsetDateTime", "") >= onset]
     none = c.get(f"{BASE}/Condition?code=http://snomed.info/sct|000000&_count=3").get_json()
     assert not [e for e in none.get("entry", []) if e["search"]["mode"] == "match"]
 
