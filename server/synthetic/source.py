@@ -328,8 +328,8 @@ class SyntheticSource:
                 skip = int(v)
         matches: list[StoredResource] = []
         pos, taken, scanned = cursor, skip, 0
-        want = count if summary != "count" else len(cand)
-        budget = self.scan_budget if summary != "count" else len(cand)
+        want = count if summary != "count" else len(cand) * 1000
+        budget = self.scan_budget if summary != "count" else 10 * self.scan_budget
         while pos < len(cand) and len(matches) < want and scanned < budget:
             rec = self.cohort.record(int(cand[pos]))
             scanned += 1
@@ -348,8 +348,11 @@ class SyntheticSource:
         nxt = None if done or count == 0 else base + [("_cursor", str(pos)), ("_skip", str(taken))]
         total = len(matches) if (done and cursor == 0 and skip == 0) else None
         if summary == "count":
-            return SearchResult(matches=[], total=len(matches), self_params=params,
-                                warnings=warnings, summary_count=True)
+            if not done:
+                warnings.append(f"the count needs more than {budget} virtual patients to be "
+                                "generated; no total given (page through the results instead)")
+            return SearchResult(matches=[], total=len(matches) if done else None,
+                                self_params=params, warnings=warnings, summary_count=True)
         return SearchResult(matches=matches, total=total, self_params=params, next_params=nxt,
                             warnings=warnings, elements=elements, summary=summary)
 

@@ -153,3 +153,43 @@ def test_c_find_to_the_cohort_ae_title(cohort_env):
     finally:
         server.shutdown()
         sql.engine.dispose()
+
+
+@pytest.mark.skipif(__import__("shutil").which("dciodvfy") is None,
+                    reason="dciodvfy (Debian package dicom3tools) is not installed")
+def test_rendered_instances_pass_dciodvfy(cohort_env, tmp_path):
+    import subprocess
+
+    from server.source import RequestContext
+    from server.synthetic.cohort import load_cohort, make_uid
+    from server.synthetic.dicom import SyntheticDicomSource
+
+    cohort = load_cohort(cohort_env.registry, COHORT)
+    src = SyntheticDicomSource(cohort)
+    c = cohort_env.app().test_client()
+    _, study = _first_study(c)
+    suid = study["identifier"][0]["value"].removeprefix("urn:oid:")
+    refs = src.instance_refs(RequestContext(), suid)
+    files = [src.open_instance(RequestContext(), r) for r in refs[:3]]
+    # and a CT slice of a series (cross-sectional: position and orientation per slice)
+    base = src.instances(int(parse_index(cohort, suid)))[0]
+    ct = dict(base, Modality="CT", BodyPartExamined="CHEST", InstanceNumber=2,
+              NumberOfSeriesRelatedInstances=5, Rows=64, Columns=64,
+              SeriesInstanceUID=make_uid(cohort.key, 0, 250, 1),
+              SOPInstanceUID=make_uid(cohort.key, 0, 250, 1, 2))
+    files.append(src.render(ct))
+    for n, data in enumerate(files):
+        path = tmp_path / f"{n}.dcm"
+        path.write_bytes(data)
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("Error")]
+        assert errors == [], (n, errors)
+    ds = pydicom.dcmread(io.BytesIO(files[-1]))
+    assert ds.ImagePositionPatient and ds.ImageOrientationPatient and ds.PixelSpacing
+    assert src.render(ct) == files[-1]       # deterministic bytes
+
+
+def parse_index(cohort, uid: str) -> int:
+    from server.synthetic.cohort import parse_uid
+
+    return parse_uid(cohort.key, uid)[0]
