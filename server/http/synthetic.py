@@ -45,7 +45,7 @@ def _sources(name: str) -> tuple[SyntheticSource, SyntheticDicomSource]:
         fhir, dicom = hit[1], hit[2]
     else:
         fhir = SyntheticSource(cohort, cfg)
-        dicom = SyntheticDicomSource(cohort)
+        dicom = SyntheticDicomSource(cohort, scan_budget=int(cfg.get("synthetic_scan_budget") or 200))
     cache[name] = (now, fhir, dicom)
     return fhir, dicom
 

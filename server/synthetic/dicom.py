@@ -67,7 +67,7 @@ class SyntheticDicomSource:
     writable = False
 
     def __init__(self, cohort: Cohort | None = None, *, loader=None, name: str | None = None,
-                 scan_budget: int = 2000, cache_instances: int = 64):
+                 scan_budget: int = 200, cache_instances: int = 64):
         self._cohort = cohort
         self._loader = loader
         self.name = name or cohort.name
@@ -153,12 +153,14 @@ class SyntheticDicomSource:
                     if p is not None and p[0] < len(ix):
                         m[p[0]] = True
                 mask &= m
+        keyed = any(query.get(k) and not matching.is_universal(query.get(k)) for k in
+                    ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         sex = query.get("PatientSex")
         if sex and not matching.is_universal(sex) and not matching.has_wildcards(sex):
             inv = {v: k for k, v in SEX.items()}
             wanted = {inv.get(s) for s in matching.split_list(sex)}
             mask &= ix["_gender"].isin(wanted).to_numpy()
-        return np.flatnonzero(mask)
+        return imaging_first(ix, np.flatnonzero(mask)) if not keyed else np.flatnonzero(mask)
 
     def find(self, ctx: RequestContext, level: str, query: dict[str, str], *,
              includefields: set[str] | None = None, include_all: bool = False,
@@ -179,7 +181,7 @@ class SyntheticDicomSource:
         want = None if limit is None else offset + limit
         seen = 0
         for n, i in enumerate(self._candidates(query)):
-            if n >= self.scan_budget and results:
+            if n >= self.scan_budget:
                 break
             groups: OrderedDict[str, list[dict]] = OrderedDict()
             for inst in self.instances(int(i)):
@@ -312,6 +314,17 @@ class SyntheticDicomSource:
                                "be stored into it")
 
 
+def imaging_first(ix, candidates: np.ndarray) -> np.ndarray:
+    """Candidates whose index row predicts imaging studies first, then the others, each in
+    index order: a scan finds studies early. The index counts only order the scan; what is
+    returned is decided on the generated records (FHIR ImagingStudy search scans in the
+    same order, so both list the same studies)."""
+    if "_n_img" not in ix.columns or not len(candidates):
+        return candidates
+    none = ix["_n_img"].to_numpy()[candidates] <= 0
+    return candidates[np.argsort(none, kind="stable")]
+
+
 def _default_matrix(modality: str) -> tuple[int, int]:
     from generators.images.render import DEFAULT_MATRIX
 
@@ -336,7 +349,8 @@ def dimse_sources(config, sql, real) -> dict[str, Any]:
         if info.ae_title in sources:
             continue
         sources[info.ae_title] = SyntheticDicomSource(
-            loader=lambda n=info.name: load_cohort(reg, n, cache), name=info.name)
+            loader=lambda n=info.name: load_cohort(reg, n, cache), name=info.name,
+            scan_budget=int(config.get("synthetic_scan_budget") or 200))
     return sources
 
 

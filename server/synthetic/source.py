@@ -283,6 +283,10 @@ class SyntheticSource:
                 mask &= m
             elif name == "code" and res_type in CODE_PREFIX and mod is None:
                 mask &= self._code_mask(res_type, value)
+        if res_type == "ImagingStudy":
+            from server.synthetic.dicom import imaging_first
+
+            return imaging_first(ix, np.flatnonzero(mask))
         return np.flatnonzero(mask)
 
     def _code_mask(self, res_type: str, value: str) -> np.ndarray:
