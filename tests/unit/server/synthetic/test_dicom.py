@@ -193,3 +193,20 @@ def parse_index(cohort, uid: str) -> int:
     from server.synthetic.cohort import parse_uid
 
     return parse_uid(cohort.key, uid)[0]
+
+
+def test_imaging_study_search_and_qido_list_the_same_studies(cohort_env):
+    c = cohort_env.app().test_client()
+    fhir, url = [], f"{FHIR}/ImagingStudy?_count=4"
+    while url:
+        b = c.get(url).get_json()
+        fhir += [e["resource"]["identifier"][0]["value"].removeprefix("urn:oid:")
+                 for e in b.get("entry", []) if e["search"]["mode"] == "match"]
+        url = next((x["url"] for x in b["link"] if x["relation"] == "next"), None)
+        url = url and "/" + url.split("://", 1)[1].split("/", 1)[1]
+    qido = [_v(s, "0020000D") for s in c.get(f"{WEB}/studies",
+                                              headers={"Accept": "application/dicom+json"}).get_json()]
+    assert fhir and qido == fhir
+    # QIDO paging by offset gives the same sequence
+    half = c.get(f"{WEB}/studies?offset=1&limit=2", headers={"Accept": "application/dicom+json"})
+    assert [_v(s, "0020000D") for s in half.get_json()] == fhir[1:3]
