@@ -304,12 +304,15 @@ def patient_consistency(patients: pd.DataFrame, events: pd.DataFrame) -> dict[st
         return out
     pids = patient_ids(patients)
     on = events[events["kind"] == "condition_onset"]
-    first = {}
-    for r in on[["patient_id", "system", "code", "t_days"]].itertuples(index=False):
-        for c in cols:
-            if code_matches(c.code, r.system, r.code):
-                key = (str(r.patient_id), c.flag)
-                first[key] = min(first.get(key, np.inf), float(r.t_days))
+    f = on.groupby([on["patient_id"].astype(str), on["system"].astype(object).fillna(""),
+                    on["code"].astype(object).fillna("")], sort=False)["t_days"].min()
+    match: dict[tuple, list[str]] = {}
+    first: dict[tuple, float] = {}
+    for (pid, system, code), t in f.items():
+        if (system, code) not in match:
+            match[(system, code)] = [c.flag for c in cols if code_matches(c.code, system, code)]
+        for flag in match[(system, code)]:
+            first[(pid, flag)] = min(first.get((pid, flag), np.inf), float(t))
     ref = reference_days(patients)
     for c in cols:
         flags = pd.to_numeric(patients[c.flag], errors="coerce").fillna(0).to_numpy()

@@ -160,7 +160,7 @@ class EventModel:
         built = [build(b) for b in batches]
         gen = np.random.default_rng(seed)
         chunk = int(cfg["chunk_len"])
-        total_steps = max(1, epochs * sum(-(-b[0].shape[1] // chunk) for b in built))
+        total_steps = max(20, epochs * sum(-(-b[0].shape[1] // chunk) for b in built))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
                                                     pct_start=0.1)
         ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
@@ -180,10 +180,14 @@ class EventModel:
                     lt, lg, lv, h = net(tin[:, sl], gin[:, sl], vin[:, sl], cont[:, sl], cx,
                                         tok_next[:, sl], h)
                     h = h.detach()
-                    to, go, vo = tout[:, sl], gout[:, sl], vout[:, sl]
-                    loss = ce(lt.flatten(0, 1), to.flatten()) + ce(lg.flatten(0, 1), go.flatten())
-                    if (vo >= 0).any():
-                        loss = loss + ce(lv.flatten(0, 1), vo.flatten())
+                    loss = 0.0
+                    # A chunk may hold no target of a head (padding, only the end): skip it
+                    # rather than average over nothing (NaN).
+                    for logits, target in ((lt, tout[:, sl]), (lg, gout[:, sl]), (lv, vout[:, sl])):
+                        if bool((target >= 0).any()):
+                            loss = loss + ce(logits.flatten(0, 1), target.flatten())
+                    if not torch.is_tensor(loss):
+                        continue
                     opt.zero_grad()
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -348,16 +352,19 @@ def _flagged_onsets(patients: pd.DataFrame, events: pd.DataFrame, conds: list[di
     pids = patient_ids(patients)
     pos = events.groupby("patient_id", sort=False).cumcount().to_numpy()
     on = events[events["kind"] == "condition_onset"]
-    pairs = on[["system", "code"]].drop_duplicates()
+    # First position of each (patient, system, code) onset, then matched to the flags.
+    fp = pd.DataFrame({"p": on["patient_id"].to_numpy(), "s": on["system"].astype(object).to_numpy(),
+                       "c": on["code"].astype(object).to_numpy(), "pos": pos[on.index]})
+    fp = fp.groupby(["p", "s", "c"], sort=False, dropna=False)["pos"].min().reset_index()
     for cd in conds:
         if not cd["onset_age"] or cd["column"] not in patients.columns:
             continue
         flag = pd.to_numeric(patients[cd["column"]], errors="coerce").to_numpy(float)
         age = pd.to_numeric(patients[cd["onset_age"]], errors="coerce").to_numpy(float)
-        match = [(r.system, r.code) for r in pairs.itertuples(index=False)
-                 if code_matches(cd["code"], r.system, r.code)]
-        sel = on[[(a, b) in match for a, b in zip(on["system"], on["code"])]] if match else on.iloc[:0]
-        first = pd.Series(pos[sel.index], index=sel["patient_id"].to_numpy()).groupby(level=0).min()
+        pairs = fp[["s", "c"]].drop_duplicates()
+        ok = {(a, b) for a, b in zip(pairs["s"], pairs["c"]) if code_matches(cd["code"], a, b)}
+        sel = fp[[(a, b) in ok for a, b in zip(fp["s"], fp["c"])]] if ok else fp.iloc[:0]
+        first = sel.groupby("p")["pos"].min()
         for i, p in enumerate(pids):
             if flag[i] >= 0.5 and not np.isnan(age[i]):
                 T = float(np.clip(age[i] * 365.25, 0.0, ref[i]))
