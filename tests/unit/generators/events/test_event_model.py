@@ -180,3 +180,17 @@ def test_errors(tmp_path, tables):
     with pytest.raises(EventModelError):
         EventModel().fit(patients, events.drop(columns=["t_days"]), epochs=1, progress=False)
     assert set(EVENT_COLUMNS) <= set(events.columns)
+
+
+def test_long_histories_train_in_chunks(tables):
+    import torch
+
+    torch.set_num_threads(1)
+    patients, events = tables
+    sub = patients.iloc[:16]
+    ev = events[events["patient_id"].isin(set(sub["patient_id"]))]
+    m = EventModel(hidden=16, d_in=16, chunk_len=8).fit(sub, ev, epochs=2, progress=False)
+    loss = m.meta["training"]["loss"]
+    assert len(loss) == 2 and all(np.isfinite(loss))
+    out = m.sample(sub.iloc[:3], seed=1)
+    assert order_violations(out, sub.iloc[:3], m.meta["dependencies"])["total"] == 0
