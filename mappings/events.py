@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mappings.errors import MappingError
-from mappings.paths import compile_path
+from mappings.paths import compile_first, compile_path
 from mappings.records import ref_id
 from mappings.spec import EVENT_KINDS, EventSpec, MappingSpec
 
@@ -91,6 +91,10 @@ def _c(p):
     return compile_path(p) if p else None
 
 
+def _f(p):
+    return compile_first(p) if p else None
+
+
 class EventExtractor:
     """Accumulates events and demographics of many records; :meth:`build` makes the tables."""
 
@@ -100,13 +104,13 @@ class EventExtractor:
         for es in spec.events:
             lst = self.by_type.setdefault(es.resource, [])
             lst.append(_Compiled(
-                spec=es, primary=not lst, code=_c(es.code), time=[_c(p) for p in es.time],
-                end_time=[_c(p) for p in es.end_time], value_code=_c(es.value_code),
-                components=_c(es.components), children=_c(es.children), encounter=_c(es.encounter),
-                category=_c(es.category), med_ref=_c(es.medication_reference),
-                for_each=_c(es.for_each), modality=_c(es.modality), body_site=_c(es.body_site),
-                study_uid=_c(es.study_uid), series_uid=_c(es.series_uid),
-                n_instances=_c(es.n_instances), sop_class=_c(es.sop_class)))
+                spec=es, primary=not lst, code=_f(es.code), time=[_f(p) for p in es.time],
+                end_time=[_f(p) for p in es.end_time], value_code=_f(es.value_code),
+                components=_c(es.components), children=_c(es.children), encounter=_f(es.encounter),
+                category=_f(es.category), med_ref=_f(es.medication_reference),
+                for_each=_c(es.for_each), modality=_f(es.modality), body_site=_f(es.body_site),
+                study_uid=_f(es.study_uid), series_uid=_f(es.series_uid),
+                n_instances=_f(es.n_instances), sop_class=_f(es.sop_class)))
         self.rank = {s: i for i, s in enumerate(spec.system_preference)}
         self.aliases = dict(spec.code_systems)
         self.rows: list[tuple] = []
@@ -199,11 +203,12 @@ class EventExtractor:
                     by_id = {x.get("id"): x for x in record if x.get("id")}
                 self._extract(pid, r, cs, by_id)
 
-    def _time(self, getters, r) -> float | None:
+    @staticmethod
+    def _time(getters, r) -> float | None:
         for g in getters:
-            vals = g(r)
-            if vals:
-                t = parse_time(vals[0])
+            v = g(r)
+            if v is not None:
+                t = parse_time(v)
                 if t is not None:
                     return t
         return None
@@ -224,22 +229,22 @@ class EventExtractor:
         enc = None
         if cs.encounter is not None:
             v = cs.encounter(r)
-            enc = ref_id(v[0]) if v else None
+            enc = ref_id(v) if v is not None else None
         elif es.kind == "encounter":
             enc = rid
         cat = None
         if cs.category is not None:
             v = cs.category(r)
-            if v:
-                cat = self.pick(v[0])[1]
+            if v is not None:
+                cat = self.pick(v)[1]
         system = code = display = None
         if cs.code is not None:
             v = cs.code(r)
-            if v:
-                system, code, display = self.pick(v[0])
+            if v is not None:
+                system, code, display = self.pick(v)
         if code is None and cs.med_ref is not None:
             v = cs.med_ref(r)
-            med = by_id.get(ref_id(v[0])) if v and by_id else None
+            med = by_id.get(ref_id(v)) if v is not None and by_id else None
             if med is not None:
                 system, code, display = self.pick(med.get("code"))
         if es.kind == "imaging_study":
@@ -250,8 +255,8 @@ class EventExtractor:
             vnum, vcode, vsys, vdisp, unit = self._value(r, es.value)
         elif cs.value_code is not None:
             v = cs.value_code(r)
-            if v:
-                vsys, vcode, vdisp = self.pick(v[0])
+            if v is not None:
+                vsys, vcode, vdisp = self.pick(v)
         self._row(pid, eid, es.kind, t, system, code, display, vnum, vcode, unit, enc, end,
                   None, None, vsys, vdisp, parent, cat, None, None)
         if cs.components is not None:
@@ -290,8 +295,7 @@ class EventExtractor:
     def _imaging(self, pid, r, cs, eid, t, end, enc, system, code, display) -> None:
         study = None
         if cs.study_uid is not None:
-            v = cs.study_uid(r)
-            study = v[0] if v else None
+            study = cs.study_uid(r)
             if isinstance(study, str) and study.startswith("urn:oid:"):
                 study = study[8:]
         items = cs.for_each(r) if cs.for_each is not None else [r]
@@ -302,19 +306,17 @@ class EventExtractor:
             n = None
             if cs.modality is not None:
                 v = cs.modality(it)
-                mod = self.pick(v[0])[1] if v else None
+                mod = self.pick(v)[1] if v is not None else None
             if cs.body_site is not None:
                 v = cs.body_site(it)
-                bs = self.pick(v[0])[1] if v else None
+                bs = self.pick(v)[1] if v is not None else None
             if cs.series_uid is not None:
-                v = cs.series_uid(it)
-                suid = v[0] if v else None
+                suid = cs.series_uid(it)
             if cs.n_instances is not None:
                 v = cs.n_instances(it)
-                n = float(v[0]) if v and isinstance(v[0], (int, float)) else None
+                n = float(v) if isinstance(v, (int, float)) else None
             if cs.sop_class is not None:
-                v = cs.sop_class(it)
-                sop = v[0] if v else None
+                sop = cs.sop_class(it)
             self._row(pid, eid if i == 0 else f"{eid}#s{i}", "imaging_study", t, system, code,
                       display, n, sop, None, enc, end, mod, bs, None, None,
                       None if i == 0 else eid, None, study, suid)

@@ -84,6 +84,30 @@ def compile_path(path: str) -> Callable[[Any], list]:
     return run
 
 
+@lru_cache(maxsize=None)
+def compile_first(path: str) -> Callable[[Any], Any]:
+    """A function returning the first value ``path`` selects, or None (no list is built
+    for the common one-element path)."""
+    steps = parse_path(path)
+    if len(steps) == 1 and steps[0][1] is None:
+        name = steps[0][0]
+
+        def one(obj: Any) -> Any:
+            v = obj.get(name) if isinstance(obj, dict) else None
+            if isinstance(v, list):
+                return v[0] if v else None
+            return v
+
+        return one
+    full = compile_path(path)
+
+    def many(obj: Any) -> Any:
+        vals = full(obj)
+        return vals[0] if vals else None
+
+    return many
+
+
 def first(paths: list[str] | tuple[str, ...], obj: Any) -> Any:
     """The first value found by trying ``paths`` in order, or None."""
     for p in paths:
