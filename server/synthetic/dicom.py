@@ -11,7 +11,6 @@ and rendered to a valid PS3.10 file by ``generators.images.render``.
 """
 from __future__ import annotations
 
-import datetime as dt
 import threading
 from collections import OrderedDict
 from typing import Any

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -4,7 +4,6 @@ cohort's AE title answering C-FIND."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 
 import orjson
 import pytest

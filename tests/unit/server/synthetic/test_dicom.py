@@ -71,7 +71,7 @@ def test_fhir_and_dicomweb_agree_on_a_virtual_study(cohort_env):
     assert again[again.index(b"DICM"):again.index(b"DICM") + 2000] == body[start + 128:start + 2128]
     r = c.post(f"{WEB}/studies", data=b"--x--", content_type='multipart/related; type="application/dicom"; boundary=x')
     assert r.status_code in (405, 400)
-    assert c.get(f"/synthetic/nosuch/dicomweb/studies").status_code == 404
+    assert c.get("/synthetic/nosuch/dicomweb/studies").status_code == 404
 
 
 def test_c_find_to_the_cohort_ae_title(cohort_env):

@@ -1,7 +1,6 @@
 """``synthport train`` / ``cohort create`` / the registry and the admin API."""
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
