@@ -124,6 +124,9 @@ class ColumnCodec:
 
     def token_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Smallest and largest value each token can decode to (NaN for ``_NA_``)."""
+        cached = self.__dict__.get("_bounds")
+        if cached is not None:
+            return cached
         lo = np.full(self.n_tokens, np.nan)
         hi = np.full(self.n_tokens, np.nan)
         if self.kind != "categorical":
@@ -132,6 +135,7 @@ class ColumnCodec:
             e = np.asarray(self.edges, dtype=float)
             lo[p:p + self.n_bins] = e[:-1]
             hi[p:p + self.n_bins] = e[1:]
+        self.__dict__["_bounds"] = (lo, hi)
         return lo, hi
 
     # --------------------------------------------------------------- fitting

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "rare_min_count": 5,      # string categories seen fewer times become _RARE_
     "max_bins": 24,
     "min_bin_count": 5,
+    "order_share": 0.0,       # share of training rows that see a prefix of the sampling order
     "seed": 0,                # training seed (weights init, masks, split)
     "infer_constraints": True,
 }
@@ -83,6 +84,7 @@ class _Net(nn.Module):
                              persistent=False)
         self.register_buffer("mask_tok", torch.tensor(n_tokens, dtype=torch.long), persistent=False)
         self.out_off = [int(x) for x in np.r_[0, np.cumsum(n_tokens)]]
+        self.in_off_py = [int(x) for x in np.r_[0, np.cumsum(sizes)[:-1]]]
         vmax = max(n_tokens)
         pad = sum(n_tokens)  # index of a constant -inf column appended to the logits
         idx = torch.full((len(n_tokens), vmax), pad, dtype=torch.long)
@@ -115,10 +117,18 @@ class _Net(nn.Module):
         return -(lp * hidden).sum(1) / hidden.sum(1).clamp_min(1)
 
 
-def _random_visible(n: int, c: int, gen: torch.Generator, device: str) -> torch.Tensor:
-    """Random visible sets: size t ~ U{0..C-1}, then a uniform subset of that size."""
+def _random_visible(n: int, c: int, gen: torch.Generator, device: str,
+                    order_rank: torch.Tensor | None = None, order_share: float = 0.0) -> torch.Tensor:
+    """Random visible sets: size t ~ U{0..C-1}, then a uniform subset of that size.
+
+    With ``order_share`` > 0, that share of the rows sees a prefix of the sampling order
+    instead (``order_rank[j]`` = position of column j), the sets unconditional sampling uses.
+    """
     t = torch.randint(0, c, (n, 1), generator=gen)
     ranks = torch.rand(n, c, generator=gen).argsort(1).argsort(1)
+    if order_rank is not None and order_share > 0:
+        use = torch.rand(n, 1, generator=gen) < order_share
+        ranks = torch.where(use, order_rank.unsqueeze(0).expand(n, c), ranks)
     return (ranks < t).to(device)
 
 
@@ -339,6 +349,8 @@ class PatientModel:
         # A fixed set of masks (4 per validation row) makes the validation loss comparable.
         vis_val = _random_visible(4 * n_val, c, gen, device) if n_val else None
         x_val4 = x_val.repeat(4, 1) if n_val else None
+        order_rank = torch.empty(c, dtype=torch.long)
+        order_rank[torch.as_tensor(self.order)] = torch.arange(c)
         bs = h["batch_size"] or int(np.clip(len(tr_idx) // 4, 32, 512))
         opt = torch.optim.AdamW(net.parameters(), lr=h["lr"], weight_decay=h["weight_decay"])
         best, best_state, best_epoch, bad = math.inf, None, 0, 0
@@ -351,7 +363,8 @@ class PatientModel:
             tot = 0.0
             for a in range(0, len(order), bs):
                 xb = x_tr[order[a:a + bs].to(device)]
-                loss = net.nll(xb, _random_visible(len(xb), c, gen, device)).mean()
+                vis = _random_visible(len(xb), c, gen, device, order_rank, h["order_share"])
+                loss = net.nll(xb, vis).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -423,14 +436,14 @@ class PatientModel:
             self._cidx, self._cidx_key = idx, key
         return self._cidx.get(j, [])
 
-    def _constraint_masks(self, j: int, tok: np.ndarray, val: np.ndarray, known: np.ndarray):
-        """Allowed tokens (rows x V_j) and value bounds for column j given what is known."""
+    def _constraint_masks(self, j: int, sel, tok: np.ndarray, val: np.ndarray, known: np.ndarray):
+        """Allowed tokens (selected rows x V_j) and value bounds for column j given what is known."""
         codec = self.codecs[j]
+        m = len(tok) if isinstance(sel, slice) else len(sel)
         v = codec.n_tokens
         allowed = None
         lower = upper = None
         lo_t, hi_t = codec.token_bounds()
-        m = len(tok)
 
         structural = None  # present_if only: kept when bounds leave no token at all
 
@@ -449,7 +462,8 @@ class PatientModel:
 
         for c, ci, oi in self._constraints_of(j):
             o = oi if ci == j else ci
-            kn = known[:, o]
+            kn = known[sel, o]
+            to = tok[sel, o]
             if c.kind == "derived":
                 continue
             if c.kind == "present_if":
@@ -457,8 +471,8 @@ class PatientModel:
                 if child:
                     if codec.na_token < 0:
                         continue
-                    on = np.isin(tok[:, o], c.present_tokens) & kn
-                    off = ~np.isin(tok[:, o], c.present_tokens) & kn
+                    on = np.isin(to, c.present_tokens) & kn
+                    off = ~np.isin(to, c.present_tokens) & kn
                     not_na = np.ones(v, bool)
                     not_na[codec.na_token] = False
                     only_na = ~not_na
@@ -466,13 +480,13 @@ class PatientModel:
                     restrict(off, only_na, True)
                 else:
                     child_codec = self.codecs[o]
-                    is_na = (tok[:, o] == child_codec.na_token) & kn
+                    is_na = (to == child_codec.na_token) & kn
                     present = np.zeros(v, bool)
                     present[c.present_tokens] = True
                     restrict(kn & ~is_na, present, True)
                     restrict(is_na, ~present, True)
                 continue
-            ov = val[:, o]
+            ov = val[sel, o]
             have = kn & ~np.isnan(ov)
             if not have.any():
                 continue
@@ -496,7 +510,7 @@ class PatientModel:
                 allowed[dead] = True
         return allowed, lower, upper
 
-    def _derived(self, j: int, t: np.ndarray, v: np.ndarray, val: np.ndarray,
+    def _derived(self, j: int, t: np.ndarray, v: np.ndarray, sel, val: np.ndarray,
                  known: np.ndarray) -> bool:
         """Apply ``derived`` constraints to column j's fresh draws (in place); True if any."""
         codec = self.codecs[j]
@@ -506,12 +520,14 @@ class PatientModel:
                 continue
             if ci == j:  # this column follows its source
                 o = oi
-                rows = known[:, o] & ~np.isnan(val[:, o]) & (t != codec.na_token)
-                new = c.scale * val[rows, o] + c.offset
+                vo = val[sel, o]
+                rows = known[sel, o] & ~np.isnan(vo) & (t != codec.na_token)
+                new = c.scale * vo[rows] + c.offset
             else:  # the derived column was given: invert
                 o = ci
-                rows = known[:, o] & ~np.isnan(val[:, o])
-                new = (val[rows, o] - c.offset) / c.scale
+                vo = val[sel, o]
+                rows = known[sel, o] & ~np.isnan(vo)
+                new = (vo[rows] - c.offset) / c.scale
             if rows.any():
                 v[rows] = new
                 t[rows] = codec.encode_float(new)
@@ -531,39 +547,43 @@ class PatientModel:
         w, bias = net.head.weight, net.head.bias
         for j in self.order:
             free = ~known[:, j]
-            if not free.any():
+            all_free = bool(free.all())
+            if not all_free and not free.any():
                 continue
             codec = self.codecs[j]
-            all_free = bool(free.all())
-            fidx = None if all_free else torch.as_tensor(np.flatnonzero(free))
+            sel = slice(None) if all_free else np.flatnonzero(free)
+            fidx = None if all_free else torch.as_tensor(sel)
             p = pre if all_free else pre[fidx]
             a, b = net.out_off[j], net.out_off[j + 1]
-            logits = F.linear(net.trunk(p), w[a:b], bias[a:b]).double()
-            allowed, lower, upper = self._constraint_masks(j, tok[free], val[free], known[free])
+            logits = F.linear(net.trunk(p), w[a:b], bias[a:b])
+            allowed = lower = upper = None
+            if self._constraints_of(j):
+                allowed, lower, upper = self._constraint_masks(j, sel, tok, val, known)
             if allowed is not None:
-                logits = logits.masked_fill(~torch.as_tensor(allowed), -math.inf)
-            probs = torch.softmax(logits, 1)
-            cdf = probs.cumsum(1)
-            fr_rows = rows[free]
-            u = torch.as_tensor(rng.uniforms(seed, fr_rows, 2 * j))
-            t = (cdf < (u * cdf[:, -1]).unsqueeze(1)).sum(1).clamp_max(codec.n_tokens - 1)
-            if allowed is not None:  # float round-off at the top of the cdf: stay allowed
                 al = torch.as_tensor(allowed)
+                logits = logits.masked_fill(~al, -math.inf)
+            cdf = torch.softmax(logits, 1).cumsum(1)
+            fr_rows = rows[sel]
+            u = torch.as_tensor(rng.uniforms(seed, fr_rows, 2 * j), dtype=cdf.dtype)
+            t = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+            t = t.clamp_max(codec.n_tokens - 1)
+            if allowed is not None:  # float round-off at the top of the cdf: stay allowed
                 bad = ~al.gather(1, t.unsqueeze(1)).squeeze(1)
                 if bad.any():
-                    t[bad] = (al[bad].double() * probs[bad]).argmax(1)
+                    t[bad] = al[bad].to(torch.int8).argmax(1)
             t_np = t.numpy().copy()
             if codec.kind != "categorical":
                 u2 = rng.uniforms(seed, fr_rows, 2 * j + 1)
                 v = codec.numeric_values(t_np, u2, lower, upper)
-                if self._derived(j, t_np, v, val[free], known[free]):
+                if self._derived(j, t_np, v, sel, val, known):
                     t = torch.as_tensor(t_np)
-                val[free, j] = v
-            tok[free, j] = t_np
-            delta = emb[net.in_off[j] + t] - emb[net.in_off[j] + net.mask_tok[j]]
+                val[sel, j] = v
+            tok[sel, j] = t_np
+            ej = emb[net.in_off_py[j]: net.in_off_py[j] + codec.n_tokens + 1]
+            delta = ej[t] - ej[codec.n_tokens]
             if all_free:
-                pre = pre + delta
+                pre += delta
             else:
-                pre = pre.index_add(0, fidx, delta)
+                pre.index_add_(0, fidx, delta)
             known[:, j] = True
         return tok, val
