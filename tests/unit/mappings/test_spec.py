@@ -7,7 +7,7 @@ import tomllib
 import pytest
 
 from mappings.errors import SpecError
-from mappings.paths import compile_path, parse_path
+from mappings.paths import compile_first, compile_path, first, parse_path
 from mappings.spec import SPEC_DIR, load_spec, parse_spec
 
 
@@ -76,3 +76,8 @@ def test_paths():
     assert parse_path("a.where(b='c.d').e") == [("a", None), ("b", "c.d"), ("e", None)]
     with pytest.raises(ValueError):
         parse_path("a b")
+    assert compile_first("code.coding.code")(obj) == "x"
+    assert compile_first("identifier")(obj) == obj["identifier"][0]
+    assert compile_first("nothing")(obj) is None
+    assert compile_first("identifier.where(system='nope').value")(obj) is None
+    assert first(["missing", "identifier.where(system='a').value"], obj) == "1"
