@@ -220,10 +220,19 @@ def child_main(config: dict, ready_fd: int) -> int:
             ready.write("error " + " ".join(f"{type(exc).__name__}: {exc}".split()) + "\n")
             return 1
         ready.write(f"ok {server.server_address[1]}\n")
+    from server.synthetic.dicom import refresh_dimse_sources
+
+    ticks = 0
     while not stop.wait(1.0):
         if os.getppid() != parent:
             log.info("synthport serve is gone: DIMSE listener stops")
             break
+        ticks += 1
+        if ticks % 10 == 0:      # cohorts created since the start get their AE title
+            try:
+                refresh_dimse_sources(server, config, sql)
+            except Exception:  # noqa: BLE001 - retried at the next tick
+                log.exception("could not refresh the cohort AE titles")
     server.shutdown()
     sql.engine.dispose()
     return 0

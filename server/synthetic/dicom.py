@@ -353,4 +353,28 @@ def dimse_sources(config, sql, real) -> dict[str, Any]:
     return sources
 
 
-__all__ = ["SyntheticDicomSource", "dimse_sources", "body_part_of"]
+def refresh_dimse_sources(server, config, sql) -> int:
+    """Add the cohorts created since the listener started to its AE title table.
+
+    The handlers share one ``DimseState`` (``server.dimse.handlers``), reached through
+    pynetdicom's public ``AssociationServer.get_handlers``; a new AE title is one more
+    dict entry, so running associations are not disturbed. Returns how many were added.
+    """
+    from pynetdicom import evt
+
+    from server.dimse.handlers import DimseState
+
+    handlers = server.get_handlers(evt.EVT_REQUESTED)
+    handlers = handlers if isinstance(handlers, list) else [handlers]
+    state = next((a for _, args in handlers for a in (args or []) if isinstance(a, DimseState)), None)
+    if state is None:
+        return 0
+    added = 0
+    for ae, src in dimse_sources(config, sql, None).items():
+        if src is not None and ae not in state.sources:
+            state.sources[ae] = src
+            added += 1
+    return added
+
+
+__all__ = ["SyntheticDicomSource", "dimse_sources", "refresh_dimse_sources", "body_part_of"]

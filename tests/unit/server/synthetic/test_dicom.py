@@ -145,6 +145,20 @@ def test_c_find_to_the_cohort_ae_title(cohort_env):
         assert sorted(got) == sorted(i["uid"] for i in sops)
         ds = next(iter(got.values()))
         assert ds.PatientID == patient["id"] and ds.StudyInstanceUID == suid
+        # a cohort created while the listener runs gets its AE title at the next refresh
+        from server.synthetic.cohort import create_cohort
+        from server.synthetic.dicom import refresh_dimse_sources
+
+        probe = AE(ae_title="TESTSCU")
+        probe.add_requested_context(FIND)
+        late = probe.associate("127.0.0.1", server.server_address[1], ae_title="LATE")
+        assert not late.is_established
+        create_cohort(cohort_env.registry, "late", "tiny", 5, 1)
+        assert refresh_dimse_sources(server, cfg, sql) == 1
+        assert refresh_dimse_sources(server, cfg, sql) == 0
+        late = probe.associate("127.0.0.1", server.server_address[1], ae_title="LATE")
+        assert late.is_established
+        late.release()
         # the real AE title does not see the cohort
         assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="SYNTHPORT")
         real = [i for st, i in assoc.send_c_find(q, FIND) if st.Status in (0xFF00, 0xFF01)]
