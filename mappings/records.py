@@ -239,13 +239,37 @@ def _iter_ehds_parts(path: Path, limit: int | None, categories: tuple[str, ...])
             yield from group_records(bundle_resources(orjson.loads(tf.extractfile(m).read())))
 
 
+def iter_tar_bundles(path: str | Path, limit: int | None = None) -> Iterator[Record]:
+    """Records of a tar archive of Bundle files (``*.json``, any layout), in archive order.
+
+    Members named like Synthea's ``0-*`` hospital/practitioner bundles are skipped.
+    """
+    n = 0
+    with tarfile.open(Path(path), mode="r|*") as tf:
+        for m in tf:
+            base = m.name.rsplit("/", 1)[-1]
+            if not m.isfile() or not base.endswith(".json") or base.startswith("0-"):
+                continue
+            for rec in records_from_bundle(orjson.loads(tf.extractfile(m).read())):
+                yield rec
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+
+
 def iter_records(path: str | Path, limit: int | None = None) -> Iterator[Record]:
-    """Records from a Bundle file, a folder of Bundle files or an EHDS ``.tar.*`` archive."""
+    """Records from a Bundle file, a folder of Bundle files, an EHDS ``.tar.*`` archive or
+    another tar archive of Bundle files."""
     p = Path(path)
     if p.is_dir():
         yield from iter_synthea_folder(p, limit)
     elif ".tar" in p.name or p.suffix in (".tgz", ".txz"):
-        yield from iter_ehds_archive(p, limit)
+        any_ehds = False
+        for rec in iter_ehds_archive(p, limit):
+            any_ehds = True
+            yield rec
+        if not any_ehds:
+            yield from iter_tar_bundles(p, limit)
     else:
         recs = records_from_bundle(_read_json(p))
         yield from (recs if limit is None else recs[:limit])

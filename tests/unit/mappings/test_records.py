@@ -1,7 +1,7 @@
 """Grouping resources into patient records and resolving references."""
 from __future__ import annotations
 
-from mappings.records import group_records, ref_id, records_from_bundle
+from mappings.records import group_records, iter_ehds_archive, ref_id, records_from_bundle
 
 from .records_fixture import patient_record
 
@@ -45,3 +45,46 @@ def test_duplicates_across_documents_kept_once():
     a = patient_record("d1", with_imaging=False)
     recs = group_records(a + [dict(a[0]), dict(a[1])])
     assert len(recs) == 1 and len(recs[0]) == len(a)
+
+
+def test_iter_records_over_files_and_archives(tmp_path):
+    import io
+    import tarfile
+
+    import orjson
+
+    from mappings.records import iter_records
+
+    def bundle(rec):
+        return orjson.dumps({"resourceType": "Bundle", "type": "collection",
+                             "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in rec]})
+
+    a, b = patient_record("t1", with_imaging=False), patient_record("t2", with_imaging=False)
+    (tmp_path / "one.json").write_bytes(bundle(a))
+    assert [r[0]["id"] for r in iter_records(tmp_path / "one.json")] == ["t1"]
+    # a plain tar of Bundles (not the EHDS layout)
+    tar = tmp_path / "x.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        for name, rec in (("d/a.json", a), ("d/b.json", b), ("d/0-hospital.json", a)):
+            data = bundle(rec)
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    assert [r[0]["id"] for r in iter_records(tar)] == ["t1", "t2"]
+    assert [r[0]["id"] for r in iter_records(tar, limit=1)] == ["t1"]
+    # EHDS layout: the summary and imaging documents of a patient are joined
+    ehds = tmp_path / "e.tar.xz"
+    summary = [r for r in a if r["resourceType"] != "ImagingStudy"]
+    imaging = [a[0], patient_record("t1")[-1]]
+    with tarfile.open(ehds, "w:xz") as tf:
+        for name, rec in (("patient-summary/T_One_t1_patient-summary.json", summary),
+                          ("medical-imaging/T_One_t1_medical-imaging.json", imaging)):
+            data = bundle(rec)
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    (rec,) = list(iter_records(ehds))
+    assert sum(r["resourceType"] == "Patient" for r in rec) == 1
+    assert any(r["resourceType"] == "ImagingStudy" for r in rec)
+    parts = list(iter_ehds_archive(ehds, complete=False))
+    assert len(parts) == 2
