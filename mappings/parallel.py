@@ -37,16 +37,17 @@ def _work(raw: bytes, codec: str | None) -> dict:
     import gc
 
     gc.disable()  # JSON trees hold no cycles (see map_records)
-    if codec == "bz2":
-        raw = bz2.decompress(raw)
-    elif codec == "gz":
-        raw = gzip.decompress(raw)
-    ex = EventExtractor(_SPEC)
-    for rec in group_records(bundle_resources(orjson.loads(raw))):
-        ex.add_record(rec)
-    state = ex.export_state()
-    gc.enable()
-    return state
+    try:
+        if codec == "bz2":
+            raw = bz2.decompress(raw)
+        elif codec == "gz":
+            raw = gzip.decompress(raw)
+        ex = EventExtractor(_SPEC)
+        for rec in group_records(bundle_resources(orjson.loads(raw))):
+            ex.add_record(rec)
+        return ex.export_state()
+    finally:
+        gc.enable()
 
 
 def _documents(path: Path, limit: int | None) -> Iterator[tuple[bytes, str | None]]:
