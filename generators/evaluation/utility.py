@@ -23,7 +23,7 @@ def _xy(df: pd.DataFrame, target: str, sdtypes: Mapping[str, str], leak_prefix: 
     feats = [c for c, t in sdtypes.items()
              if c != target and t in ("numerical", "datetime", "categorical", "boolean")
              and not (leak_prefix and c.startswith(leak_prefix))]
-    x = pd.DataFrame(index=df.index)
+    x: dict[str, pd.Series] = {}
     for c in feats:
         s = df[c]
         if sdtypes[c] in ("numerical", "datetime"):
@@ -34,6 +34,7 @@ def _xy(df: pd.DataFrame, target: str, sdtypes: Mapping[str, str], leak_prefix: 
             x[c] = v
         else:
             x[c] = s.astype(object).where(s.notna(), "_NA_").astype(str)
+    x = pd.DataFrame(x, index=df.index)
     y = df[target].astype(object).map(lambda v: str(v).strip().lower() in ("1", "1.0", "true", "yes"))
     return x, y.to_numpy(dtype=int), feats
 

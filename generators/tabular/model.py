@@ -47,7 +47,7 @@ META_FILE = "model.json"
 
 DEFAULTS: dict[str, Any] = {
     "hidden": 256,
-    "depth": 2,
+    "depth": 1,               # 1: one hidden layer (fastest sampling; best on 200-patient tables)
     "dropout": 0.1,
     "lr": 2e-3,
     "weight_decay": 1e-5,
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "rare_min_count": 5,      # string categories seen fewer times become _RARE_
     "max_bins": 24,
     "min_bin_count": 5,
-    "order_share": 0.0,       # share of training rows that see a prefix of the sampling order
+    "order_share": 0.5,       # share of training rows that see a prefix of the sampling order
     "seed": 0,                # training seed (weights init, masks, split)
     "infer_constraints": True,
 }
@@ -85,6 +85,7 @@ class _Net(nn.Module):
         self.register_buffer("mask_tok", torch.tensor(n_tokens, dtype=torch.long), persistent=False)
         self.out_off = [int(x) for x in np.r_[0, np.cumsum(n_tokens)]]
         self.in_off_py = [int(x) for x in np.r_[0, np.cumsum(sizes)[:-1]]]
+        self.in_off_py_np = np.asarray(self.in_off_py, dtype=np.int64)
         vmax = max(n_tokens)
         pad = sum(n_tokens)  # index of a constant -inf column appended to the logits
         idx = torch.full((len(n_tokens), vmax), pad, dtype=torch.long)
@@ -541,9 +542,16 @@ class PatientModel:
         known = cond_tok >= 0
         tok = np.where(known, cond_tok, 0)
         val = cond_val.copy()
-        x_in = torch.where(torch.as_tensor(known), torch.as_tensor(tok), net.mask_tok)
-        pre = net.pre(x_in)
         emb = net.emb.weight
+        # First layer = bias + sum of every column's mask vector, plus (token - mask) for the
+        # conditioned cells: no (rows x columns x hidden) gather.
+        mask_rows = emb[net.in_off + net.mask_tok]
+        pre = (net.bias + mask_rows.sum(0)).expand(m, -1).clone()
+        ri, ci = np.nonzero(known)
+        if len(ri):
+            ti = torch.as_tensor(net.in_off_py_np[ci] + tok[ri, ci])
+            pre.index_add_(0, torch.as_tensor(ri), emb[ti] - mask_rows[torch.as_tensor(ci)])
+        rkeys = rng.keys(seed, 2 * c)
         w, bias = net.head.weight, net.head.bias
         for j in self.order:
             free = ~known[:, j]
@@ -564,7 +572,7 @@ class PatientModel:
                 logits = logits.masked_fill(~al, -math.inf)
             cdf = torch.softmax(logits, 1).cumsum(1)
             fr_rows = rows[sel]
-            u = torch.as_tensor(rng.uniforms(seed, fr_rows, 2 * j), dtype=cdf.dtype)
+            u = torch.as_tensor(rng.uniforms(seed, fr_rows, 2 * j, rkeys[2 * j]), dtype=cdf.dtype)
             t = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
             t = t.clamp_max(codec.n_tokens - 1)
             if allowed is not None:  # float round-off at the top of the cdf: stay allowed
@@ -573,7 +581,7 @@ class PatientModel:
                     t[bad] = al[bad].to(torch.int8).argmax(1)
             t_np = t.numpy().copy()
             if codec.kind != "categorical":
-                u2 = rng.uniforms(seed, fr_rows, 2 * j + 1)
+                u2 = rng.uniforms(seed, fr_rows, 2 * j + 1, rkeys[2 * j + 1])
                 v = codec.numeric_values(t_np, u2, lower, upper)
                 if self._derived(j, t_np, v, sel, val, known):
                     t = torch.as_tensor(t_np)

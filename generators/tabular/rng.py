@@ -30,18 +30,28 @@ def key(seed: int, stream: int) -> np.uint64:
         return _mix(k ^ np.uint64(0xD1B54A32D192ED03))[0]
 
 
-def uniforms(seed: int, rows: np.ndarray, stream: int) -> np.ndarray:
+def keys(seed: int, n_streams: int) -> np.ndarray:
+    """``key(seed, s)`` for s = 0 .. n_streams-1 at once."""
+    with np.errstate(over="ignore"):
+        s = np.full(n_streams, int(seed) & _MASK64, dtype=np.uint64)
+        k = _mix(s + _GOLDEN * (np.arange(n_streams, dtype=np.uint64) + np.uint64(1)))
+        return _mix(k ^ np.uint64(0xD1B54A32D192ED03))
+
+
+def uniforms(seed: int, rows: np.ndarray, stream: int, k: np.uint64 | None = None) -> np.ndarray:
     """Uniforms in the open interval (0, 1), one per row index, for one stream.
 
     Args:
         seed: the cohort/sample seed.
         rows: absolute row indices (uint64-convertible).
         stream: which draw of a row (e.g. 2 * column + purpose).
+        k: ``key(seed, stream)`` when the caller has it already.
 
     Returns:
         float64 array shaped like ``rows``.
     """
-    k = key(seed, stream)
+    if k is None:
+        k = key(seed, stream)
     with np.errstate(over="ignore"):
         z = _mix(np.asarray(rows, dtype=np.uint64) * _GOLDEN + k)
         z = _mix(z ^ k)
