@@ -216,132 +216,133 @@ class Sampler:
         max_events = self.max_events
         rows_idx = np.arange(B)
         dirty = True
-        while len(live):
-            n_live = len(live)
-            # GRU step (PyTorch gate order r, z, n); the cont features enter linearly.
-            left = np.where(finite, np.minimum(np.maximum((ref - t) / 36525.0, -0.1), 1.5), 1.5)
-            gi = self.EI[tok] + self.GI[gb] + self.VI[vb] + gi_const
-            gi += t[:, None] * W_age + left[:, None] * W_left
-            if dirty:
-                # Masks that change only with the set of begun/active conditions.
-                state_ok = allowed0.copy()
-                if len(ab_tok):
-                    state_ok[:, ab_tok] &= active[:, ab_c]
-                if len(dep_tok):
-                    state_ok[:, dep_tok] &= ((~seen) @ req_T) < 0.5
-                if len(on_tok):
-                    state_ok[:, on_tok] &= ~(active[:, on_c] & no_reonset_on)
-                pending = pend_any & ~seen if has_flags else None
-                any_pending = has_flags and bool(pending.any())
-                dirty = False
-            if any_pending and has_known:
-                # Same features as training (model.pending_features), inlined for speed.
-                t_next = np.where(pending, T_known, np.inf).min(axis=1)
-                has = np.isfinite(t_next)
-                d = np.where(has, np.minimum(np.maximum((t_next - t) / 365.25, -2.0), 10.0) / 10.0, 0.0)
-                e = np.where(has & finite, (ref - t_next) / 36525.0, 0.0)
-                gi += has[:, None] * W_has + d[:, None] * W_next + e[:, None] * W_before
-            gh = Z[:, s_hh]
-            rz = 0.5 + 0.5 * np.tanh(0.5 * (gi[:, :2 * H] + gh[:, :2 * H]))  # sigmoid
-            n = np.tanh(gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:])
-            h = n + rz[:, H:] * (h - n)
-            Z = h @ self.W_cat + self.b_cat
-            u = U[:, min(step, steps - 1)]
+        # log(0) in bin 0 is replaced by a linear draw; keep numpy quiet about it.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            while len(live):
+                n_live = len(live)
+                # GRU step (PyTorch gate order r, z, n); the cont features enter linearly.
+                left = np.where(finite, np.minimum(np.maximum((ref - t) / 36525.0, -0.1), 1.5), 1.5)
+                gi = self.EI[tok] + self.GI[gb] + self.VI[vb] + gi_const
+                gi += t[:, None] * W_age + left[:, None] * W_left
+                if dirty:
+                    # Masks that change only with the set of begun/active conditions.
+                    state_ok = allowed0.copy()
+                    if len(ab_tok):
+                        state_ok[:, ab_tok] &= active[:, ab_c]
+                    if len(dep_tok):
+                        state_ok[:, dep_tok] &= ((~seen) @ req_T) < 0.5
+                    if len(on_tok):
+                        state_ok[:, on_tok] &= ~(active[:, on_c] & no_reonset_on)
+                    pending = pend_any & ~seen if has_flags else None
+                    any_pending = has_flags and bool(pending.any())
+                    dirty = False
+                if any_pending and has_known:
+                    # Same features as training (model.pending_features), inlined for speed.
+                    t_next = np.where(pending, T_known, np.inf).min(axis=1)
+                    has = np.isfinite(t_next)
+                    d = np.where(has, np.minimum(np.maximum((t_next - t) / 365.25, -2.0), 10.0) / 10.0, 0.0)
+                    e = np.where(has & finite, (ref - t_next) / 36525.0, 0.0)
+                    gi += has[:, None] * W_has + d[:, None] * W_next + e[:, None] * W_before
+                gh = Z[:, s_hh]
+                rz = 0.5 + 0.5 * np.tanh(0.5 * (gi[:, :2 * H] + gh[:, :2 * H]))  # sigmoid
+                n = np.tanh(gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:])
+                h = n + rz[:, H:] * (h - n)
+                Z = h @ self.W_cat + self.b_cat
+                u = U[:, min(step, steps - 1)]
 
-            # Next token, masked by the coherence rules.
-            if step >= max_events:
-                allowed = np.zeros((n_live, V), bool)
-            else:
-                allowed = state_ok.copy()
-                if any_pending and len(on_tok):
-                    allowed[:, on_tok] &= ~pending[:, on_c] | (t[:, None] >= T_lo[:, on_c])
-            allowed[:, EOS] = True
-            new_tok = _draw(Z[:, s_tok], allowed, u[:, 0])
-            is_eos = new_tok == EOS
-
-            # Time of that token (see encoding.gap_class): a forward gap, or a distance back
-            # from the reference; never past the bound nor a pending onset's window.
-            t_max = ref
-            if any_pending:
-                c_new = np.maximum(tok_c[new_tok], 0)
-                r_ = rows_idx[:n_live]
-                pend_new = (tok_c[new_tok] >= 0) & pending[r_, c_new]
-                if pend_new.any():
-                    t_max = np.minimum(ref, np.where(pend_new, T_dead[r_, c_new], np.inf))
-            gmax = np.maximum(t_max - t, 0.0)
-            xmax = np.where(finite, np.maximum(ref - t, 0.0), 0.0)
-            xmin = np.where(finite, np.maximum(ref - t_max, 0.0), 0.0)
-            gl = np.maximum(Z[:, s_gap] + self.gap_U[new_tok], 0.0) @ self.gap_W2 + self.gap_b2
-            fwd_ok = edges_lo <= gmax[:, None]
-            if step == 0:
-                fwd_ok &= ~finite[:, None]  # the first event is placed back from the reference
-            ok = np.concatenate([fwd_ok,
-                                 (edges_lo <= xmax[:, None]) & (edges_hi >= xmin[:, None])
-                                 & finite[:, None]], axis=1)
-            cls = _draw(gl, ok, u[:, 1])
-            is_b = cls >= n_gap
-            k = cls - n_gap * is_b
-            lo = np.where(is_b, np.maximum(edges[k], xmin), edges[k])
-            hi = np.maximum(np.minimum(edges[k + 1], np.where(is_b, xmax, gmax)), lo)
-            # Log-uniform inside a log-spaced bin; linear in the sub-minute bin and bin 0.
-            with np.errstate(divide="ignore", invalid="ignore"):
-                lo_l = np.log(lo)
-                v = np.exp(lo_l + u[:, 2] * (np.log(hi) - lo_l))
-            small = k <= 1
-            if small.any():
-                v = np.where(small, lo + u[:, 2] * (hi - lo), v)
-                # Forward bin 0 is "the same instant": exactly no gap.
-                v = np.where((k == 0) & ~is_b, 0.0, v)
-            t_new = np.where(is_b, ref - v, t + v)
-            t_new = np.where(is_eos, np.inf, np.minimum(np.maximum(t_new, t), t_max))
-
-            # A flagged condition whose window is about to pass (or the end) is inserted now.
-            forced = np.full(n_live, -1)
-            if any_pending:
-                dl = np.where(pending, T_dead, np.inf).min(axis=1)
-                trig = pending.any(axis=1) & ((t_new > dl) | is_eos)
-                for r in np.nonzero(trig)[0]:
-                    c = int(np.argmin(np.where(pending[r], T_key[r], np.inf)))
-                    forced[r] = c
-                    new_tok[r] = c_tok[c]
-                    t_new[r] = t[r] if np.isnan(T[r, c]) else max(t[r], T[r, c])
+                # Next token, masked by the coherence rules.
+                if step >= max_events:
+                    allowed = np.zeros((n_live, V), bool)
+                else:
+                    allowed = state_ok.copy()
+                    if any_pending and len(on_tok):
+                        allowed[:, on_tok] &= ~pending[:, on_c] | (t[:, None] >= T_lo[:, on_c])
+                allowed[:, EOS] = True
+                new_tok = _draw(Z[:, s_tok], allowed, u[:, 0])
                 is_eos = new_tok == EOS
 
-            # Value of the event.
-            nbv = np.where(forced >= 0, 0, nbins[new_tok])
-            if nbv.any():
-                vl = np.maximum(Z[:, s_val] + self.val_U[new_tok], 0.0) @ self.val_W2 + self.val_b2
-                vbin = np.where(nbv > 0, _draw(vl, self._val_range[None, :] <= nbv[:, None], u[:, 3]), 0)
-            else:
-                vbin = nbv
+                # Time of that token (see encoding.gap_class): a forward gap, or a distance back
+                # from the reference; never past the bound nor a pending onset's window.
+                t_max = ref
+                if any_pending:
+                    c_new = np.maximum(tok_c[new_tok], 0)
+                    r_ = rows_idx[:n_live]
+                    pend_new = (tok_c[new_tok] >= 0) & pending[r_, c_new]
+                    if pend_new.any():
+                        t_max = np.minimum(ref, np.where(pend_new, T_dead[r_, c_new], np.inf))
+                gmax = np.maximum(t_max - t, 0.0)
+                xmax = np.where(finite, np.maximum(ref - t, 0.0), 0.0)
+                xmin = np.where(finite, np.maximum(ref - t_max, 0.0), 0.0)
+                gl = np.maximum(Z[:, s_gap] + self.gap_U[new_tok], 0.0) @ self.gap_W2 + self.gap_b2
+                fwd_ok = edges_lo <= gmax[:, None]
+                if step == 0:
+                    fwd_ok &= ~finite[:, None]  # the first event is placed back from the reference
+                ok = np.concatenate([fwd_ok,
+                                     (edges_lo <= xmax[:, None]) & (edges_hi >= xmin[:, None])
+                                     & finite[:, None]], axis=1)
+                cls = _draw(gl, ok, u[:, 1])
+                is_b = cls >= n_gap
+                k = cls - n_gap * is_b
+                lo = np.where(is_b, np.maximum(edges[k], xmin), edges[k])
+                hi = np.maximum(np.minimum(edges[k + 1], np.where(is_b, xmax, gmax)), lo)
+                # Log-uniform inside a log-spaced bin; linear in the sub-minute bin and bin 0.
+                lo_l = np.log(lo)  # -inf in bin 0, replaced below
+                v = np.exp(lo_l + u[:, 2] * (np.log(hi) - lo_l))
+                small = k <= 1
+                if small.any():
+                    v = np.where(small, lo + u[:, 2] * (hi - lo), v)
+                    # Forward bin 0 is "the same instant": exactly no gap.
+                    v = np.where((k == 0) & ~is_b, 0.0, v)
+                t_new = np.where(is_b, ref - v, t + v)
+                t_new = np.where(is_eos, np.inf, np.minimum(np.maximum(t_new, t), t_max))
 
-            for r in np.nonzero(~is_eos)[0]:
-                out[live[r]].append((int(new_tok[r]), float(t_new[r]), int(vbin[r]),
-                                     float(u[r, 4]), float(u[r, 5]), int(forced[r])))
-            # State for the next step.
-            c_all = np.where(forced >= 0, forced, tok_c[new_tok])
-            r_on = np.nonzero(c_all >= 0)[0]
-            if len(r_on):
-                seen[r_on, c_all[r_on]] = True
-                active[r_on, c_all[r_on]] = True
-                dirty = True
-            r_ab = np.nonzero(abate_c[new_tok] >= 0)[0]
-            if len(r_ab):
-                active[r_ab, abate_c[new_tok[r_ab]]] = False
-                dirty = True
-            step += 1
-            if is_eos.any():
-                k = ~is_eos
-                dirty = True
-                t_new = t_new[k]
-                gb = self._input_bin(t_new, t[k], ref[k], step == 1)
-                t, tok, vb, h, Z, live, U = t_new, new_tok[k], vbin[k], h[k], Z[k], live[k], U[k]
-                seen, active, ref, finite, gi_const = seen[k], active[k], ref[k], finite[k], gi_const[k]
-                allowed0, flag, T, T_lo, T_dead, T_key, pend_any, T_known = (
-                    allowed0[k], flag[k], T[k], T_lo[k], T_dead[k], T_key[k], pend_any[k], T_known[k])
-            else:
-                gb = self._input_bin(t_new, t, ref, step == 1)
-                t, tok, vb = t_new, new_tok, vbin
+                # A flagged condition whose window is about to pass (or the end) is inserted now.
+                forced = np.full(n_live, -1)
+                if any_pending:
+                    dl = np.where(pending, T_dead, np.inf).min(axis=1)
+                    trig = pending.any(axis=1) & ((t_new > dl) | is_eos)
+                    for r in np.nonzero(trig)[0]:
+                        c = int(np.argmin(np.where(pending[r], T_key[r], np.inf)))
+                        forced[r] = c
+                        new_tok[r] = c_tok[c]
+                        t_new[r] = t[r] if np.isnan(T[r, c]) else max(t[r], T[r, c])
+                    is_eos = new_tok == EOS
+
+                # Value of the event.
+                nbv = np.where(forced >= 0, 0, nbins[new_tok])
+                if nbv.any():
+                    vl = np.maximum(Z[:, s_val] + self.val_U[new_tok], 0.0) @ self.val_W2 + self.val_b2
+                    vbin = np.where(nbv > 0, _draw(vl, self._val_range[None, :] <= nbv[:, None], u[:, 3]), 0)
+                else:
+                    vbin = nbv
+
+                for r in np.nonzero(~is_eos)[0]:
+                    out[live[r]].append((int(new_tok[r]), float(t_new[r]), int(vbin[r]),
+                                         float(u[r, 4]), float(u[r, 5]), int(forced[r])))
+                # State for the next step.
+                c_all = np.where(forced >= 0, forced, tok_c[new_tok])
+                r_on = np.nonzero(c_all >= 0)[0]
+                if len(r_on):
+                    seen[r_on, c_all[r_on]] = True
+                    active[r_on, c_all[r_on]] = True
+                    dirty = True
+                r_ab = np.nonzero(abate_c[new_tok] >= 0)[0]
+                if len(r_ab):
+                    active[r_ab, abate_c[new_tok[r_ab]]] = False
+                    dirty = True
+                step += 1
+                if is_eos.any():
+                    k = ~is_eos
+                    dirty = True
+                    t_new = t_new[k]
+                    gb = self._input_bin(t_new, t[k], ref[k], step == 1)
+                    t, tok, vb, h, Z, live, U = t_new, new_tok[k], vbin[k], h[k], Z[k], live[k], U[k]
+                    seen, active, ref, finite, gi_const = seen[k], active[k], ref[k], finite[k], gi_const[k]
+                    allowed0, flag, T, T_lo, T_dead, T_key, pend_any, T_known = (
+                        allowed0[k], flag[k], T[k], T_lo[k], T_dead[k], T_key[k], pend_any[k], T_known[k])
+                else:
+                    gb = self._input_bin(t_new, t, ref, step == 1)
+                    t, tok, vb = t_new, new_tok, vbin
         return self._frame(out, pids, ref_all)
 
     def _input_bin(self, t_new, t, ref, first):
@@ -444,5 +445,10 @@ def _draw(logits: np.ndarray, allowed: np.ndarray, u: np.ndarray) -> np.ndarray:
     p = np.exp(lg - lg.max(axis=1, keepdims=True))
     cdf = np.cumsum(p, axis=1)
     # u may be exactly 0: aim just above 0 so a masked (zero-mass) first entry is never hit.
-    k = (cdf < np.maximum(u, 1e-12)[:, None] * cdf[:, -1:]).sum(axis=1)
+    target = np.maximum(u, 1e-12) * cdf[:, -1]
+    if len(cdf) <= 4:
+        # First index with cdf >= target, row by row (the same index as the count below).
+        k = np.array([np.searchsorted(cdf[i], target[i], side="left") for i in range(len(cdf))])
+    else:
+        k = (cdf < target[:, None]).sum(axis=1)
     return np.minimum(k, logits.shape[1] - 1)
