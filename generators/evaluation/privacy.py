@@ -136,6 +136,24 @@ def distance_to_closest_record(train: pd.DataFrame, synthetic: pd.DataFrame,
     }
 
 
+def _plain(df: pd.DataFrame) -> pd.DataFrame:
+    """float64 numbers (nullable ints, bools, datetimes as days) and str categories.
+
+    anonymeter's numba distance kernels reject object arrays (pd.NA, categories).
+    """
+    out = {}
+    for c in df.columns:
+        s = df[c]
+        if pd.api.types.is_datetime64_any_dtype(s):
+            v = s.astype("datetime64[ns]").astype("int64").astype(float) / 86_400e9
+            out[c] = v.where(s.notna())
+        elif pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s):
+            out[c] = pd.to_numeric(s.astype("Float64"), errors="coerce").astype(float)
+        else:
+            out[c] = s.astype(object).where(s.notna(), "_NA_").astype(str)
+    return pd.DataFrame(out, index=df.index).reset_index(drop=True)
+
+
 def anonymeter_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.DataFrame, *,
                      n_attacks: int | None = None, aux_columns: Sequence[str] | None = None,
                      secrets: Sequence[str] | None = None, confidence: float = 0.95) -> dict:
@@ -148,7 +166,7 @@ def anonymeter_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.D
         n_attacks: attacks per evaluator (default: len(control), at most 500).
         aux_columns: what the attacker knows (default: demographic columns present:
             sex, age, birth_year, marital_status, country).
-        secrets: columns to infer (default: the condition flags ``cond_*`` not in aux).
+        secrets: columns to infer (default: the five ``cond_*`` flags nearest 50 % prevalence).
         confidence: level of the reported confidence interval.
 
     Returns:
@@ -162,12 +180,15 @@ def anonymeter_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.D
         return {"status": "not installed",
                 "reason": "pip install anonymeter (kept out of synthport's dependencies: it pins numpy)"}
     cols = [c for c in train.columns if c != "patient_id" and c in synthetic.columns]
-    ori, syn, ctl = train[cols], synthetic[cols], control[cols]
+    ori, syn, ctl = (_plain(d[cols]) for d in (train, synthetic, control))
     n = n_attacks or min(len(control), 500)
     aux = list(aux_columns or [c for c in ("sex", "age", "birth_year", "marital_status", "country")
                                 if c in cols])
-    secrets = list(secrets or [c for c in cols if c.startswith("cond_") and c not in aux
-                               and not c.endswith("_age")][:5])
+    if not secrets:  # the condition flags nearest 50 % prevalence (a 99 % flag tells nothing)
+        flags = [c for c in cols if c.startswith("cond_") and c not in aux and not c.endswith("_age")
+                 and ori[c].nunique() == 2]
+        secrets = sorted(flags, key=lambda c: abs(float((ori[c] == ori[c].max()).mean()) - 0.5))[:5]
+    secrets = list(secrets)
 
     def risk(ev) -> dict[str, Any]:
         r = ev.risk(confidence_level=confidence)
