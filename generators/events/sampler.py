@@ -18,7 +18,7 @@ import pandas as pd
 
 from .constraints import code_matches, floats, reference_days
 from .encoding import (
-    BOS, CARRIED, EOS, PAD, SLOT_CAT, SLOT_DUR, SLOT_NONE, SLOT_NUM, PatientEncoder, gap_class,
+    BOS, CARRIED, EOS, PAD, SLOT_CAT, SLOT_DUR, SLOT_NONE, SLOT_NUM, PatientEncoder,
 )
 
 N_DRAWS = 6  # token, gap bin, position in gap bin, value bin, position in value bin, tail code
@@ -206,7 +206,6 @@ class Sampler:
         edges = self.edges
         n_gap = len(edges) - 1
         edges_lo, edges_hi = edges[:n_gap], edges[1:]
-        log_edges = np.log(np.maximum(edges, 1e-300))
         ab_tok, ab_c = self.ab_tok, self.abate_c[self.ab_tok]
         dep_tok, req_T = self.dep_tok, self.req_T
         on_tok, on_c = self.on_tok, self.tok_c[self.on_tok]

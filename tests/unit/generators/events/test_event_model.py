@@ -194,3 +194,17 @@ def test_long_histories_train_in_chunks(tables):
     assert len(loss) == 2 and all(np.isfinite(loss))
     out = m.sample(sub.iloc[:3], seed=1)
     assert order_violations(out, sub.iloc[:3], m.meta["dependencies"])["total"] == 0
+
+
+def test_sampler_time_class_matches_training(fitted):
+    # The sampler feeds back the same time class that training computed for each event.
+    from generators.events.encoding import gap_class
+
+    s = fitted._get_sampler()
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 30000, 2000)
+    t_new = t + np.where(rng.random(2000) < 0.4, 0.0, rng.exponential(400, 2000))
+    ref = np.where(rng.random(2000) < 0.2, np.inf, t_new + rng.exponential(3000, 2000))
+    for first in (False, True):
+        assert np.array_equal(s._input_bin(t_new, t, ref, first),
+                              gap_class(t, t_new, ref, s.edges, first))
