@@ -91,11 +91,13 @@ def main(argv=None) -> int:
     synth = model.sample(rows, seed=args.seed)
     batch_s = time.perf_counter() - t0
     per = []
+    cpu = []
     sizes = []
     for i in range(min(args.single, len(rows))):
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         one = model.sample(rows.iloc[[i]], seed=args.seed)
         per.append(time.perf_counter() - t1)
+        cpu.append(time.process_time() - c1)
         sizes.append(len(one))
     per_ms = [p * 1e3 for p in per]
     ev_per_ms = [p / max(s, 1) for p, s in zip(per_ms, sizes)]
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
         big = [p for p, s in zip(per_ms, sizes) if s >= 200]
         print(f"sampling, one patient at a time: median {statistics.median(per_ms):.1f} ms, "
               f"max {max(per_ms):.1f} ms, median events {statistics.median(sizes):.0f}, "
-              f"{statistics.median(ev_per_ms):.3f} ms per event"
+              f"{statistics.median(ev_per_ms):.3f} ms per event (CPU "
+              f"{statistics.median([c * 1e3 / max(n, 1) for c, n in zip(cpu, sizes)]):.3f} ms per event)"
               + (f"; patients with >= 200 events: median {statistics.median(big):.1f} ms" if big else ""))
 
     ref_e = test_e if len(test_p) else train_e
