@@ -61,12 +61,12 @@ def reference_days(patients) -> np.ndarray:
     completed years, so the bound is the end of that year of life. ``inf`` when unknown.
 
     Args:
-        patients: a patient DataFrame, or a mapping column -> list of values.
+        patients: a patient DataFrame, or a mapping column -> sequence of values.
     """
-    cols = patients.columns if isinstance(patients, pd.DataFrame) else patients.keys()
-    n = len(patients)
-    get = (lambda c: as_float(patients[c])) if isinstance(patients, pd.DataFrame) \
-        else (lambda c: floats(patients[c]))
+    frame = isinstance(patients, pd.DataFrame)
+    cols = patients.columns if frame else patients.keys()
+    n = len(patients) if frame else len(next(iter(patients.values()), ()))
+    get = (lambda c: as_float(patients[c])) if frame else (lambda c: floats(patients[c]))
     if "ref_t_days" in cols:
         r = get("ref_t_days")
         return np.where(np.isnan(r), np.inf, r)

@@ -128,7 +128,8 @@ class PatientEncoder:
     def transform(self, patients) -> np.ndarray:
         """Encodes rows (a DataFrame or a mapping column -> list); missing columns count as missing."""
         if isinstance(patients, pd.DataFrame):
-            patients = patients.to_dict(orient="list")
+            arr = patients.to_numpy(dtype=object)
+            patients = {c: arr[:, j] for j, c in enumerate(patients.columns)}
         n = len(next(iter(patients.values()))) if patients else 0
         out = np.zeros((n, max(self.dim, 1)))
         j = 0

@@ -159,7 +159,10 @@ class Sampler:
         if B == 0:
             return self.empty()
         H, C, V = self.H, self.C, self.V
-        cols = rows.to_dict(orient="list")
+        # One object array for all columns: far cheaper than per-column access on a wide
+        # patient table (hundreds of columns) when sampling one patient.
+        arr = rows.to_numpy(dtype=object)
+        cols = {c: arr[:, j] for j, c in enumerate(rows.columns)}
         x = self.encoder.transform(cols)
         h = np.tanh(x @ self.h0_W + self.h0_b)
         Z = h @ self.W_cat + self.b_cat

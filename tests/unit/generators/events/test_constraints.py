@@ -87,3 +87,8 @@ def test_patient_consistency_counts_mismatches():
     c = patient_consistency(pats, bad)
     assert (c["onset_age_mismatch"], c["unexpected_onset"], c["missing_onset"]) == (1, 1, 0)
     assert patient_consistency(pats, bad.iloc[1:])["missing_onset"] == 1
+
+
+def test_reference_days_without_age_from_a_mapping():
+    cols = {"patient_id": ["a", "b", "c"], "sex": ["F", "M", "F"]}
+    assert np.isinf(reference_days(cols)).all() and len(reference_days(cols)) == 3
