@@ -305,7 +305,12 @@ class ColumnCodec:
             if self.dtype == "float" and not self.has_rare:
                 return pd.Series(vals, index=index, name=self.name, dtype=float)
             if self.dtype == "category":
-                cats = list(self.category_order or self.categories)
+                # Fixed categories (the training ones + _RARE_), so that chunks sampled
+                # separately concatenate; only values a caller conditioned on are added.
+                cats = [str(c) for c in (self.category_order or self.categories)]
+                cats = [c for c in cats if c in {str(k) for k in self.categories}] or cats
+                if self.has_rare:
+                    cats.append(RARE_LABEL)
                 extra = [v for v in pd.unique(vals[~na]) if v not in cats]
                 return pd.Series(pd.Categorical(vals, categories=cats + extra), index=index,
                                  name=self.name)

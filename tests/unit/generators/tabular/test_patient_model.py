@@ -214,3 +214,16 @@ def test_kinds_from_metadata_and_dtypes_round_trip():
 def test_cuda_without_device_is_an_error(table):
     with pytest.raises(TabularModelError):
         PatientModel().fit(table, device="cuda", epochs=1, progress=False)
+
+
+def test_category_dtype_is_fixed_and_hides_rare_values():
+    r = np.random.default_rng(2)
+    n = 120
+    vals = r.choice(["a", "b"], n).astype(object)
+    vals[:2] = "secret"  # seen twice: rare
+    df = pd.DataFrame({"g": pd.Categorical(vals, categories=["a", "b", "secret"]),
+                       "x": r.normal(size=n).round(2)})
+    m = PatientModel(hidden=16, val_share=0.0).fit(df, epochs=2, progress=False)
+    one, two = m.sample(5, seed=0), m.sample(500, seed=0)
+    assert list(one["g"].cat.categories) == list(two["g"].cat.categories) == ["a", "b", "_RARE_"]
+    assert list(m.sample(3, seed=0, conditions={"g": "secret"})["g"]) == ["secret"] * 3
