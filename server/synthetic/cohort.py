@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -124,9 +125,55 @@ def _birth_dates(df: pd.DataFrame, seed: int, anchor: dt.date) -> np.ndarray:
     return np.minimum(out, anchor_days - 1)
 
 
-def build_index(pm, size: int, seed: int, anchor: dt.date, batch: int = 32768) -> pd.DataFrame:
+_WORKER_MODEL: dict[str, object] = {}
+PARALLEL_MIN_ROWS = 20_000
+
+
+def _sample_chunk(args: tuple[str, int, int, int, int]) -> pd.DataFrame:
+    """Rows ``start .. start+n-1`` in a worker process (the model loaded once per process)."""
+    import torch
+
+    from generators.tabular import PatientModel
+
+    path, start, n, seed, batch = args
+    torch.set_num_threads(1)
+    pm = _WORKER_MODEL.get(path)
+    if pm is None:
+        pm = _WORKER_MODEL[path] = PatientModel.load(path)
+    return pm.sample(n, seed=seed, start=start, batch_size=batch)
+
+
+def sample_rows(pm, size: int, seed: int, batch: int = 32768, workers: int = 1,
+                model_path: str | Path | None = None) -> pd.DataFrame:
+    """``pm.sample(size, seed)``, split over ``workers`` processes for large cohorts.
+
+    Row i depends only on (model, seed, i) (``PatientModel.sample(start=...)``), so the
+    chunks concatenate to exactly the rows of one call.
+    """
+    if workers <= 1 or model_path is None or size < PARALLEL_MIN_ROWS:
+        return _plain(pm.sample(size, seed=seed, batch_size=batch))
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    step = -(-size // (workers * 4))
+    chunks = [(str(model_path), a, min(step, size - a), seed, batch) for a in range(0, size, step)]
+    # spawn, not fork: the caller may be a threaded gunicorn worker holding torch's pools.
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_sample_chunk, chunks))
+    return pd.concat([_plain(p) for p in parts])
+
+
+def _plain(df: pd.DataFrame) -> pd.DataFrame:
+    """Categorical columns as plain values: a sample's categories depend on the values
+    drawn, so chunks (and cohorts of other sizes) would otherwise differ in dtype only."""
+    cats = [c for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)]
+    return df.astype({c: object for c in cats}) if cats else df
+
+
+def build_index(pm, size: int, seed: int, anchor: dt.date, batch: int = 32768, *,
+                workers: int = 1, model_path: str | Path | None = None) -> pd.DataFrame:
     """The cohort's patient rows and the search columns (``_gender``, ``_birth``...)."""
-    df = pm.sample(size, seed=seed, batch_size=batch)
+    df = sample_rows(pm, size, seed, batch, workers, model_path)
     idx = np.arange(size)
     sex = df["sex"].astype("object") if "sex" in df.columns else pd.Series([None] * size)
     gender = sex.where(sex.isin(["male", "female", "other", "unknown"]), None)
@@ -136,13 +183,13 @@ def build_index(pm, size: int, seed: int, anchor: dt.date, batch: int = 32768) -
     given = np.where(female, np.array(GIVEN_F, dtype=object)[giv.astype(np.int64)],
                      np.array(GIVEN_M, dtype=object)[giv.astype(np.int64)])
     birth = _birth_dates(df, seed, anchor)
-    out = df.reset_index(drop=True)
-    out["_gender"] = gender.to_numpy()
-    out["_birth"] = birth.astype(np.int32)
-    out["_family"] = np.array(FAMILY, dtype=object)[fam.astype(np.int64)]
-    out["_given"] = given
-    img_cols = [c for c in out.columns if c.startswith("img_")]
-    out["_n_img"] = out[img_cols].fillna(0).sum(axis=1).astype(np.int32) if img_cols else 0
+    img_cols = [c for c in df.columns if c.startswith("img_")]
+    n_img = df[img_cols].fillna(0).sum(axis=1).to_numpy().astype(np.int32) if img_cols \
+        else np.zeros(size, np.int32)
+    extra = pd.DataFrame({"_gender": gender.to_numpy(), "_birth": birth.astype(np.int32),
+                          "_family": np.array(FAMILY, dtype=object)[fam.astype(np.int64)],
+                          "_given": given, "_n_img": n_img})
+    out = pd.concat([df.reset_index(drop=True), extra], axis=1)
     return out
 
 
@@ -173,7 +220,8 @@ def create_cohort(registry: Registry, name: str, model: str, size: int, seed: in
     try:
         t0 = time.perf_counter()
         pm = PatientModel.load(Path(m.path) / "patients")
-        index = build_index(pm, size, seed, dt.date.fromisoformat(info.settings["anchor"]))
+        index = build_index(pm, size, seed, dt.date.fromisoformat(info.settings["anchor"]),
+                            workers=min(8, os.cpu_count() or 1), model_path=Path(m.path) / "patients")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         index.to_parquet(tmp / INDEX_FILE, index=False)

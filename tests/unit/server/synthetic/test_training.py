@@ -97,6 +97,17 @@ def test_index_is_a_pure_function_of_model_and_seed(tiny_model_dir):
     pd.testing.assert_frame_equal(a, b.iloc[:50].reset_index(drop=True))
     c = build_index(pm, 50, 4, dt.date(2025, 1, 1))
     assert not a.drop(columns=["_n_img"]).equals(c.drop(columns=["_n_img"]))
+    # split over processes (as cohort creation does for large cohorts): the same rows
+    from server.synthetic import cohort as cohort_mod
+
+    old = cohort_mod.PARALLEL_MIN_ROWS
+    cohort_mod.PARALLEL_MIN_ROWS = 10
+    try:
+        d = build_index(pm, 80, 3, dt.date(2025, 1, 1), workers=2,
+                        model_path=tiny_model_dir / "patients")
+    finally:
+        cohort_mod.PARALLEL_MIN_ROWS = old
+    pd.testing.assert_frame_equal(b, d)
     t = time.perf_counter()
     build_index(pm, 20_000, 3, dt.date(2025, 1, 1))
     assert time.perf_counter() - t < 60
