@@ -36,6 +36,9 @@ def make_admin_blueprint() -> Blueprint:
         missing = [k for k in ("name", "model", "size") if k not in body]
         if missing:
             raise InvalidRequest(f"missing {', '.join(missing)}")
+        mv = body.get("model_version")
+        if mv is not None and (not isinstance(mv, int) or isinstance(mv, bool)):
+            raise InvalidRequest("model_version must be an integer")
         info = create_cohort(registry(), body["name"], str(body["model"]), body["size"],
                              body.get("seed", 0), body.get("model_version"))
         out = info.to_json()

@@ -128,6 +128,8 @@ def test_admin_api(cohort_env):
     assert c.post("/admin/cohorts", json={"name": "x", "model": "nope", "size": 2}).status_code == 404
     assert c.post("/admin/cohorts", data=b"{", content_type="application/json").status_code == 400
     assert c.post("/admin/cohorts", json={"name": "y", "model": "tiny", "size": "2"}).status_code == 400
+    assert c.post("/admin/cohorts", json={"name": "y", "model": "tiny", "size": 2,
+                                          "model_version": "1"}).status_code == 400
     models = c.get("/admin/models").get_json()
     assert models[0]["name"] == "tiny"
 
