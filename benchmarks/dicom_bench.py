@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shutil
 import os
 import statistics
 import subprocess
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import requests  # noqa: E402
 
 from tests.e2e.dimse_tools import dcmtk  # noqa: E402
+from tests.e2e.orthanc import OrthancMissing, dicomweb_plugin, run_orthanc  # noqa: E402
 from tests.e2e.server import free_port, run_server  # noqa: E402
 
 
@@ -82,40 +81,17 @@ def timed(fn, count: int) -> list[float]:
 @contextlib.contextmanager
 def orthanc_server(folder: Path, sync: bool = True):
     """Orthanc with the DICOMweb plugin on free ports: (dicomweb base, DICOM port, AE)."""
-    exe = shutil.which("Orthanc")
-    plugin = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-                               "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so") if Path(p).exists()), None)
-    if not exe or not plugin:
-        raise SystemExit("Orthanc or its DICOMweb plugin is missing: apt-get install orthanc orthanc-dicomweb")
-    folder.mkdir(parents=True)
-    http, dicom = free_port(), free_port()
-    config = {"Name": "bench", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-              "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "Plugins": [plugin], "TcpNoDelay": True,
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
-                           "SeriesMetadata": "Full"},
-              "StorageCompression": False, "ConcurrentJobs": 2,
-              # Orthanc fsyncs every stored file by default; synthport does not (SQLite
-              # WAL with synchronous=NORMAL, files moved into place without fsync).
-              "SyncStorageArea": sync}
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "wb")
-    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=folder)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{http}/system", timeout=2).ok:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("Orthanc did not start:\n" + (folder / "orthanc.log").read_text()[-3000:])
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{http}/dicom-web", dicom, "ORTHANC"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        plugin = dicomweb_plugin()
+        # Orthanc fsyncs every stored file by default; synthport does not (SQLite WAL
+        # with synchronous=NORMAL, files moved into place without fsync).
+        with run_orthanc(folder, Plugins=[plugin], TcpNoDelay=True, StorageCompression=False,
+                         ConcurrentJobs=2, SyncStorageArea=sync,
+                         DicomWeb={"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
+                                   "SeriesMetadata": "Full"}) as (base, dicom):
+            yield f"{base}/dicom-web", dicom, "ORTHANC"
+    except OrthancMissing as exc:
+        raise SystemExit(str(exc)) from None
 
 
 @contextlib.contextmanager

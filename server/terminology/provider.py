@@ -90,7 +90,20 @@ class _Sql:
         return out
 
 
-class _SqlConcepts(Mapping):
+class _ByGet(Mapping):
+    """Mapping access through ``get`` (which loads and caches concepts on demand)."""
+
+    def __getitem__(self, code):
+        c = self.get(code)
+        if c is None:
+            raise KeyError(code)
+        return c
+
+    def __contains__(self, code) -> bool:
+        return self.get(code) is not None
+
+
+class _SqlConcepts(_ByGet):
     """The concepts of one imported code system, read from ``term_concept`` on demand."""
 
     def __init__(self, sql: _Sql, cs_pk: int, count: int):
@@ -121,14 +134,6 @@ class _SqlConcepts(Mapping):
                 self._cache.popitem(last=False)
         return default if concept is None else concept
 
-    def __getitem__(self, code):
-        c = self.get(code)
-        if c is None:
-            raise KeyError(code)
-        return c
-
-    def __contains__(self, code) -> bool:
-        return self.get(code) is not None
 
     def prefetch(self, codes) -> dict[str, int]:
         """Read many concepts in a few queries (into the cache); returns code -> seq of
@@ -272,7 +277,7 @@ class SqlCodeSystemData(CodeSystemData):
                                  self._applied + (supplement,), self._rows, **meta)
 
 
-class _Supplemented(Mapping):
+class _Supplemented(_ByGet):
     """Concepts of a lazily read system with supplements merged in as they are read."""
 
     def __init__(self, owner: SqlCodeSystemData, base: _SqlConcepts,
@@ -298,14 +303,6 @@ class _Supplemented(Mapping):
         hit = self._cache[code]
         return default if hit is None else hit
 
-    def __getitem__(self, code):
-        c = self.get(code)
-        if c is None:
-            raise KeyError(code)
-        return c
-
-    def __contains__(self, code) -> bool:
-        return self.get(code) is not None
 
     def _extra(self) -> list[str]:
         if self.owner.content == "complete":

@@ -66,6 +66,26 @@ def coding_parts(coding: dict, name: str = "coding") -> tuple[str | None, str | 
     return coding.get("system"), coding.get("version"), coding.get("code"), coding.get("display")
 
 
+def candidate_codings(first: tuple | None, coding: dict | None, codeable_concept: dict | None,
+                      operation: str) -> list[tuple[str | None, str | None, str | None, str | None]]:
+    """The (system, version, code, display) tuples a ``$validate-code`` checks: the plain
+    code (``first``, already a tuple), the Coding, then each Coding of the CodeableConcept.
+
+    Raises:
+        InvalidRequest: none given, or a malformed Coding/CodeableConcept.
+    """
+    candidates = [first] if first is not None else []
+    if coding is not None:
+        candidates.append(coding_parts(coding))
+    if codeable_concept is not None:
+        if not isinstance(codeable_concept, dict):
+            raise InvalidRequest("codeableConcept must be a CodeableConcept")
+        candidates.extend(coding_parts(c) for c in codeable_concept.get("coding") or ())
+    if not candidates:
+        raise InvalidRequest(f"{operation} needs code, coding or codeableConcept")
+    return candidates
+
+
 def norm_display(text: str | None) -> str:
     """Display comparison key: whitespace collapsed, case folded."""
     return " ".join((text or "").split()).casefold()

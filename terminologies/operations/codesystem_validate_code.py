@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import InvalidRequest
 from ..provider import TerminologyProvider
-from ._common import code_system, coding_parts, display_matches
+from ._common import candidate_codings, code_system, display_matches
 from .parameters import to_parameters
 
 
@@ -20,17 +20,8 @@ def validate_code(provider: TerminologyProvider, url: str | None = None, code: s
         InvalidRequest: no code/coding/codeableConcept, or a coding of another system.
         UnknownSystem: the system is unknown.
     """
-    candidates: list[tuple[str | None, str | None, str | None, str | None]] = []
-    if code is not None:
-        candidates.append((url, version, code, display))
-    if coding is not None:
-        candidates.append(coding_parts(coding))
-    if codeable_concept is not None:
-        if not isinstance(codeable_concept, dict):
-            raise InvalidRequest("codeableConcept must be a CodeableConcept")
-        candidates.extend(coding_parts(c) for c in codeable_concept.get("coding") or ())
-    if not candidates:
-        raise InvalidRequest("$validate-code needs code, coding or codeableConcept")
+    candidates = candidate_codings((url, version, code, display) if code is not None else None,
+                                   coding, codeable_concept, "$validate-code")
     if code is None and coding is not None and url is None:
         url = coding.get("system")
     if url is None:

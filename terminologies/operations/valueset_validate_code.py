@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import InvalidRequest
 from ..provider import TerminologyProvider
-from ._common import code_system_or_none, coding_parts, display_matches, norm_display
+from ._common import candidate_codings, code_system_or_none, display_matches, norm_display
 from ._compose import Expander, resolve_value_set
 from .parameters import to_parameters
 
@@ -30,19 +30,10 @@ def validate_code(provider: TerminologyProvider, valueset: dict | None = None, u
         valueset = resolve_value_set(provider, url, value_set_version)
     elif not isinstance(valueset, dict) or valueset.get("resourceType") != "ValueSet":
         raise InvalidRequest("expected a ValueSet resource")
-    candidates = []
-    if code is not None:
-        if not system:
-            raise InvalidRequest("ValueSet/$validate-code with a code needs its system")
-        candidates.append((system, system_version, code, display))
-    if coding is not None:
-        candidates.append(coding_parts(coding))
-    if codeable_concept is not None:
-        if not isinstance(codeable_concept, dict):
-            raise InvalidRequest("codeableConcept must be a CodeableConcept")
-        candidates.extend(coding_parts(c) for c in codeable_concept.get("coding") or ())
-    if not candidates:
-        raise InvalidRequest("ValueSet/$validate-code needs code+system, coding or codeableConcept")
+    if code is not None and not system:
+        raise InvalidRequest("ValueSet/$validate-code with a code needs its system")
+    candidates = candidate_codings((system, system_version, code, display) if code is not None else None,
+                                   coding, codeable_concept, "ValueSet/$validate-code")
     ex = Expander(provider)
     top = valueset.get("url")
     vs_name = top or "(inline)"

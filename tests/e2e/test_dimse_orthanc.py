@@ -8,10 +8,7 @@ instances to Orthanc) and C-STOREs an instance to synthport. Skips without Ortha
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ import requests
 
 from tests.e2e.server import free_port, run_server
 from tests.e2e.dimse_tools import dcmtk, samples
+from tests.e2e.orthanc import OrthancMissing, run_orthanc
 
 pytestmark = pytest.mark.e2e
 
@@ -26,42 +24,12 @@ pytestmark = pytest.mark.e2e
 @contextlib.contextmanager
 def orthanc(folder: Path, synthport_port: int):
     """Orthanc on free ports (HTTP, DICOM), AE title ORTHANC, synthport as a modality."""
-    exe = shutil.which("Orthanc")
-    if not exe:
-        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    folder.mkdir()
-    http, dicom = free_port(), free_port()
-    config = {
-        "Name": "synthport-test", "StorageDirectory": str(folder / "db"),
-        "IndexDirectory": str(folder / "db"), "HttpPort": http, "DicomPort": dicom,
-        "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "HttpServerEnabled": True, "DicomServerEnabled": True, "Plugins": [],
-        "DicomModalities": {"synthport": ["SYNTHPORT", "127.0.0.1", synthport_port]},
-        "DicomScuTimeout": 30, "ConcurrentJobs": 1,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "wb")
-    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=folder)
-    base = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{base}/system", timeout=2).ok:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("Orthanc did not start:\n" + (folder / "orthanc.log").read_text()[-4000:])
-            time.sleep(0.2)
-        yield base, dicom
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        with run_orthanc(folder, DicomModalities={"synthport": ["SYNTHPORT", "127.0.0.1", synthport_port]},
+                         DicomScuTimeout=30, ConcurrentJobs=1) as running:
+            yield running
+    except OrthancMissing as exc:
+        pytest.skip(str(exc))
 
 
 def test_orthanc_echo_find_move_and_store(tmp_path, db_url):
