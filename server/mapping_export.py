@@ -20,7 +20,6 @@ from server.source import RequestContext, Source
 log = logging.getLogger(__name__)
 
 PAGE = 200           # patients per search page
-EVERYTHING_PAGE = 1000
 
 
 @dataclass
@@ -57,10 +56,14 @@ def iter_patients(source: Source, ctx: RequestContext, limit: int | None = None,
 
 
 def patient_record(source: Source, ctx: RequestContext, patient_id: str,
-                   page_size: int = EVERYTHING_PAGE) -> list[dict]:
-    """``Patient/<id>/$everything``, all pages, as one record (Patient first)."""
+                   page_size: int | None = None) -> list[dict]:
+    """``Patient/<id>/$everything``, all pages, as one record (Patient first).
+
+    Without ``page_size`` the source answers in one page (the real store has no cap,
+    ADR 0004): paging on a snapshot costs about three times as much per resource.
+    """
     out: list[dict] = []
-    params: list[tuple[str, str]] | None = [("_count", str(page_size))]
+    params: list[tuple[str, str]] | None = [("_count", str(page_size))] if page_size else []
     while params is not None:
         res = source.everything(ctx, patient_id, params)
         out.extend(_bodies(res))
