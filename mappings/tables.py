@@ -205,6 +205,21 @@ def build_patient_table(demo: pd.DataFrame, events: pd.DataFrame, spec: MappingS
         return (df.dropna(subset=[key]).drop_duplicates(key).set_index(key)["system"]
                 .astype("object").to_dict()) if not df.empty else {}
 
+    def add_count_columns(df, domain, prefix, k, m, *, description=None, other_description=None):
+        """One count column per vocabulary code of ``df`` (patient_id, code, system) and
+        one ``<prefix>_other`` for the codes outside it."""
+        codes = [c for c, _ in select_vocabulary(df, "code", k, m)]
+        systems = code_system_of(df, "code")
+        tab, other = _count_matrix(df, "code", codes, index)
+        extra = {"description": description} if description else {}
+        for c in codes:
+            b.add(f"{prefix}_{column_key(c)}", tab[c], kind="numerical", integer=True,
+                  domain=domain, system=systems.get(c), code=c, display=disp(systems.get(c), c),
+                  stat="count", **extra)
+        extra = {"description": other_description} if other_description else {}
+        b.add(f"{prefix}_other", other, kind="numerical", integer=True, domain=domain, other=True,
+              **extra)
+
     for domain in spec.patient_table.domains:
         prefix = DOMAIN_PREFIX[domain]
         k, m = voc.settings(domain)
@@ -235,29 +250,13 @@ def build_patient_table(demo: pd.DataFrame, events: pd.DataFrame, spec: MappingS
             if domain == "medication":
                 atc = df["system"] == spec.medication.atc_system
                 df.loc[atc, "code"] = df.loc[atc, "code"].str[:spec.medication.atc_level_chars]
-            sel = select_vocabulary(df, "code", k, m)
-            codes = [c for c, _ in sel]
-            systems = code_system_of(df, "code")
-            tab, other = _count_matrix(df, "code", codes, index)
-            for c in codes:
-                b.add(f"{prefix}_{column_key(c)}", tab[c], kind="numerical", integer=True,
-                      domain=domain, system=systems.get(c), code=c,
-                      display=disp(systems.get(c), c), stat="count")
-            b.add(f"{prefix}_other", other, kind="numerical", integer=True, domain=domain, other=True,
-                  description=f"number of {kind} events outside the vocabulary")
+            add_count_columns(df, domain, prefix, k, m, other_description=(
+                f"number of {kind} events outside the vocabulary"))
         elif domain == "encounter":
             df = ev.loc[ev["kind"] == "encounter", ["patient_id", "value_code", "value_system"]].astype("object")
             df = df.rename(columns={"value_code": "code", "value_system": "system"})
             df["code"] = df["code"].fillna("unknown")
-            sel = select_vocabulary(df, "code", k, m)
-            codes = [c for c, _ in sel]
-            systems = code_system_of(df, "code")
-            tab, other = _count_matrix(df, "code", codes, index)
-            for c in codes:
-                b.add(f"{prefix}_{column_key(c)}", tab[c], kind="numerical", integer=True,
-                      domain=domain, system=systems.get(c), code=c, display=disp(systems.get(c), c),
-                      stat="count", description="encounters of this class")
-            b.add(f"{prefix}_other", other, kind="numerical", integer=True, domain=domain, other=True)
+            add_count_columns(df, domain, prefix, k, m, description="encounters of this class")
         elif domain == "imaging":
             df = ev.loc[ev["kind"] == "imaging_study",
                         ["patient_id", "modality", "body_site", "event_id", "parent_id"]].astype("object")

@@ -65,7 +65,8 @@ def to_sdmetrics_metadata(sdtypes: Mapping[str, str]) -> dict:
 
 
 # ----------------------------------------------------------------------- single columns
-def _numeric(s: pd.Series) -> np.ndarray:
+def numeric_array(s: pd.Series) -> np.ndarray:
+    """A column as floats (datetimes as nanoseconds, anything unparsable as NaN)."""
     if pd.api.types.is_datetime64_any_dtype(s):
         out = s.astype("datetime64[ns]").astype("int64").to_numpy().astype(float)
         out[s.isna().to_numpy()] = np.nan
@@ -75,8 +76,8 @@ def _numeric(s: pd.Series) -> np.ndarray:
 
 def ks_complement(real: pd.Series, synthetic: pd.Series) -> float:
     """1 - Kolmogorov-Smirnov D statistic of two samples (NaN dropped)."""
-    a = np.round(_numeric(pd.Series(real)), _MAX_DECIMALS)
-    b = np.round(_numeric(pd.Series(synthetic)), _MAX_DECIMALS)
+    a = np.round(numeric_array(pd.Series(real)), _MAX_DECIMALS)
+    b = np.round(numeric_array(pd.Series(synthetic)), _MAX_DECIMALS)
     a, b = np.sort(a[~np.isnan(a)]), np.sort(b[~np.isnan(b)])
     if not len(a) or not len(b):
         return math.nan
@@ -123,7 +124,7 @@ def _codes(values: list, lut: dict) -> np.ndarray:
 def _discrete_codes(col: pd.Series, sdtype: str, lut: dict) -> np.ndarray:
     """Categorical codes (shared lookup between real and synthetic); NaN is a code."""
     if sdtype in _CONTINUOUS:
-        x = _numeric(col)
+        x = numeric_array(col)
         ok = x[~np.isnan(x)]
         if not len(ok):
             raise ValueError("no values to bin")
@@ -207,8 +208,8 @@ def quality_report(real: pd.DataFrame, synthetic: pd.DataFrame, metadata: Mappin
         r = r.iloc[np.sort(rs.choice(len(r), max_rows, replace=False))]
     if len(s) > max_rows:
         s = s.iloc[np.sort(rs.choice(len(s), max_rows, replace=False))]
-    num_r = {c: _numeric(r[c]) for c in cols if sdtypes[c] in _CONTINUOUS}
-    num_s = {c: _numeric(s[c]) for c in cols if sdtypes[c] in _CONTINUOUS}
+    num_r = {c: numeric_array(r[c]) for c in cols if sdtypes[c] in _CONTINUOUS}
+    num_s = {c: numeric_array(s[c]) for c in cols if sdtypes[c] in _CONTINUOUS}
     disc_r: dict[str, np.ndarray | None] = {}
     disc_s: dict[str, np.ndarray | None] = {}
     for c in cols:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from generators.evaluation.fidelity import sdtypes_from_metadata
+from generators.evaluation.fidelity import numeric_array, sdtypes_from_metadata
 
 
 def _canonical(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -67,13 +67,7 @@ class _Encoder:
                     lambda v: None if v is None else str(v))
                 self.cat.append((c, {v: i for i, v in enumerate(pd.unique(vals))}))
 
-    @staticmethod
-    def _float(s: pd.Series) -> np.ndarray:
-        if pd.api.types.is_datetime64_any_dtype(s):
-            out = s.astype("datetime64[ns]").astype("int64").to_numpy().astype(float)
-            out[s.isna().to_numpy()] = np.nan
-            return out
-        return pd.to_numeric(s, errors="coerce").astype(float).to_numpy()
+    _float = staticmethod(numeric_array)
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         parts = []
