@@ -79,6 +79,28 @@ SETTINGS: tuple[Setting, ...] = (
             "TimezoneOffsetFromUTC when writing FHIR dateTimes (e.g. +01:00)."),
     Setting("dicomweb_cors_origins", "*", "Origins allowed to call DICOMweb from a browser "
             "(comma-separated, * = any, empty = no CORS headers)."),
+    # --- access control, audit, consent, de-identification (docs/security.md) -----------
+    Setting("auth", "required", "Access to the real source: required (SMART on FHIR v2 bearer "
+            "tokens) or off (development mode: everyone may do everything; loud warning)."),
+    Setting("synthetic_auth", "off", "Access to synthetic cohorts: off (open) or required."),
+    Setting("auth_key_file", "", "The server's signing key (JWK, private) for access tokens and "
+            "signed audit tree heads; empty means <data_dir>/keys/server-es384.jwk, created on "
+            "first use. Every worker and host must share it."),
+    Setting("auth_token_lifetime", 300, "Seconds an access token stays valid.", int),
+    Setting("auth_assertion_max_lifetime", 300, "Longest client assertion accepted "
+            "(exp - now, seconds; SMART Backend Services says at most 5 minutes).", int),
+    Setting("auth_jwks_cache_seconds", 300, "Seconds a client's JWKS URL response is cached.", int),
+    Setting("audit", True, "Record every interaction with the real source in the audit log "
+            "(IHE BALP AuditEvents in an RFC 9162 Merkle tree).", _bool),
+    Setting("audit_synthetic", True, "Also audit interactions with synthetic cohorts.", _bool),
+    Setting("consent_default", "opt-out", "Research use without a Consent: opt-out (patients "
+            "take part unless an active research Consent denies) or opt-in (only patients "
+            "with an active research Consent that permits)."),
+    Setting("pseudonym_key_file", "", "Key for reversible pseudonyms (AES-SIV, 64 bytes, "
+            "base64). Keep it outside the database and the data directory; only the data "
+            "controller needs it to re-identify."),
+    Setting("deid_config", "", "FHIR de-identification configuration (JSON, Microsoft FHIR "
+            "Anonymizer format); empty means the shipped Safe Harbor + EHDS default."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -23,6 +23,11 @@ import pytest
 
 from tests.e2e.server import free_port  # noqa: F401  (re-exported for tests)
 
+# The suites of the interfaces run in development mode (no tokens); the security
+# suites (tests/unit/server/auth, audit, e2e/test_security*) ask for
+# ``create_app({"auth": "required"})`` or ``SYNTHPORT_AUTH=required`` explicitly.
+os.environ.setdefault("SYNTHPORT_AUTH", "off")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

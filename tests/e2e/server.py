@@ -115,6 +115,8 @@ def run_server(
     env["SYNTHPORT_DIMSE_PORT"] = str(free_port())
     if db_url:
         env["SYNTHPORT_DATABASE_URL"] = db_url
+    # Development mode unless a test asks for access control (docs/security.md).
+    env["SYNTHPORT_AUTH"] = "off"
     env.update(extra_env or {})
 
     cmd = synthport_command() + [
