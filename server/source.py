@@ -20,6 +20,14 @@ class RequestContext:
         patient: patient id the caller is bound to (patient compartment), if any.
         handling: ``lenient`` or ``strict`` for unknown search parameters.
         prefer_return: ``minimal`` / ``representation`` / ``OperationOutcome``.
+        claims: the verified access token (:class:`server.auth.tokens.TokenClaims`), or
+            None when the request carried none.
+        purpose: purpose of use of the caller (``research`` excludes patients whose
+            Consent denies research use).
+        deidentified: the caller may only receive de-identified data.
+        channel: ``fhir``, ``dicomweb``, ``dimse`` or ``cli`` (audit and errors).
+        remote: the peer's network address (audit).
+        query: the request as the client sent it (method, path and query; audit).
     """
 
     base_url: str = ""
@@ -29,6 +37,12 @@ class RequestContext:
     handling: str = "lenient"
     prefer_return: str = "representation"
     request_id: str = ""
+    claims: Any = None
+    purpose: str = ""
+    deidentified: bool = False
+    channel: str = "fhir"
+    remote: str = ""
+    query: str = ""
 
 
 @dataclass

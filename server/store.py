@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import parse_qsl
@@ -30,6 +31,9 @@ from server.fhir.validation import check_type, valid_id, validate
 from server.source import RequestContext, SearchResult, StoredResource, WriteResult
 
 R = S.resource
+# Called inside the transaction of every write, with the connection and what was written:
+# the audit entry of a write commits or rolls back with it (server/access.py).
+WRITE_HOOK: ContextVar = ContextVar("synthport_write_hook", default=None)
 _LOAD_COLS = (R.c.pk, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted,
               R.c.body, R.c.method)
 
@@ -233,6 +237,9 @@ class SqlStore:
                     index_rows.setdefault(kind, []).extend(key + t for t in tuples)
         for kind, bucket in index_rows.items():
             conn.exec_driver_sql(self._index_sql(kind), bucket)
+        hook = WRITE_HOOK.get()
+        if hook is not None:
+            hook(conn, stored)
         return stored
 
     @functools.cache
