@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 PERMISSIONS = "cruds"
 CONTEXTS = ("patient", "user", "system")
@@ -23,6 +23,7 @@ CONTEXTS = ("patient", "user", "system")
 NON_RESOURCE = {"openid", "fhirUser", "profile", "launch", "launch/patient", "launch/encounter",
                 "offline_access", "online_access"}
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
+_SAFE = ":/|,"
 _SCOPE = re.compile(r"^(patient|user|system)/([A-Za-z]+|\*)\.([a-z*]+)(?:\?(.*))?$")
 
 
@@ -47,7 +48,9 @@ class Scope:
     params: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
-        q = "&".join(f"{k}={v}" for k, v in self.params)
+        # Re-encode so that the canonical text parses back to the same filter ('&', '='
+        # or '%' inside a value); '|' ':' '/' ',' stay readable (token search syntax).
+        q = "&".join(f"{quote(k, safe='')}={quote(v, safe=_SAFE)}" for k, v in self.params)
         return f"{self.context}/{self.res_type}.{self.perms}" + (f"?{q}" if q else "")
 
     def covers_type(self, res_type: str) -> bool:
@@ -90,8 +93,21 @@ def parse_scope(text: str) -> Scope | None:
     if not m:
         raise ScopeError(f"'{text}' is not a SMART scope (context/Type.permissions)")
     context, res_type, perms, query = m.groups()
-    params = tuple(sorted(parse_qsl(query, keep_blank_values=False))) if query else ()
-    return Scope(context, res_type, _perms(perms), params)
+    return Scope(context, res_type, _perms(perms), _params(text, query))
+
+
+def _params(text: str, query: str | None) -> tuple[tuple[str, str], ...]:
+    """The granular filter of a scope. A filter that does not parse, or a parameter
+    without a value, is refused: dropping it would grant more than was asked."""
+    if query is None:
+        return ()
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ScopeError(f"'{text}': the filter after '?' is not name=value[&name=value]") from None
+    if not pairs or any(not k or not v for k, v in pairs):
+        raise ScopeError(f"'{text}': every filter parameter needs a name and a value")
+    return tuple(sorted(set(pairs)))
 
 
 def parse_scopes(text: str | list[str] | tuple[str, ...]) -> list[Scope]:
@@ -103,35 +119,38 @@ def parse_scopes(text: str | list[str] | tuple[str, ...]) -> list[Scope]:
 def grant(requested: str, allowed: str) -> str:
     """The scopes of ``requested`` that ``allowed`` covers, canonical and space-joined.
 
-    Non-resource scopes (``openid``...) are kept as asked. A requested scope broader than
-    what is allowed is not granted (SMART lets a server grant fewer scopes than asked).
+    A requested scope broader than what is allowed is narrowed to its intersection with
+    each allowed scope (SMART lets a server grant fewer scopes than asked): context and
+    type the narrower of the two, the permissions both have, and both filters (a resource
+    must match every parameter of either). Non-resource scopes (``openid``...) are
+    granted only when ``allowed`` lists them too. v1 scopes come out in v2 form.
 
     Raises:
         ScopeError: when a requested scope is malformed.
     """
+    allowed_items = set(allowed.split())
     allowed_scopes = parse_scopes(allowed)
     out: list[str] = []
     for item in requested.split():
         s = parse_scope(item)
         if s is None:
-            if item in NON_RESOURCE:
+            if item in allowed_items:
                 out.append(item)
             continue
         if any(a.covers(s) for a in allowed_scopes):
             out.append(str(s))
-        else:
-            # Grant the part of a wildcard or multi-permission request that is allowed.
-            for a in allowed_scopes:
-                if a.context != s.context and a.context != "system":
-                    continue
-                if not (a.res_type == "*" or s.res_type in ("*", a.res_type)):
-                    continue
-                perms = "".join(c for c in s.perms if c in a.perms)
-                if perms and set(a.params) <= set(s.params):
-                    t = a.res_type if s.res_type == "*" else s.res_type
-                    out.append(str(Scope(s.context, t, perms, s.params)))
-    seen: dict[str, None] = dict.fromkeys(out)
-    return " ".join(seen)
+            continue
+        for a in allowed_scopes:
+            if a.context != s.context and a.context != "system":
+                continue
+            if not (a.res_type == "*" or s.res_type in ("*", a.res_type)):
+                continue
+            perms = "".join(c for c in s.perms if c in a.perms)
+            if perms:
+                t = a.res_type if s.res_type == "*" else s.res_type
+                params = tuple(sorted(set(a.params) | set(s.params)))
+                out.append(str(Scope(s.context, t, perms, params)))
+    return " ".join(dict.fromkeys(out))
 
 
 class ScopeSet:
