@@ -219,8 +219,8 @@ class GuardedSource:
         # config, engine, terminology ... : what bundle processing and tools read.
         return getattr(self.inner, name)
 
-    def capabilities(self) -> dict:
-        return self.inner.capabilities()
+    def capabilities(self, *args) -> dict:
+        return self.inner.capabilities(*args)
 
     # -------------------------------------------------------------- plumbing
     def _run(self, ctx: RequestContext, subtype: str, fn: Callable[[], Any],
@@ -605,6 +605,81 @@ def _result_patients(result: SearchResult) -> set[str]:
     for s in result.matches:
         if s.body:
             out |= patient_refs(_body(s))
+    return out
+
+
+def synthetic_policy(cfg, name: str, audit=None, clients=None) -> Policy:
+    """The policy of a synthetic cohort: open unless ``synthetic_auth = required``;
+    audited when ``audit_synthetic`` is on; no consent (nobody real is in it)."""
+    return Policy(enforce=str(cfg.get("synthetic_auth", "off")).lower() == "required",
+                  consent=None, audit=audit if cfg.get("audit_synthetic", True) else None,
+                  source_label=f"synthetic/{name}", clients=clients)
+
+
+def security_layer(cfg, store, dicom) -> dict[str, Any]:
+    """The token service, audit log, consent policy and the guarded real sources.
+
+    ``auth = off`` is development mode: every caller may do everything (still audited).
+    """
+    from server.auth.clients import ClientRegistry
+    from server.consent import ConsentPolicy
+    try:
+        from server.audit.log import AuditLog
+    except ImportError:  # TEMPORARY while server/audit/log.py is being written
+        AuditLog = None
+    try:
+        from server.auth.tokens import TokenService
+    except ImportError:  # TEMPORARY while server/auth/tokens.py is being written
+        TokenService = None
+
+    mode = str(cfg["auth"]).strip().lower()
+    if mode not in ("required", "off"):
+        raise ValueError(f"auth must be 'required' or 'off', not '{cfg['auth']}'")
+    if mode == "off":
+        log.warning("auth = off: DEVELOPMENT MODE, the real source is open to every caller "
+                    "without a token. Never run this with real patient data.")
+    audit = AuditLog(store.engine, cfg) if cfg["audit"] and AuditLog else None
+    clients = ClientRegistry(store.engine)
+    consent = ConsentPolicy(store, cfg["consent_default"])
+    policy = Policy(enforce=mode == "required", consent=consent, audit=audit,
+                    source_label="real", clients=clients)
+
+    def on_event(ev: dict) -> None:
+        from server.source import RequestContext
+
+        ctx = RequestContext(caller=ev.get("client_id") or "unknown", channel="http")
+        policy.record(ctx, "token" if ev.get("event") == "token" else "auth-failure",
+                      "0" if ev.get("outcome") == "success" else "4",
+                      description=ev.get("reason") or "")
+
+    tokens = TokenService(store.engine, cfg, on_event=on_event) if TokenService else None
+    deid_key = _deid_key(cfg)
+    return {"audit": audit, "clients": clients, "consent": consent, "policy": policy,
+            "tokens": tokens, "fhir": GuardedSource(store, policy, audit),
+            "dicomweb": GuardedDicomSource(dicom, policy, deid_key)}
+
+
+def _deid_key(cfg) -> bytes | None:
+    path = (cfg.get("pseudonym_key_file") or "").strip()
+    if not path:
+        return None
+    from server.deid.pseudonym import load_key
+
+    return load_key(path)
+
+
+def guard_dimse_sources(cfg, sec: dict, sources: dict) -> dict:
+    """AE title -> guarded DicomSource: the real one under the real policy, each cohort
+    under its own (server/dimse/server.py)."""
+    out = {}
+    for aet, src in sources.items():
+        if src is sec["dicomweb"].inner:
+            out[aet] = sec["dicomweb"]
+        elif isinstance(src, GuardedDicomSource):
+            out[aet] = src
+        else:
+            out[aet] = GuardedDicomSource(src, synthetic_policy(
+                cfg, getattr(src, "name", aet), sec.get("audit"), sec.get("clients")))
     return out
 
 

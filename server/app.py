@@ -8,9 +8,11 @@ import orjson
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from server.access import security_layer
 from server.config import load_config
 from server.dicom.store import DicomStore
-from server.errors import HTTP_ISSUE_CODES, SynthportError, describe, operation_outcome, outcome_for
+from server.errors import (HTTP_ISSUE_CODES, SynthportError, Unauthorized, describe,
+                           operation_outcome, outcome_for)
 from server.http.dicomweb import (error_response, http_error_response, is_dicomweb_path,
                                   make_dicomweb_blueprint)
 from server.http.fhir_api import check_accept, make_fhir_blueprint
@@ -32,10 +34,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = int(cfg["max_body_bytes"])
     store = SqlStore.from_url(cfg.resolved_database_url, cfg, auto_migrate=bool(cfg["auto_migrate"]))
     dicom = DicomStore(store, cfg)
-    app.extensions["synthport"] = {"store": store, "dicom": dicom}
+    sec = security_layer(cfg, store, dicom)
+    app.extensions["synthport"] = {"store": store, "dicom": dicom, **sec}
 
-    app.register_blueprint(make_fhir_blueprint("fhir", "/fhir", lambda: store))
-    app.register_blueprint(make_dicomweb_blueprint("dicomweb", "/dicomweb", lambda: dicom))
+    # Routes see the guarded sources only (server/access.py): scopes, consent, audit.
+    app.register_blueprint(make_fhir_blueprint("fhir", "/fhir", lambda: sec["fhir"]))
+    app.register_blueprint(make_dicomweb_blueprint("dicomweb", "/dicomweb", lambda: sec["dicomweb"]))
+    _register_security_blueprints(app, sec)
     # Synthetic cohorts (docs/synthetic.md): /synthetic/<cohort>/fhir|dicomweb, /admin.
     from server.http.admin import make_admin_blueprint
     from server.http.synthetic import register_synthetic
@@ -51,11 +56,17 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.errorhandler(SynthportError)
     def _synthport_error(err: SynthportError):
         if is_dicomweb_path(request.path):
-            return error_response(describe(err).dicomweb_status, err.message)
-        status, oo = outcome_for(err)
-        if status >= 500:
-            log.error("request failed: %s", err.message)
-        return _oo_response(oo, status)
+            resp = error_response(describe(err).dicomweb_status, err.message)
+        else:
+            status, oo = outcome_for(err)
+            if status >= 500:
+                log.error("request failed: %s", err.message)
+            resp = _oo_response(oo, status)
+        if isinstance(err, Unauthorized):
+            # RFC 6750 §3: say how to authenticate.
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="synthport", error="invalid_token"' \
+                if request.headers.get("Authorization") else 'Bearer realm="synthport"'
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):
@@ -82,6 +93,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                         content_type="application/json")
 
     return app
+
+
+def _register_security_blueprints(app: Flask, sec: dict) -> None:
+    try:
+        from server.http.auth import make_auth_blueprint
+    except ImportError:  # TEMPORARY while server/http/auth.py is being written
+        make_auth_blueprint = None
+    if make_auth_blueprint is not None:
+        app.register_blueprint(make_auth_blueprint(lambda: sec["tokens"]))
+    try:
+        from server.http.audit import make_audit_blueprint
+    except ImportError:  # TEMPORARY while server/http/audit.py is being written
+        make_audit_blueprint = None
+    if make_audit_blueprint is not None:
+        app.register_blueprint(make_audit_blueprint(lambda: sec["audit"]), url_prefix="/audit")
 
 
 def _oo_response(oo: dict, status: int, headers=None) -> Response:

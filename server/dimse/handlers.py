@@ -155,7 +155,11 @@ class PendingLinks:
 
 
 def _ctx(event) -> RequestContext:
-    return RequestContext(caller=calling_aet(event) or "anonymous")
+    # The calling AE title names the caller; server/access.py maps it to a client.
+    req = event.assoc.requestor
+    return RequestContext(caller=calling_aet(event) or "anonymous", channel="dimse",
+                          remote=f"{getattr(req, 'address', '')}:{getattr(req, 'port', '')}",
+                          query=getattr(getattr(event, "event", None), "name", ""))
 
 
 def calling_aet(event) -> str:

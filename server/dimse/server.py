@@ -214,7 +214,12 @@ def child_main(config: dict, ready_fd: int) -> int:
             from server.synthetic.dicom import dimse_sources
 
             # The real store under ae_title, each synthetic cohort under its own AE title.
-            server = start_dimse(config, dimse_sources(config, sql, DicomStore(sql, config)))
+            from server.access import guard_dimse_sources, security_layer
+
+            dicom = DicomStore(sql, config)
+            sec = security_layer(config, sql, dicom)
+            server = start_dimse(config, guard_dimse_sources(config, sec, dimse_sources(
+                config, sql, dicom)))
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which exits
             log.debug("DIMSE listener failed to start", exc_info=True)
             ready.write("error " + " ".join(f"{type(exc).__name__}: {exc}".split()) + "\n")

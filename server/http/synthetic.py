@@ -11,6 +11,7 @@ import time
 
 from flask import Flask, current_app, g, request
 
+from server.access import GuardedDicomSource, GuardedSource, synthetic_policy
 from server.http.dicomweb import make_dicomweb_blueprint
 from server.http.fhir_api import build_context, check_accept, fhir_response, make_fhir_blueprint
 from server.synthetic.cohort import load_cohort
@@ -44,8 +45,11 @@ def _sources(name: str) -> tuple[SyntheticSource, SyntheticDicomSource]:
     if hit is not None and hit[1].cohort is cohort:
         fhir, dicom = hit[1], hit[2]
     else:
-        fhir = SyntheticSource(cohort, cfg)
-        dicom = SyntheticDicomSource(cohort, scan_budget=int(cfg.get("synthetic_scan_budget") or 200))
+        # Guarded like the real source (server/access.py): open by default, audited.
+        policy = synthetic_policy(cfg, name, ext.get("audit"), ext.get("clients"))
+        fhir = GuardedSource(SyntheticSource(cohort, cfg), policy)
+        dicom = GuardedDicomSource(SyntheticDicomSource(
+            cohort, scan_budget=int(cfg.get("synthetic_scan_budget") or 200)), policy)
     cache[name] = (now, fhir, dicom)
     return fhir, dicom
 
