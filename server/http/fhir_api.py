@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, g, request
 from server.errors import (InvalidRequest, NotAcceptable, NotFound, UnsupportedMediaType)
 from server.fhir import bundles
 from server.fhir.capability import capability_statement
+from server.fhir.openapi import openapi_document
 from server.fhir.terminology_ops import OPERATION_NAMES
 from server.fhir.timeutil import http_date, instant, parse_http_date
 from server.fhir.validation import validate
@@ -38,6 +39,12 @@ def make_fhir_blueprint(name: str, url_prefix: str,
     def metadata():
         src = get_source()
         return fhir_response(capability_statement(ctx().base_url, src.writable, src.name))
+
+    @bp.get("/openapi.json")
+    def openapi():
+        src = get_source()
+        return Response(_openapi_bytes(ctx().base_url, src.writable, src.name),
+                        content_type="application/json")
 
     @bp.post("")
     @bp.post("/")
@@ -102,9 +109,10 @@ def make_fhir_blueprint(name: str, url_prefix: str,
     @bp.post("/<res_type>/<res_id>/$validate")
     def validate_op(res_type: str, res_id: str | None = None):
         body = read_body()
-        if body.get("resourceType") == "Parameters":
-            body = next((p.get("resource") for p in body.get("parameter", [])
-                         if p.get("name") == "resource"), None) or {}
+        if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+            parameters = body.get("parameter")
+            body = next((p.get("resource") for p in parameters if isinstance(p, dict)
+                         and p.get("name") == "resource"), None) if isinstance(parameters, list) else None
         validate(body, res_type)
         return fhir_response({"resourceType": "OperationOutcome", "issue": [
             {"severity": "information", "code": "informational", "diagnostics": "Validation successful"}]})
@@ -211,6 +219,12 @@ def _base_url(host_url: str, prefix: str) -> str:
     if not _SAFE_BASE.match(base):
         raise InvalidRequest("Invalid Host header")
     return base
+
+
+@functools.lru_cache(maxsize=4)
+def _openapi_bytes(base_url: str, writable: bool, name: str) -> bytes:
+    """The OpenAPI description of a source (2-3 MB, built once per base URL)."""
+    return orjson.dumps(openapi_document(capability_statement(base_url, writable, name), base_url))
 
 
 def check_accept() -> None:
