@@ -204,9 +204,12 @@ def _synthetic_env(data_dir, config_file):
 @click.option("--limit", type=int, default=None, help="Train on at most N patients.")
 @click.option("--backend", type=click.Choice(["argn", "ctgan"]), default="argn", show_default=True,
               help="Patient-level model; ctgan is an optional extra under BUSL-1.1.")
+@click.option("--holdout", type=float, default=0.2, show_default=True,
+              help="Fraction of patients held out from training (for synthport evaluate).")
+@click.option("--holdout-seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data_dir, config_file, name, device, epochs, event_epochs, image_epochs, limit,
-          backend, quiet):
+          backend, holdout, holdout_seed, quiet):
     """Fit the patient, event and image models on the real store and register them."""
     from server.errors import SynthportError
     from server.synthetic.training import TrainSettings, train as run_train
@@ -214,7 +217,7 @@ def train(data_dir, config_file, name, device, epochs, event_epochs, image_epoch
     cfg, store, dicom, reg = _synthetic_env(data_dir, config_file)
     settings = TrainSettings(device=device, epochs=epochs, event_epochs=event_epochs,
                              image_epochs=image_epochs, limit=limit, backend=backend,
-                             progress=not quiet)
+                             holdout=holdout, holdout_seed=holdout_seed, progress=not quiet)
     try:
         run_train(reg, store, dicom, name, settings, echo=click.echo)
     except SynthportError as exc:
@@ -302,6 +305,120 @@ def demo(ctx, data_dir, config_file, patients, size, seed, cohort_name, load_pat
                    http_host=None, dimse_port=dimse_port, workers=None, threads=None)
     else:
         click.echo("start it with: synthport serve" + (f" --data-dir {data_dir}" if data_dir else ""))
+
+
+# --- SMART Backend Services clients and tokens (docs/security.md) ----------------------
+def _auth_env(data_dir, config_file):
+    from server.auth.tokens import TokenService
+    from server.db.engine import make_engine, migrate
+
+    cfg = _cfg(data_dir, config_file)
+    engine = make_engine(cfg.resolved_database_url)
+    if cfg["auto_migrate"]:
+        migrate(engine)
+    return TokenService(engine, cfg)
+
+
+@main.group()
+def client():
+    """Clients that may ask for access tokens (SMART Backend Services)."""
+
+
+@client.command("add")
+@_common
+@click.argument("client_id")
+@click.option("--jwks", "jwks_file", type=click.Path(exists=True, dir_okay=False),
+              help="The client's public keys (JWKS JSON file).")
+@click.option("--jwks-url", default=None, help="Where the client publishes its JWKS (https).")
+@click.option("--scope", "scopes", required=True,
+              help='The most it may be granted, e.g. "system/*.rs".')
+@click.option("--ae-title", "ae_titles", multiple=True,
+              help="DIMSE calling AE title that acts as this client (repeatable).")
+@click.option("--purpose", type=click.Choice(["research"]), default=None,
+              help="Purpose of use carried into its tokens.")
+@click.option("--deidentified", is_flag=True, help="Its tokens see de-identified data only.")
+@click.option("--name", default="", help="A label.")
+def client_add(data_dir, config_file, client_id, jwks_file, jwks_url, scopes, ae_titles, purpose,
+               deidentified, name):
+    """Register CLIENT_ID with its public keys (--jwks FILE or --jwks-url URL)."""
+    import orjson
+
+    from server.auth.clients import Client
+    from server.errors import SynthportError
+
+    if bool(jwks_file) == bool(jwks_url):
+        raise click.UsageError("give exactly one of --jwks FILE and --jwks-url URL")
+    jwks = None
+    if jwks_file:
+        try:
+            with open(jwks_file, "rb") as fh:
+                jwks = orjson.loads(fh.read())
+        except orjson.JSONDecodeError as exc:
+            raise click.ClickException(f"{jwks_file} is not JSON: {exc}") from exc
+    service = _auth_env(data_dir, config_file)
+    try:
+        c = service.clients.add(Client(client_id, name, jwks, jwks_url, scopes, list(ae_titles),
+                                       purpose or "", deidentified))
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        service.engine.dispose()
+    click.echo(f"client {c.client_id} registered: scopes {c.scopes}")
+
+
+@client.command("list")
+@_common
+def client_list(data_dir, config_file):
+    """The registered clients (id, scopes, keys, AE titles, flags)."""
+    service = _auth_env(data_dir, config_file)
+    try:
+        for c in service.clients.list():
+            keys = c.jwks_url or f"jwks ({len(c.jwks['keys'])} keys)"
+            flags = ",".join(f for f, on in (("research", c.purpose == "research"),
+                                             ("deidentified", c.deidentified),
+                                             ("inactive", not c.active)) if on) or "-"
+            click.echo(f"{c.client_id}\t{c.scopes}\t{keys}\t"
+                       f"AE {','.join(c.ae_titles) or '-'}\t{flags}")
+    finally:
+        service.engine.dispose()
+
+
+@client.command("remove")
+@_common
+@click.argument("client_id")
+def client_remove(data_dir, config_file, client_id):
+    """Remove CLIENT_ID (tokens it holds expire on their own, within auth_token_lifetime)."""
+    from server.errors import SynthportError
+
+    service = _auth_env(data_dir, config_file)
+    try:
+        service.clients.remove(client_id)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        service.engine.dispose()
+    click.echo(f"client {client_id} removed")
+
+
+@main.command()
+@_common
+@click.option("--scope", required=True, help='e.g. "system/*.rs" (space-separated).')
+@click.option("--patient", default=None, help="Patient context (a Patient id).")
+@click.option("--purpose", type=click.Choice(["research"]), default=None)
+@click.option("--deidentified", is_flag=True)
+@click.option("--lifetime", type=int, default=None, help="Seconds (default auth_token_lifetime).")
+@click.option("--client-id", default="synthport-cli", show_default=True)
+def token(data_dir, config_file, scope, patient, purpose, deidentified, lifetime, client_id):
+    """Print an access token signed with the server's own key (local use and tests)."""
+    from server.auth.tokens import TokenService
+    from server.errors import SynthportError
+
+    cfg = _cfg(data_dir, config_file)
+    try:
+        click.echo(TokenService(None, cfg).mint(scope, patient, client_id, purpose or "",
+                                                deidentified, lifetime))
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
 
 
 def _redact(url: str) -> str:

@@ -98,6 +98,16 @@ def _nearest(query: np.ndarray, ref: np.ndarray, chunk: int = 2048) -> np.ndarra
     return out
 
 
+def dcr_distances(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame,
+                  metadata: Mapping | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distances behind ``distance_to_closest_record``: synthetic->train,
+    hold-out->train and synthetic->hold-out, one per row (for plots)."""
+    sdtypes = {c: t for c, t in sdtypes_from_metadata(train, metadata).items() if c in synthetic.columns}
+    enc = _Encoder(train, sdtypes)
+    tr, sy, ho = enc.transform(train), enc.transform(synthetic), enc.transform(holdout)
+    return _nearest(sy, tr), _nearest(ho, tr), _nearest(sy, ho)
+
+
 def distance_to_closest_record(train: pd.DataFrame, synthetic: pd.DataFrame,
                                holdout: pd.DataFrame, metadata: Mapping | None = None) -> dict:
     """DCR figures: synthetic->train against holdout->train.
@@ -109,12 +119,7 @@ def distance_to_closest_record(train: pd.DataFrame, synthetic: pd.DataFrame,
         (synthetic rows whose nearest training row is nearer than their nearest
         hold-out row; about n_train / (n_train + n_holdout) when private).
     """
-    sdtypes = {c: t for c, t in sdtypes_from_metadata(train, metadata).items() if c in synthetic.columns}
-    enc = _Encoder(train, sdtypes)
-    tr, sy, ho = enc.transform(train), enc.transform(synthetic), enc.transform(holdout)
-    d_syn = _nearest(sy, tr)
-    d_ho = _nearest(ho, tr)
-    d_syn_ho = _nearest(sy, ho)
+    d_syn, d_ho, d_syn_ho = dcr_distances(train, synthetic, holdout, metadata)
     p5 = float(np.percentile(d_ho, 5))
     return {
         "synthetic_to_train_median": float(np.median(d_syn)),

@@ -8,6 +8,11 @@ else on the sample files shipped with pydicom, see docs/synthetic.md) are fitted
 saved into a temporary folder that is renamed to ``models/<name>/v<version>`` at the
 end; only then is the registry row written. An interrupted run leaves a ``.tmp-*``
 folder that the next run removes, never a half-written version.
+
+Hold-out: before fitting, a seeded fraction of the mapped patients (``holdout``, default
+0.2) is set aside and never shown to any model (:func:`split_holdout`); its keys are
+written to ``holdout.json`` in the model folder and ``synthport evaluate`` uses them as the
+"real, never seen" reference (DCR, attack control set, TSTR test set).
 """
 from __future__ import annotations
 
@@ -54,6 +59,8 @@ class TrainSettings:
     event_hidden: int = 192
     image_size: int = 64
     min_count: int | None = None
+    holdout: float = 0.2
+    holdout_seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -69,12 +76,24 @@ def _source_records(store, ctx: RequestContext, limit: int | None):
     return iter_source_records(store, ctx, limit=limit)
 
 
-def map_store(store, settings: TrainSettings, ctx: RequestContext | None = None):
-    """The real store's records as ``mappings.MappedTables``."""
+def map_store(store, settings: TrainSettings, ctx: RequestContext | None = None,
+              identifiers: dict[str, set[str]] | None = None):
+    """The real store's records as ``mappings.MappedTables``.
+
+    Args:
+        identifiers: when given, filled with Patient id -> its identifier values (how
+            the DICOM store links a Patient ID to a FHIR Patient).
+    """
     from mappings.tables import map_records
 
     ctx = ctx or RequestContext(caller="synthport-train")
     recs = list(_source_records(store, ctx, settings.limit))
+    if identifiers is not None:
+        for rec in recs:
+            for r in rec:
+                if r.get("resourceType") == "Patient" and r.get("id"):
+                    identifiers.setdefault(str(r["id"]), set()).update(
+                        str(i["value"]) for i in r.get("identifier") or () if i.get("value"))
     if len(recs) < 2:
         raise Unprocessable(f"the store holds {len(recs)} patient(s); training needs at least 2 "
                             "(load data first: synthport load PATH, or run synthport demo)")
@@ -82,9 +101,16 @@ def map_store(store, settings: TrainSettings, ctx: RequestContext | None = None)
     return map_records(recs, **vocab)
 
 
-def training_images(dicom, ctx: RequestContext, size: int, limit: int = 2000):
+def training_images(dicom, ctx: RequestContext, size: int, limit: int = 2000, *,
+                    exclude: set[str] | frozenset = frozenset(),
+                    only: set[str] | None = None, fallback: bool = True):
     """Pixel data for the image model: the stored DICOM instances, else the sample files
     shipped with pydicom (and pydicom-data / deid-data when installed).
+
+    Args:
+        exclude: DICOM Patient IDs whose instances are left out (the hold-out patients).
+        only: when given, only instances of these Patient IDs are read.
+        fallback: use the pydicom samples when the store has no usable image.
 
     Returns:
         (CollectedImages, origin) with origin ``"store"`` or ``"pydicom-samples"``.
@@ -100,9 +126,11 @@ def training_images(dicom, ctx: RequestContext, size: int, limit: int = 2000):
     refs = []
     if dicom is not None:
         try:
-            refs = dicom.instance_refs(ctx)[:limit]
+            refs = dicom.instance_refs(ctx)
         except Exception:  # noqa: BLE001 - no DICOM tables / nothing stored
             refs = []
+    refs = [r for r in refs if r.patient_id not in exclude
+            and (only is None or r.patient_id in only)][:limit]
 
     def stored():
         for ref in refs:
@@ -113,9 +141,52 @@ def training_images(dicom, ctx: RequestContext, size: int, limit: int = 2000):
 
     if refs:
         got = collect_images(stored(), size=size)
-        if got.images:
+        if got.images or not fallback:
             return got, "store"
+    if not fallback:
+        return collect_images([], size=size), "store"
     return collect_images(sample_dicom_paths(), size=size), "pydicom-samples"
+
+
+HOLDOUT_FILE = "holdout.json"
+
+
+def split_holdout(keys, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic split of patient keys into (train, hold-out).
+
+    Every key gets the score BLAKE2b-64(``f"{seed}|{key}"``) (big-endian integer); the
+    ``round(fraction * n)`` keys with the lowest (score, key) are held out, at most
+    ``n - 2`` so that training keeps two patients. The split depends only on the set of
+    keys, the fraction and the seed (not on their order), and a patient's score does not
+    depend on the others, so adding patients moves few of them.
+
+    Returns:
+        (train keys, hold-out keys), each sorted.
+
+    Raises:
+        InvalidRequest: fraction outside [0, 1).
+    """
+    if not 0.0 <= float(fraction) < 1.0:
+        raise InvalidRequest(f"holdout must be a fraction in [0, 1), not {fraction!r}")
+    keys = sorted({str(k) for k in keys})
+    n_hold = min(int(round(float(fraction) * len(keys))), max(len(keys) - 2, 0))
+
+    def score(k: str) -> tuple[int, str]:
+        h = hashlib.blake2b(f"{int(seed)}|{k}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big"), k
+
+    held = set(sorted(keys, key=score)[:n_hold])
+    return [k for k in keys if k not in held], sorted(held)
+
+
+def subset_tables(tables, keys):
+    """``tables`` restricted to the patients ``keys`` (patient and event rows)."""
+    import dataclasses
+
+    keys = {str(k) for k in keys}
+    patients = tables.patients.loc[tables.patients.index.astype(str).isin(keys)]
+    events = tables.events.loc[tables.events["patient_id"].astype(str).isin(keys)]
+    return dataclasses.replace(tables, patients=patients, events=events.reset_index(drop=True))
 
 
 def _fingerprint(tables) -> str:
@@ -126,9 +197,13 @@ def _fingerprint(tables) -> str:
 
 
 def fit_models(tables, folder: Path, settings: TrainSettings, *, dicom=None,
-               timings: dict | None = None, echo: Callable[[str], None] = print) -> Path:
+               timings: dict | None = None, echo: Callable[[str], None] = print,
+               exclude_images: set[str] | frozenset = frozenset()) -> Path:
     """Fit the three models on mapped tables and save them under ``folder``
-    (``patients/``, ``events/``, ``images/``, ``tables.json``)."""
+    (``patients/``, ``events/``, ``images/``, ``tables.json``).
+
+    ``tables`` are the training patients only (the hold-out is split off before);
+    ``exclude_images`` are the DICOM Patient IDs of held-out patients."""
     import json
 
     from generators.events import EventModel
@@ -161,7 +236,7 @@ def fit_models(tables, folder: Path, settings: TrainSettings, *, dicom=None,
     n_images = 0
     if settings.image_epochs > 0:
         images, origin = training_images(dicom, RequestContext(caller="synthport-train"),
-                                         settings.image_size)
+                                         settings.image_size, exclude=exclude_images)
         n_images = len(images.images)
         if images.images:
             im.fit(images.images, epochs=settings.image_epochs, device=settings.device,
@@ -207,13 +282,25 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
 
         if not torch.cuda.is_available():
             raise InvalidRequest("--device cuda asked for but torch sees no CUDA device")
+    if not 0.0 <= float(settings.holdout) < 1.0:
+        raise InvalidRequest(f"holdout must be a fraction in [0, 1), not {settings.holdout!r}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ctx = RequestContext(caller="synthport-train")
-    tables = map_store(store, settings, ctx)
+    identifiers: dict[str, set[str]] = {}
+    tables = map_store(store, settings, ctx, identifiers)
     timings["map_seconds"] = round(time.perf_counter() - t0, 3)
+    keys = tables.patients.index.astype(str)
+    train_keys, held = split_holdout(keys, settings.holdout, settings.holdout_seed)
     echo(f"mapped {len(tables.patients)} patients, {len(tables.events)} events "
-         f"in {timings['map_seconds']:.1f} s")
+         f"in {timings['map_seconds']:.1f} s; {len(held)} patients held out "
+         f"(fraction {settings.holdout}, seed {settings.holdout_seed})")
+    train_tables = subset_tables(tables, train_keys) if held else tables
+    exclude_images = {v for k in held for v in identifiers.get(k, ())}
+    holdout = {"fraction": float(settings.holdout), "seed": int(settings.holdout_seed),
+               "method": "lowest BLAKE2b-64(f'{seed}|{patient key}'), see split_holdout",
+               "n_train": len(train_keys), "n_holdout": len(held),
+               "holdout_sha256": hashlib.sha256("\n".join(held).encode()).hexdigest()}
     version = registry.next_version(name)
     final = registry.model_dir(name, version)
     root = final.parent
@@ -222,7 +309,13 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-v{version}-{os.getpid()}"
     try:
-        fit_models(tables, tmp, settings, dicom=dicom, timings=timings, echo=echo)
+        fit_models(train_tables, tmp, settings, dicom=dicom, timings=timings, echo=echo,
+                   exclude_images=exclude_images)
+        # The keys themselves stay in the model folder (server-side), not in the registry
+        # row that the admin API serves: they are the real store's Patient ids.
+        (tmp / HOLDOUT_FILE).write_text(json.dumps(
+            {**holdout, "train": train_keys, "holdout": held,
+             "holdout_dicom_patient_ids": sorted(exclude_images)}, indent=0))
         timings["total_seconds"] = round(time.perf_counter() - t0, 3)
         os.rename(tmp, final)   # atomic on one file system: the version appears complete
     except BaseException:
@@ -233,12 +326,22 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
                      path=str(final), fingerprint=_fingerprint(tables),
                      settings={**settings.to_json(), "image_origin": origin,
                                "n_patients": int(len(tables.patients)),
-                               "n_events": int(len(tables.events))},
+                               "n_events": int(len(tables.events)),
+                               "n_train_events": int(len(train_tables.events)),
+                               "holdout": holdout},
                      timings=timings, evaluation=None, licence=licence, created=now())
     registry.register_model(info)
     echo(f"registered model {name} v{version} ({timings['total_seconds']:.1f} s) at {final}")
     return info
 
 
+def read_holdout(model_path: str | Path) -> dict | None:
+    """The model folder's ``holdout.json`` (None for models trained before hold-outs)."""
+    import json
+
+    p = Path(model_path) / HOLDOUT_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 __all__ = ["train", "TrainSettings", "CTGAN_LICENCE", "map_store", "fit_models",
-           "training_images"]
+           "training_images", "split_holdout", "subset_tables", "read_holdout", "HOLDOUT_FILE"]
