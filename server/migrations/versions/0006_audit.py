@@ -5,9 +5,13 @@ Revises: 0005
 
 ``audit_entry`` holds one row per leaf (``seq`` = leaf index, from 0, no gaps): the
 AuditEvent JSON bytes exactly as hashed, the leaf hash, and copies of the values that
-``/fhir/AuditEvent`` searches on. ``audit_state`` is a single row (id 1) with the tree
+``/fhir/AuditEvent`` searches on; ``audit_ref`` indexes the references of its entities
+(patients and other resources). ``audit_state`` is a single row (id 1) with the tree
 size and the right frontier of the tree, locked by every append so leaves get
-consecutive indexes across workers. ``audit_sth`` keeps signed tree heads.
+consecutive indexes across workers. ``audit_node`` keeps the roots of the perfect
+subtrees of 256 leaves and more, so proofs cost O(log n) reads. ``audit_sth`` keeps
+signed tree heads. All but ``audit_entry.entry`` is derived data that
+``synthport audit verify`` recomputes and compares.
 """
 import sqlalchemy as sa
 from alembic import op
@@ -31,11 +35,22 @@ def upgrade() -> None:
         sa.Column("subtype", sa.String(64), nullable=False),
         sa.Column("outcome", sa.String(2), nullable=False),
         sa.Column("agent", sa.String(256), nullable=False),
-        sa.Column("patients", sa.Text, nullable=False, default=""),
         sa.Column("source", sa.String(128), nullable=False),
     )
     op.create_index("ix_audit_entry_recorded", "audit_entry", ["recorded"])
     op.create_index("ix_audit_entry_agent", "audit_entry", ["agent", "seq"])
+    op.create_table(
+        "audit_ref",
+        sa.Column("ref", sa.String(256), primary_key=True),
+        sa.Column("seq", PK, primary_key=True, autoincrement=False),
+    )
+    op.create_index("ix_audit_ref_seq", "audit_ref", ["seq"])
+    op.create_table(
+        "audit_node",
+        sa.Column("level", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("idx", PK, primary_key=True, autoincrement=False),
+        sa.Column("hash", sa.LargeBinary, nullable=False),
+    )
     op.create_table(
         "audit_state",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
@@ -55,6 +70,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("audit_sth")
     op.drop_table("audit_state")
+    op.drop_table("audit_node")
+    op.drop_index("ix_audit_ref_seq", "audit_ref")
+    op.drop_table("audit_ref")
     op.drop_index("ix_audit_entry_agent", "audit_entry")
     op.drop_index("ix_audit_entry_recorded", "audit_entry")
     op.drop_table("audit_entry")
