@@ -421,6 +421,48 @@ def token(data_dir, config_file, scope, patient, purpose, deidentified, lifetime
         raise click.ClickException(exc.message) from exc
 
 
+@main.group()
+def audit():
+    """The tamper-evident audit log (docs/audit.md)."""
+
+
+def _audit_log(data_dir, config_file):
+    from server.audit.log import AuditLog
+    from server.db.engine import make_engine, migrate
+
+    cfg = _cfg(data_dir, config_file)
+    engine = make_engine(cfg.resolved_database_url)
+    if cfg["auto_migrate"]:
+        migrate(engine)
+    return AuditLog(engine, cfg)
+
+
+@audit.command("verify")
+@_common
+def audit_verify(data_dir, config_file):
+    """Check every entry, the tree and every signed tree head; exit 1 at the first problem."""
+    log = _audit_log(data_dir, config_file)
+    report = log.verify()
+    log.engine.dispose()
+    if report.ok:
+        click.echo(f"{report.checked} entries checked: OK")
+        return
+    click.echo(f"FAILED at {report.first_bad}: {report.reason} "
+               f"({report.checked} entries checked before it)", err=True)
+    sys.exit(1)
+
+
+@audit.command("sth")
+@_common
+def audit_sth(data_dir, config_file):
+    """Sign (if the log grew) and print the current signed tree head as JSON."""
+    import orjson
+
+    log = _audit_log(data_dir, config_file)
+    click.echo(orjson.dumps(log.sign_tree_head(), option=orjson.OPT_INDENT_2).decode())
+    log.engine.dispose()
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
