@@ -24,7 +24,8 @@ from server.dicom.dicomjson import absolutize, datasets_json
 from server.dicom.matching import is_universal
 from server.dicom.source import (BatchStoreSource, DicomSource, InstanceRef, StoreOutcome,
                                  StoredMetadataSource)
-from server.errors import (DIMSE_PROCESSING_FAILURE, InvalidRequest, InvalidResource, NotAcceptable,
+from server.errors import (DIMSE_PROCESSING_FAILURE, Forbidden, InvalidRequest, InvalidResource,
+                           NotAcceptable, Unauthorized,
                            NotFound, StudyMismatch, SynthportError, UnsupportedMediaType, describe)
 from server.source import RequestContext
 
@@ -261,6 +262,10 @@ def stow(source: DicomSource, ctx: RequestContext, content_type: str | None, bod
                 results[i] = source.store_instance(ctx, parts[i][1])
             except Exception as exc:  # noqa: BLE001 - one bad part never fails the others
                 results[i] = exc
+    # Who may store is a property of the request, not of a part: 401/403 for all of it.
+    for res in results:
+        if isinstance(res, (Unauthorized, Forbidden)):
+            raise res
     for head, res in zip(heads, results):
         sop_class = str(head.get("SOPClassUID", "") or "")
         sop_uid = str(head.get("SOPInstanceUID", "") or "")

@@ -1,0 +1,299 @@
+"""Access control on the real source (server/access.py) through the HTTP app with
+``auth = required``: tokens, scopes, the patient compartment (OWASP API1), granular
+scopes, research consent, batches and transactions, DICOMweb and DIMSE callers."""
+from __future__ import annotations
+
+import io
+
+import orjson
+import pydicom
+import pytest
+
+from server.app import create_app
+from server.errors import Forbidden, Unauthorized
+from server.source import RequestContext
+from tests.unit.server.dicom.factory import multipart, series_of
+
+LAB = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory"
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+
+
+@pytest.fixture
+def app(db_url, tmp_path):
+    app = create_app({"database_url": db_url, "data_dir": str(tmp_path), "auth": "required"})
+    yield app
+    app.extensions["synthport"]["store"].engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def bearer(app, scope: str, patient: str | None = None, **kw) -> dict:
+    token = app.extensions["synthport"]["tokens"].mint(scope, patient=patient, **kw)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def obs(pid: str, category: str, code: str = "8867-4") -> dict:
+    cat_system, cat_code = "http://terminology.hl7.org/CodeSystem/observation-category", category
+    return {"resourceType": "Observation", "status": "final",
+            "category": [{"coding": [{"system": cat_system, "code": cat_code}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "subject": {"reference": f"Patient/{pid}"}, "valueQuantity": {"value": 70}}
+
+
+@pytest.fixture
+def world(app, client):
+    """Patients a and b, their observations, a practitioner; b denies research use."""
+    admin = bearer(app, "system/*.cruds")
+
+    def put(body):
+        r = client.put(f"/fhir/{body['resourceType']}/{body['id']}", json=body, headers=admin)
+        assert r.status_code in (200, 201), r.data
+
+    put({"resourceType": "Patient", "id": "a", "name": [{"family": "Alpha"}]})
+    put({"resourceType": "Patient", "id": "b", "name": [{"family": "Beta"}]})
+    put({"resourceType": "Practitioner", "id": "doc", "name": [{"family": "Doc"}]})
+    put(dict(obs("a", "laboratory"), id="a-lab"))
+    put(dict(obs("a", "vital-signs"), id="a-vital", performer=[{"reference": "Practitioner/doc"}]))
+    put(dict(obs("b", "laboratory"), id="b-lab"))
+    put({"resourceType": "Consent", "id": "b-optout", "status": "active",
+         "scope": {"coding": [{"system": CONSENT_SCOPE, "code": "research"}]},
+         "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+         "patient": {"reference": "Patient/b"},
+         "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                    "code": "OPTOUT"}]},
+         "provision": {"type": "deny"}})
+    return admin
+
+
+def ids(resp) -> set[str]:
+    assert resp.status_code == 200, resp.data
+    return {f"{e['resource']['resourceType']}/{e['resource']['id']}"
+            for e in resp.get_json().get("entry", [])}
+
+
+# ------------------------------------------------------------------ authentication
+def test_no_token_401_with_challenge_metadata_public(client, world):
+    r = client.get("/fhir/Patient/a")
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert r.get_json()["issue"][0]["code"] == "login"
+    assert client.get("/fhir/metadata").status_code == 200
+    assert client.get("/dicomweb/studies").status_code == 401
+
+
+def test_forged_expired_and_malformed_tokens_401(app, client, world, tmp_path):
+    other = create_app({"database_url": app.config["SYNTHPORT"]["database_url"],
+                        "data_dir": str(tmp_path / "other"), "auth": "required"})
+    forged = bearer(other, "system/*.cruds")          # signed by another server key
+    r = client.get("/fhir/Patient/a", headers=forged)
+    assert r.status_code == 401 and 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+    tokens = app.extensions["synthport"]["tokens"]
+    expired = bearer(app, "system/*.rs", lifetime=60)
+    real_clock = tokens.clock
+    tokens.clock = lambda: real_clock() + 3600
+    try:
+        assert client.get("/fhir/Patient/a", headers=expired).status_code == 401
+    finally:
+        tokens.clock = real_clock
+    assert client.get("/fhir/Patient/a", headers=expired).status_code == 200
+    assert client.get("/fhir/Patient/a", headers={"Authorization": "Basic Zm9vOmJhcg=="}).status_code == 401
+    token = bearer(app, "system/*.rs")["Authorization"]
+    tampered = token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB")
+    assert client.get("/fhir/Patient/a", headers={"Authorization": tampered}).status_code == 401
+    other.extensions["synthport"]["store"].engine.dispose()
+
+
+def test_insufficient_scope_403(app, client, world):
+    h = bearer(app, "system/Patient.rs")
+    assert client.get("/fhir/Patient/a", headers=h).status_code == 200
+    r = client.get("/fhir/Observation/a-lab", headers=h)
+    assert r.status_code == 403 and r.get_json()["issue"][0]["code"] == "forbidden"
+    assert client.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=h).status_code == 403
+    assert client.delete("/fhir/Patient/a", headers=h).status_code == 403
+    # search needs 's', read needs 'r'
+    h_read = bearer(app, "system/Patient.r")
+    assert client.get("/fhir/Patient/a", headers=h_read).status_code == 200
+    assert client.get("/fhir/Patient", headers=h_read).status_code == 403
+    # v1 scopes map onto v2
+    h_v1 = bearer(app, "system/Observation.read")
+    assert client.get("/fhir/Observation", headers=h_v1).status_code == 200
+    assert client.post("/fhir/Observation", json=obs("a", "laboratory"), headers=h_v1).status_code == 403
+
+
+# ------------------------------------------------------------------ patient compartment
+def test_patient_token_sees_only_its_patient(app, client, world):
+    h = bearer(app, "patient/*.rs", patient="a")
+    assert client.get("/fhir/Patient/a", headers=h).status_code == 200
+    assert client.get("/fhir/Patient/b", headers=h).status_code == 404
+    assert client.get("/fhir/Observation/b-lab", headers=h).status_code == 404
+    assert client.get("/fhir/Observation/b-lab/_history/1", headers=h).status_code == 404
+    assert client.get("/fhir/Patient/b/_history", headers=h).status_code == 404
+    assert ids(client.get("/fhir/Observation", headers=h)) == {"Observation/a-lab", "Observation/a-vital"}
+    assert ids(client.get("/fhir/Observation?subject=Patient/b", headers=h)) == set()
+    assert ids(client.get("/fhir/Patient", headers=h)) == {"Patient/a"}
+    assert ids(client.get("/fhir/Observation?subject.family=Beta", headers=h)) == set()
+    got = ids(client.get("/fhir/Observation?_include=Observation:subject", headers=h))
+    assert "Patient/b" not in got and "Patient/a" in got
+    got = ids(client.get("/fhir/Patient?_revinclude=Observation:subject", headers=h))
+    assert got == {"Patient/a", "Observation/a-lab", "Observation/a-vital"}
+    r = client.get("/fhir/Patient/a/$everything", headers=h)
+    assert "Observation/b-lab" not in ids(r) and "Observation/a-lab" in ids(r)
+    assert client.get("/fhir/Patient/b/$everything", headers=h).status_code == 404
+    hist = ids(client.get("/fhir/_history", headers=h))
+    assert hist and not any(x in hist for x in ("Patient/b", "Observation/b-lab", "Consent/b-optout"))
+    assert client.get("/fhir/Practitioner/doc", headers=h).status_code == 200
+    assert client.get("/fhir/Practitioner?_has:Observation:performer:subject=Patient/b",
+                      headers=h).status_code == 403
+
+
+def test_patient_token_writes_only_its_patient(app, client, world):
+    h = bearer(app, "patient/Observation.cruds", patient="a")
+    assert client.post("/fhir/Observation", json=obs("b", "laboratory"), headers=h).status_code == 403
+    assert client.post("/fhir/Observation", json=obs("a", "laboratory"), headers=h).status_code == 201
+    assert client.delete("/fhir/Observation/b-lab", headers=h).status_code == 404
+    assert client.put("/fhir/Observation/b-lab", json=dict(obs("a", "laboratory"), id="b-lab"),
+                      headers=h).status_code == 404
+    assert client.get("/fhir/Observation/b-lab", headers=world).status_code == 200
+
+
+def test_patient_scopes_need_a_patient_bound_token(app, client, world):
+    assert client.get("/fhir/Patient/a", headers=bearer(app, "patient/*.rs")).status_code == 403
+
+
+# ------------------------------------------------------------------ granular scopes
+def test_granular_scope_limits_to_matching_resources(app, client, world):
+    h = bearer(app, f"system/Observation.rs?category={LAB}")
+    assert ids(client.get("/fhir/Observation", headers=h)) == {"Observation/a-lab", "Observation/b-lab"}
+    assert client.get("/fhir/Observation/a-lab", headers=h).status_code == 200
+    assert client.get("/fhir/Observation/a-vital", headers=h).status_code == 404
+
+
+# ------------------------------------------------------------------ bundles
+def test_batch_entries_checked_one_by_one(app, client, world):
+    h = bearer(app, "patient/*.cruds", patient="a")
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/a"}},
+        {"request": {"method": "GET", "url": "Patient/b"}},
+        {"request": {"method": "GET", "url": "Observation"}},
+        {"request": {"method": "POST", "url": "Observation"}, "resource": obs("b", "laboratory")},
+        {"request": {"method": "POST", "url": "Observation"}, "resource": obs("a", "laboratory")},
+    ]}
+    r = client.post("/fhir", json=batch, headers=h)
+    assert r.status_code == 200, r.data
+    statuses = [e["response"]["status"].split()[0] for e in r.get_json()["entry"]]
+    assert statuses == ["200", "404", "200", "403", "201"]
+    inner = r.get_json()["entry"][2]["resource"]
+    assert all(e["resource"]["subject"]["reference"] == "Patient/a" for e in inner["entry"])
+
+
+def test_transaction_with_a_forbidden_entry_writes_nothing(app, client, world):
+    h = bearer(app, "patient/*.cruds", patient="a")
+    before = client.get("/fhir/Observation?_summary=count", headers=world).get_json()["total"]
+    tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Observation"}, "resource": obs("a", "laboratory")},
+        {"request": {"method": "POST", "url": "Observation"}, "resource": obs("b", "laboratory")},
+    ]}
+    r = client.post("/fhir", json=tx, headers=h)
+    assert r.status_code == 403 and "entry[1]" in r.get_json()["issue"][0]["diagnostics"]
+    after = client.get("/fhir/Observation?_summary=count", headers=world).get_json()["total"]
+    assert after == before
+
+
+# ------------------------------------------------------------------ consent
+def test_research_purpose_honours_opt_out(app, client, world):
+    h = bearer(app, "system/*.rs", purpose="research")
+    assert client.get("/fhir/Patient/a", headers=h).status_code == 200
+    assert client.get("/fhir/Patient/b", headers=h).status_code == 404
+    assert client.get("/fhir/Observation/b-lab", headers=h).status_code == 404
+    assert ids(client.get("/fhir/Patient", headers=h)) == {"Patient/a"}
+    assert "Observation/b-lab" not in ids(client.get("/fhir/Observation", headers=h))
+    assert client.get("/fhir/Patient/b/$everything", headers=h).status_code == 404
+    # care (no research purpose) still sees b
+    assert client.get("/fhir/Patient/b", headers=bearer(app, "system/*.rs")).status_code == 200
+
+
+def test_consent_policy_opt_in(app, world):
+    from server.consent import ConsentPolicy
+
+    store = app.extensions["synthport"]["store"]
+    assert ConsentPolicy(store, "opt-out").allowed("a")
+    assert not ConsentPolicy(store, "opt-out").allowed("b")
+    opt_in = ConsentPolicy(store, "opt-in")
+    assert not opt_in.allowed("a") and not opt_in.allowed("b")
+
+
+# ------------------------------------------------------------------ DICOMweb and DIMSE
+def _stow(client, headers, **attrs):
+    study, _, files = series_of(1, **attrs)
+    ctype, body = multipart(files)
+    r = client.post("/dicomweb/studies", data=body, content_type=ctype,
+                    headers={"Accept": "application/dicom+json", **headers})
+    return study, r
+
+
+def test_dicomweb_needs_imagingstudy_scope_and_compartment(app, client, world):
+    admin = bearer(app, "system/*.cruds")
+    study, r = _stow(client, bearer(app, "system/Patient.rs"), PatientID="MRN-7")
+    assert r.status_code == 403
+    study, r = _stow(client, admin, PatientID="MRN-7", PatientName="Seven^Pat")
+    assert r.status_code == 200, r.data
+    linked = client.get("/fhir/Patient?identifier=MRN-7", headers=admin).get_json()["entry"][0]
+    pid = linked["resource"]["id"]
+    own = bearer(app, "patient/*.rs", patient=pid)
+    other = bearer(app, "patient/*.rs", patient="a")
+    studies = client.get("/dicomweb/studies", headers=own).get_json()
+    assert [s["0020000D"]["Value"][0] for s in studies] == [study]
+    assert client.get("/dicomweb/studies", headers=other).status_code in (200, 204)
+    assert not (client.get("/dicomweb/studies", headers=other).get_json(silent=True) or [])
+    assert client.get(f"/dicomweb/studies/{study}/metadata", headers=other).status_code == 404
+    assert client.get(f"/dicomweb/studies/{study}", headers=other).status_code == 404
+    assert client.get(f"/dicomweb/studies/{study}/metadata", headers=own).status_code == 200
+    assert client.get("/dicomweb/studies", headers=bearer(app, "system/Patient.rs")).status_code == 403
+
+
+def test_dimse_calling_ae_acts_as_its_client(app, world):
+    from server.auth.clients import Client
+    ext = app.extensions["synthport"]
+    guard = ext["dicomweb"]
+    ctx = RequestContext(caller="STRANGER", channel="dimse")
+    with pytest.raises(Unauthorized):
+        guard.find(ctx, "STUDY", {})
+    jwks = _a_jwks()
+    ext["clients"].add(Client(client_id="modality", name="CT room", jwks=jwks, jwks_url=None,
+                              scopes="system/ImagingStudy.cruds", ae_titles=["CTROOM"], purpose="",
+                              deidentified=False, active=True))
+    assert guard.find(RequestContext(caller="CTROOM", channel="dimse"), "STUDY", {}) == []
+    ext["clients"].add(Client(client_id="viewer", name="viewer", jwks=jwks, jwks_url=None,
+                              scopes="system/Patient.rs", ae_titles=["VIEWER"], purpose="",
+                              deidentified=False, active=True))
+    with pytest.raises(Forbidden):
+        guard.find(RequestContext(caller="VIEWER", channel="dimse"), "STUDY", {})
+
+
+def _a_jwks() -> dict:
+    from joserfc.jwk import ECKey
+
+    key = ECKey.generate_key("P-384", parameters={"alg": "ES384", "use": "sig"}, private=True)
+    key.ensure_kid()
+    return {"keys": [key.as_dict(private=False)]}
+
+
+def test_pydicom_roundtrip_of_stored_instance(app, client, world):
+    """The WADO-RS bytes a permitted caller gets are the stored instance."""
+    admin = bearer(app, "system/*.cruds")
+    study, r = _stow(client, admin, PatientID="MRN-8")
+    assert r.status_code == 200
+    meta = client.get(f"/dicomweb/studies/{study}/metadata", headers=admin).get_json()
+    series = meta[0]["0020000E"]["Value"][0]
+    sop = meta[0]["00080018"]["Value"][0]
+    r = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+                   headers={"Accept": 'multipart/related; type="application/dicom"', **admin})
+    assert r.status_code == 200
+    body = r.get_data()
+    start = body.index(b"DICM") - 128
+    ds = pydicom.dcmread(io.BytesIO(body[start:]), force=True)
+    assert ds.SOPInstanceUID == sop
+    assert orjson.loads(orjson.dumps({"ok": True}))["ok"]
