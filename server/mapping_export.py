@@ -83,16 +83,49 @@ def iter_source_records(source: Source, ctx: RequestContext | None = None, *,
             read any further (their ``$everything`` is never asked for).
     """
     ctx = ctx or RequestContext(caller="synthport-map")
+    if include_patient is None:
+        include_patient = research_consent(source)
+    read: list[str] = []
     for p in iter_patients(source, ctx, limit=limit):
         if include_patient is not None and not include_patient(p):
             if report is not None:
                 report.excluded += 1
             continue
         rec = patient_record(source, ctx, p["id"])
+        read.append(p["id"])
         if report is not None:
             report.patients += 1
             report.resources += len(rec)
         yield rec
+    _audit_export(source, ctx, read)
+
+
+def research_consent(source) -> Callable[[dict], bool] | None:
+    """The research-consent predicate of the real store (server/consent.py): training
+    snapshots and exports leave out patients whose Consent denies research use."""
+    config = getattr(source, "config", None)
+    if not getattr(source, "writable", False) or config is None:
+        return None          # a synthetic cohort holds nobody real
+    from server.consent import ConsentPolicy
+
+    return ConsentPolicy(source, str(config.get("consent_default", "opt-out"))).include_patient
+
+
+def _audit_export(source, ctx: RequestContext, patients: list[str]) -> None:
+    """One AuditEvent (subtype export) for the snapshot, naming every patient read."""
+    config = getattr(source, "config", None)
+    engine = getattr(source, "engine", None)
+    if config is None or engine is None or not config.get("audit", True) or not source.writable:
+        return
+    from server.access import Policy
+    try:
+        from server.audit.log import AuditLog
+    except ImportError:  # TEMPORARY while server/audit/log.py is being written
+        return
+
+    Policy(enforce=False, audit=AuditLog(engine, config)).record(
+        ctx, "export", "0", patients=patients,
+        description=f"training/mapping snapshot of {len(patients)} patients")
 
 
 def export_tables(source: Source, out_dir: str | Path, *, limit: int | None = None,
