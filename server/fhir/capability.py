@@ -88,5 +88,24 @@ def capability_statement(base_url: str, writable: bool = True, name: str = "real
             "interaction": system,
             "searchParam": [{"name": k, "type": v[0], "documentation": v[1]} for k, v in _COMMON.items()],
             "operation": _OPS,
+            **({"security": _security(base_url)} if writable else {}),
         }],
+    }
+
+
+def _security(base_url: str) -> dict:
+    """rest.security of the real source: SMART on FHIR, with the OAuth endpoints in the
+    oauth-uris extension (SMART App Launch; /.well-known/smart-configuration says more)."""
+    root = base_url.removesuffix("/fhir")
+    return {
+        "cors": True,
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR"}], "text": "OAuth2 using SMART-on-FHIR profile"}],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": "token", "valueUri": f"{root}/auth/token"},
+                          {"url": "introspect", "valueUri": f"{root}/auth/introspect"}]}],
+        "description": "SMART Backend Services: client credentials with private_key_jwt; "
+                       "see docs/security.md.",
     }
