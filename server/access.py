@@ -158,7 +158,8 @@ class Policy:
                             agent=ctx.caller or "anonymous", patients=sorted(set(patients)),
                             query=ctx.query or None, what=list(dict.fromkeys(what)),
                             source=self.source_label, recorded=time.time(),
-                            description=description, network=ctx.remote)
+                            description=description, network=ctx.remote,
+                            request_id=ctx.request_id)
         try:
             self.audit.append(event, conn=conn) if conn is not None else self.audit.append(event)
         except Exception as exc:  # noqa: BLE001 - any failure to audit fails the request
@@ -621,16 +622,10 @@ def security_layer(cfg, store, dicom) -> dict[str, Any]:
 
     ``auth = off`` is development mode: every caller may do everything (still audited).
     """
+    from server.audit.log import AuditLog
     from server.auth.clients import ClientRegistry
+    from server.auth.tokens import TokenService
     from server.consent import ConsentPolicy
-    try:
-        from server.audit.log import AuditLog
-    except ImportError:  # TEMPORARY while server/audit/log.py is being written
-        AuditLog = None
-    try:
-        from server.auth.tokens import TokenService
-    except ImportError:  # TEMPORARY while server/auth/tokens.py is being written
-        TokenService = None
 
     mode = str(cfg["auth"]).strip().lower()
     if mode not in ("required", "off"):
@@ -638,7 +633,7 @@ def security_layer(cfg, store, dicom) -> dict[str, Any]:
     if mode == "off":
         log.warning("auth = off: DEVELOPMENT MODE, the real source is open to every caller "
                     "without a token. Never run this with real patient data.")
-    audit = AuditLog(store.engine, cfg) if cfg["audit"] and AuditLog else None
+    audit = AuditLog(store.engine, cfg) if cfg["audit"] else None
     clients = ClientRegistry(store.engine)
     consent = ConsentPolicy(store, cfg["consent_default"])
     policy = Policy(enforce=mode == "required", consent=consent, audit=audit,
@@ -652,7 +647,7 @@ def security_layer(cfg, store, dicom) -> dict[str, Any]:
                       "0" if ev.get("outcome") == "success" else "4",
                       description=ev.get("reason") or "")
 
-    tokens = TokenService(store.engine, cfg, on_event=on_event) if TokenService else None
+    tokens = TokenService(store.engine, cfg, on_event=on_event)
     deid_key = _deid_key(cfg)
     return {"audit": audit, "clients": clients, "consent": consent, "policy": policy,
             "tokens": tokens, "fhir": GuardedSource(store, policy, audit),
@@ -685,9 +680,9 @@ def guard_dimse_sources(cfg, sec: dict, sources: dict) -> dict:
 
 # --------------------------------------------------------------------------- DICOM
 DICOM_SUBTYPES = {
-    ("dicomweb", "store"): "dicomweb-stow", ("dicomweb", "find"): "dicomweb-qido",
-    ("dicomweb", "retrieve"): "dicomweb-wado", ("dimse", "store"): "dimse-c-store",
-    ("dimse", "find"): "dimse-c-find", ("dimse", "retrieve"): "dimse-c-get",
+    ("dicomweb", "store"): "dicomweb-store", ("dicomweb", "find"): "dicomweb-search",
+    ("dicomweb", "retrieve"): "dicomweb-retrieve", ("dimse", "store"): "dimse-store",
+    ("dimse", "find"): "dimse-find", ("dimse", "retrieve"): "dimse-get",
 }
 
 

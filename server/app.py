@@ -96,18 +96,22 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def _register_security_blueprints(app: Flask, sec: dict) -> None:
-    try:
-        from server.http.auth import make_auth_blueprint
-    except ImportError:  # TEMPORARY while server/http/auth.py is being written
-        make_auth_blueprint = None
-    if make_auth_blueprint is not None:
-        app.register_blueprint(make_auth_blueprint(lambda: sec["tokens"]))
-    try:
-        from server.http.audit import make_audit_blueprint
-    except ImportError:  # TEMPORARY while server/http/audit.py is being written
-        make_audit_blueprint = None
-    if make_audit_blueprint is not None:
-        app.register_blueprint(make_audit_blueprint(lambda: sec["audit"]), url_prefix="/audit")
+    """Token endpoints and the audit log's proofs. Tree heads and proofs hold hashes only
+    and are public (RFC 9162 §4); an entry names patients and needs AuditEvent read."""
+    from server.http.audit import make_audit_blueprint
+    from server.http.auth import make_auth_blueprint
+    from server.http.fhir_api import build_context
+
+    app.register_blueprint(make_auth_blueprint(lambda: sec["tokens"]))
+    audit_bp = make_audit_blueprint(lambda: sec["audit"])
+
+    @audit_bp.before_request
+    def _auditors_only():
+        if request.path.startswith("/audit/entry") and sec["policy"].enforce:
+            sec["policy"].check(build_context({}), "AuditEvent", "r")
+        return None
+
+    app.register_blueprint(audit_bp)
 
 
 def _oo_response(oo: dict, status: int, headers=None) -> Response:

@@ -118,10 +118,7 @@ def _audit_export(source, ctx: RequestContext, patients: list[str]) -> None:
     if config is None or engine is None or not config.get("audit", True) or not source.writable:
         return
     from server.access import Policy
-    try:
-        from server.audit.log import AuditLog
-    except ImportError:  # TEMPORARY while server/audit/log.py is being written
-        return
+    from server.audit.log import AuditLog
 
     Policy(enforce=False, audit=AuditLog(engine, config)).record(
         ctx, "export", "0", patients=patients,

@@ -297,3 +297,69 @@ def test_pydicom_roundtrip_of_stored_instance(app, client, world):
     ds = pydicom.dcmread(io.BytesIO(body[start:]), force=True)
     assert ds.SOPInstanceUID == sop
     assert orjson.loads(orjson.dumps({"ok": True}))["ok"]
+
+
+# ------------------------------------------------------------------ audit
+def audit_entries(app, client, **params) -> list[dict]:
+    h = bearer(app, "system/AuditEvent.rs")
+    r = client.get("/fhir/AuditEvent", query_string={"_count": "200", **params}, headers=h)
+    assert r.status_code == 200, r.data
+    return [e["resource"] for e in r.get_json().get("entry", [])]
+
+
+def subtype(ev: dict) -> str:
+    return ev["subtype"][0]["code"]
+
+
+def test_every_interaction_is_audited_and_searchable_by_auditors(app, client, world):
+    h = bearer(app, "patient/*.rs", patient="a")
+    assert client.get("/fhir/Patient/a", headers=h).status_code == 200
+    assert client.get("/fhir/Patient/b", headers=h).status_code == 404
+    events = audit_entries(app, client, patient="a")
+    reads = [e for e in events if subtype(e) == "read"]
+    assert reads and reads[0]["outcome"] == "0"
+    assert any(ent.get("what", {}).get("reference") == "Patient/a" for ent in reads[0]["entity"])
+    # the refused read of b is there too, as a minor failure
+    assert any(subtype(e) == "read" and e["outcome"] == "4" for e in audit_entries(app, client))
+    # writes of the fixture, failed auth
+    assert client.get("/fhir/Patient/a", headers={"Authorization": "Bearer nonsense"}).status_code == 401
+    kinds = {subtype(e) for e in audit_entries(app, client)}
+    assert {"update", "read", "auth-failure", "search-type"} <= kinds
+
+
+def test_audit_events_are_not_writable_and_need_a_scope(app, client, world):
+    admin = bearer(app, "system/*.cruds")
+    ev = audit_entries(app, client)[0]
+    r = client.post("/fhir/AuditEvent", json=ev, headers=admin)
+    assert r.status_code == 405
+    assert client.put(f"/fhir/AuditEvent/{ev['id']}", json=ev, headers=admin).status_code == 405
+    assert client.delete(f"/fhir/AuditEvent/{ev['id']}", headers=admin).status_code == 405
+    assert client.get("/fhir/AuditEvent", headers=bearer(app, "system/Patient.rs")).status_code == 403
+    assert client.get(f"/fhir/AuditEvent/{ev['id']}", headers=admin).get_json()["id"] == ev["id"]
+    assert client.get(f"/audit/entry/{ev['id']}", headers=bearer(app, "system/Patient.rs")).status_code == 403
+    assert client.get("/audit/sth").status_code == 200
+
+
+def test_write_fails_when_its_audit_entry_cannot_be_written(app, client, world, monkeypatch):
+    admin = bearer(app, "system/*.cruds")
+    log = app.extensions["synthport"]["audit"]
+
+    def broken(event, conn=None):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(log, "append", broken)
+    r = client.post("/fhir/Patient", json={"resourceType": "Patient", "id": "x",
+                                           "name": [{"family": "Lost"}]}, headers=admin)
+    assert r.status_code == 500
+    r = client.get("/fhir/Patient/a", headers=admin)
+    assert r.status_code == 500          # a read whose entry cannot be written gives nothing
+    monkeypatch.undo()
+    found = client.get("/fhir/Patient?family=Lost", headers=admin).get_json()
+    assert found.get("total", len(found.get("entry", []))) == 0
+
+
+def test_audit_verify_after_traffic(app, client, world):
+    log = app.extensions["synthport"]["audit"]
+    client.get("/fhir/Patient/a", headers=bearer(app, "system/*.rs"))
+    report = log.verify()
+    assert report.ok and report.checked > 5
