@@ -12,7 +12,6 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, OctKey, RSAKey
 
-from server.auth.clients import Client
 from server.auth.tokens import OAuthError, TokenService
 from server.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from tests.unit.server.auth.conftest import TOKEN_URL, assertion, token_form
