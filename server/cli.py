@@ -224,6 +224,55 @@ def train(data_dir, config_file, name, device, epochs, event_epochs, image_epoch
         raise click.ClickException(exc.message) from exc
 
 
+@main.command()
+@_common
+@click.argument("name")
+@click.option("--version", "model_version", type=int, default=None, help="Default: the newest.")
+@click.option("--n", "n", type=int, default=None,
+              help="Synthetic patients to sample (default: as many as were trained on).")
+@click.option("--baselines", default=",".join(("gaussian_copula", "sdv_gaussian_copula", "ctgan",
+                                               "tabularargn")), show_default=True,
+              help="Comma-separated baselines fitted on the same rows ('none': no baseline).")
+@click.option("--baseline-epochs", type=int, default=None, help="Epochs of CTGAN/TabularARGN.")
+@click.option("--event-patients", type=int, default=200, show_default=True,
+              help="Synthetic patients whose events are generated and compared.")
+@click.option("--target", default=None, help="Binary column for TSTR (default: a condition flag).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-images", is_flag=True, help="Skip the image model's metric.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Also write report.json and report.html here.")
+def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_epochs,
+             event_patients, target, seed, no_images, out_dir):
+    """Evaluate model NAME against the real store (fidelity, privacy, utility, baselines);
+    the report is stored with the model and written as report.json + report.html."""
+    from server.errors import SynthportError
+    from server.synthetic.evaluation import EvaluateSettings, evaluate_model
+
+    cfg, store, dicom, reg = _synthetic_env(data_dir, config_file)
+    names = [b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"]
+    settings = EvaluateSettings(n=n, seed=seed, baselines=names, baseline_epochs=baseline_epochs,
+                                event_patients=event_patients, target=target, images=not no_images)
+    try:
+        report = evaluate_model(reg, store, dicom, name, model_version, settings, out_dir,
+                                echo=click.echo)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    s = report["summary"]
+    for label, row in [("synthport", s["model"])] + list(s["baselines"].items()):
+        if row.get("status") != "ok":
+            click.echo(f"  {label:20s} {row.get('status')}")
+            continue
+        click.echo(f"  {label:20s} quality {_fmt(row['quality'])}  exact copies {row['exact_copies']}  "
+                   f"DCR<p5 {_fmt(row['dcr_share_closer_than_holdout_p5'])}  singling-out "
+                   f"{_fmt(row['singling_out_risk'])}  linkability {_fmt(row['linkability_risk'])}  "
+                   f"inference {_fmt(row['inference_risk_max'])}  TSTR/TRTR {_fmt(row['tstr_trtr_ratio'])}")
+    click.echo(f"  event order violations {s['order_violations']}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 @main.group()
 def cohort():
     """Synthetic cohorts: (model, seed, size) served at /synthetic/NAME/..."""
@@ -340,14 +389,18 @@ def client():
 @click.option("--name", default="", help="A label.")
 def client_add(data_dir, config_file, client_id, jwks_file, jwks_url, scopes, ae_titles, purpose,
                deidentified, name):
-    """Register CLIENT_ID with its public keys (--jwks FILE or --jwks-url URL)."""
+    """Register CLIENT_ID with its public keys (--jwks FILE or --jwks-url URL), or as a
+    DIMSE-only client known by its calling AE title(s)."""
     import orjson
 
     from server.auth.clients import Client
     from server.errors import SynthportError
 
-    if bool(jwks_file) == bool(jwks_url):
-        raise click.UsageError("give exactly one of --jwks FILE and --jwks-url URL")
+    if jwks_file and jwks_url:
+        raise click.UsageError("give one of --jwks FILE and --jwks-url URL, not both")
+    if not (jwks_file or jwks_url or ae_titles):
+        raise click.UsageError("give --jwks FILE or --jwks-url URL (or --ae-title for a "
+                               "DIMSE-only client)")
     jwks = None
     if jwks_file:
         try:
@@ -373,7 +426,7 @@ def client_list(data_dir, config_file):
     service = _auth_env(data_dir, config_file)
     try:
         for c in service.clients.list():
-            keys = c.jwks_url or f"jwks ({len(c.jwks['keys'])} keys)"
+            keys = c.jwks_url or (f"jwks ({len(c.jwks['keys'])} keys)" if c.jwks else "DIMSE only")
             flags = ",".join(f for f, on in (("research", c.purpose == "research"),
                                              ("deidentified", c.deidentified),
                                              ("inactive", not c.active)) if on) or "-"

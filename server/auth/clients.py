@@ -167,8 +167,10 @@ class ClientRegistry:
         if not CLIENT_ID.match(client.client_id or ""):
             raise InvalidRequest(f"client_id '{client.client_id}': letters, digits and "
                                  "._~- only, at most 256 characters")
-        if client.jwks is None and not client.jwks_url:
-            raise InvalidRequest("A client needs its public keys: a JWKS or a JWKS URL")
+        if client.jwks is None and not client.jwks_url and not client.ae_titles:
+            # A DIMSE-only client (a modality, a PACS) is known by its AE title alone.
+            raise InvalidRequest("A client needs its public keys (a JWKS or a JWKS URL), "
+                                 "or an AE title for DIMSE only")
         if client.jwks is not None and client.jwks_url:
             raise InvalidRequest("Give a JWKS or a JWKS URL, not both")
         if client.jwks is not None:

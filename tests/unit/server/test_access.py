@@ -266,7 +266,8 @@ def test_dimse_calling_ae_acts_as_its_client(app, world):
                               scopes="system/ImagingStudy.cruds", ae_titles=["CTROOM"], purpose="",
                               deidentified=False, active=True))
     assert guard.find(RequestContext(caller="CTROOM", channel="dimse"), "STUDY", {}) == []
-    ext["clients"].add(Client(client_id="viewer", name="viewer", jwks=jwks, jwks_url=None,
+    # a DIMSE-only client: known by its AE title, no keys, no tokens
+    ext["clients"].add(Client(client_id="viewer", name="viewer", jwks=None, jwks_url=None,
                               scopes="system/Patient.rs", ae_titles=["VIEWER"], purpose="",
                               deidentified=False, active=True))
     with pytest.raises(Forbidden):
