@@ -311,3 +311,16 @@ def test_client_validation(env):
     with pytest.raises(InvalidRequest):
         env.add("bad id")
     assert env.service.clients.list() == []
+
+
+def test_client_without_keys_gets_no_token(env):
+    """A DIMSE-only client (AE title, no keys) cannot authenticate at the token endpoint."""
+    from sqlalchemy import insert
+
+    from server.auth.clients import client_table
+
+    with env.service.engine.begin() as conn:
+        conn.execute(insert(client_table).values(
+            client_id="modality", name="", jwks=None, jwks_url=None, scopes="system/*.rs",
+            ae_titles='["MOD1"]', purpose="", deidentified=False, active=True, created=0.0))
+    _refused(env, token_form(assertion(env.ec, "modality")), match="no registered keys")
