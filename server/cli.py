@@ -516,6 +516,45 @@ def audit_sth(data_dir, config_file):
     log.engine.dispose()
 
 
+@main.command("deidentify-dicom")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the de-identified files (<new SOP Instance UID>.dcm).")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Secret key (base64 or 32+ raw bytes); default: setting dicom_deid_key_file.")
+@click.option("--no-retain-dates", is_flag=True, help="Remove dates instead of shifting them.")
+@click.option("--no-retain-patient-chars", is_flag=True,
+              help="Remove sex, age, size, weight and other patient characteristics.")
+@click.option("--no-clean-descriptors", is_flag=True,
+              help="Remove descriptions instead of cleaning them.")
+@click.option("--retain-uids", is_flag=True, help="Keep the original UIDs.")
+@click.option("--pixel-rules", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON regions to blank in images with burned-in annotation.")
+def deidentify_dicom(inputs, out_dir, key_file, no_retain_dates, no_retain_patient_chars,
+                     no_clean_descriptors, retain_uids, pixel_rules):
+    """De-identify DICOM files and folders (PS3.15 Annex E, docs/deidentification.md)."""
+    from server.deid.dicom import (DicomDeidOptions, deidentify_files, key_from_file,
+                                   load_pixel_rules)
+    from server.errors import SynthportError
+
+    key_file = key_file or load_config().get("dicom_deid_key_file")
+    if not key_file:
+        raise click.UsageError("--key-file (or the setting dicom_deid_key_file) is required")
+    try:
+        options = DicomDeidOptions(
+            retain_long_modified_dates=not no_retain_dates,
+            retain_patient_chars=not no_retain_patient_chars,
+            clean_descriptors=not no_clean_descriptors, retain_uids=retain_uids,
+            pixel_rules=load_pixel_rules(pixel_rules) if pixel_rules else [])
+        key = key_from_file(key_file)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    done, failed = deidentify_files(inputs, out_dir, key, options,
+                                    report=lambda line: click.echo(line, err=True))
+    click.echo(f"{done} de-identified, {failed} refused or failed", err=True)
+    sys.exit(1 if failed else 0)
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

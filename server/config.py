@@ -101,6 +101,9 @@ SETTINGS: tuple[Setting, ...] = (
             "controller needs it to re-identify."),
     Setting("deid_config", "", "FHIR de-identification configuration (JSON, Microsoft FHIR "
             "Anonymizer format); empty means the shipped Safe Harbor + EHDS default."),
+    Setting("dicom_deid_key_file", "", "Key for DICOM de-identification (HMAC-SHA256 of UIDs, "
+            "pseudonyms and per-patient date offsets; base64 or 32+ raw bytes). Keep it outside "
+            "the database; the same key gives the same de-identified UIDs (docs/deidentification.md)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
