@@ -244,8 +244,6 @@ class TokenService:
         if client.jwks is None and not client.jwks_url:
             raise OAuthError("invalid_client", "this client is registered for DIMSE only "
                                                "(no public keys)")
-        if client.jwks is None and not client.jwks_url:
-            raise OAuthError("invalid_client", "the client has no registered keys (DIMSE only)")
         if client.jwks is not None:
             keyset = KeySet.import_key_set(client.jwks)
             key = _by_kid(keyset, kid)

@@ -323,4 +323,4 @@ def test_client_without_keys_gets_no_token(env):
         conn.execute(insert(client_table).values(
             client_id="modality", name="", jwks=None, jwks_url=None, scopes="system/*.rs",
             ae_titles='["MOD1"]', purpose="", deidentified=False, active=True, created=0.0))
-    _refused(env, token_form(assertion(env.ec, "modality")), match="no registered keys")
+    _refused(env, token_form(assertion(env.ec, "modality")), match="DIMSE only")
