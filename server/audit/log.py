@@ -20,6 +20,7 @@ Search (``/fhir/AuditEvent``) pages newest first by ``seq``; a page's next link 
 from __future__ import annotations
 
 import base64
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
 from sqlalchemy import (BigInteger, Column, Float, Integer, LargeBinary, MetaData, String, Table,
-                        Text, and_, func, insert, not_, or_, select, update)
+                        Text, and_, func, insert, not_, or_, select)
 from sqlalchemy.engine import Connection, Engine
 
 from server.audit import merkle
@@ -236,16 +237,49 @@ class AuditLog:
             raise InternalError(f"The audit entry could not be written "
                                 f"({type(exc).__name__}: {exc})") from exc
 
-    def _lock_state(self, conn: Connection):
-        q = select(state_table.c.tree_size, state_table.c.frontier).where(state_table.c.id == 1)
-        if self._pg:
-            q = q.with_for_update()  # serialises appends across workers and hosts
-        row = conn.execute(q).first()
+    def append_many(self, events: list[dict]) -> list[int]:
+        """Append several AuditEvents in one transaction (group commit, server/audit/group.py);
+        all or none are written.
+
+        Raises:
+            InternalError: the entries could not be written.
+        """
+        try:
+            c = begin_write(self.engine)
+            try:
+                with c.begin():
+                    return [self._append_locked(c, dict(ev), index_values(ev)) for ev in events]
+            finally:
+                c.close()
+        except SynthportError:
+            raise
+        except Exception as exc:  # never swallow: an interaction without its audit fails
+            raise InternalError(f"The audit entries could not be written "
+                                f"({type(exc).__name__}: {exc})") from exc
+
+    @functools.cached_property
+    def _sql(self) -> dict[str, str]:
+        """The append path's statements as driver SQL (no per-call statement building:
+        an append runs on every request)."""
+        m = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        lock = " FOR UPDATE" if self._pg else ""  # PostgreSQL: serialise appends on the row
+        return {
+            "state": f"SELECT tree_size, frontier FROM audit_state WHERE id = 1{lock}",
+            "entry": "INSERT INTO audit_entry (seq, recorded, entry, leaf_hash, action, subtype, "
+                     f"outcome, agent, source) VALUES ({', '.join([m] * 9)})",
+            "ref": f"INSERT INTO audit_ref (ref, seq) VALUES ({m}, {m})",
+            "node": f"INSERT INTO audit_node (level, idx, hash) VALUES ({m}, {m}, {m})",
+            "update": f"UPDATE audit_state SET tree_size = {m}, frontier = {m} WHERE id = 1",
+        }
+
+    def _lock_state(self, conn: Connection) -> tuple[int, list[bytes]]:
+        row = conn.exec_driver_sql(self._sql["state"]).first()
         if row is None:
             raise InternalError("audit_state row is missing (migration 0006 not applied?)")
         return int(row[0]), _decode_frontier(row[1])
 
     def _append_locked(self, conn: Connection, body: dict, v: IndexValues) -> int:
+        sql = self._sql
         size, frontier = self._lock_state(conn)
         seq = size
         body["id"] = str(seq)
@@ -253,16 +287,14 @@ class AuditLog:
         entry = canonical(body)
         leaf = merkle.leaf_hash(entry)
         frontier, made = merkle.append_with_nodes(frontier, size, leaf)
-        conn.execute(insert(E), {"seq": seq, "recorded": v.recorded, "entry": entry,
-                                 "leaf_hash": leaf, "action": v.action, "subtype": v.subtype,
-                                 "outcome": v.outcome, "agent": v.agent, "source": v.source})
+        conn.exec_driver_sql(sql["entry"], (seq, v.recorded, entry, leaf, v.action, v.subtype,
+                                            v.outcome, v.agent, v.source))
         if v.refs:
-            conn.execute(insert(ref_table), [{"ref": r, "seq": seq} for r in v.refs])
-        nodes = [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in made if lv >= NODE_MIN_LEVEL]
+            conn.exec_driver_sql(sql["ref"], [(r, seq) for r in v.refs])
+        nodes = [(lv, ix, h) for lv, ix, h in made if lv >= NODE_MIN_LEVEL]
         if nodes:
-            conn.execute(insert(node_table), nodes)
-        conn.execute(update(state_table).where(state_table.c.id == 1)
-                     .values(tree_size=size + 1, frontier=_encode_frontier(frontier)))
+            conn.exec_driver_sql(sql["node"], nodes)
+        conn.exec_driver_sql(sql["update"], (size + 1, _encode_frontier(frontier)))
         return seq
 
     # ------------------------------------------------------------------ tree heads
@@ -290,8 +322,12 @@ class AuditLog:
         return {"tree_size": int(row.tree_size), "timestamp": int(round(row.timestamp * 1000)),
                 "sha256_root_hash": _b64(bytes(row.root_hash)), "signature": row.signature}
 
-    def sign_tree_head(self) -> dict:
+    def sign_tree_head(self, min_interval: float = 0.0) -> dict:
         """Sign the current tree head, or return the latest STH if the tree did not grow.
+
+        Args:
+            min_interval: also return the latest STH while it is younger than this many
+                seconds (bounds the number of STHs a busy log accumulates).
 
         Returns:
             ``{"tree_size", "timestamp" (ms since the epoch), "sha256_root_hash" (base64),
@@ -304,7 +340,8 @@ class AuditLog:
                 size, frontier = self._lock_state(c)
                 latest = c.execute(select(sth_table).order_by(sth_table.c.tree_size.desc())
                                    .limit(1)).first()
-                if latest is not None and int(latest.tree_size) == size:
+                if latest is not None and (int(latest.tree_size) == size or
+                                           time.time() - latest.timestamp < min_interval):
                     return self._sth_dict(latest)
                 root = merkle.root_from_frontier(frontier, size)
                 ts_ms = int(time.time() * 1000)
@@ -435,7 +472,7 @@ class AuditLog:
     def read(self, seq: int | str) -> StoredResource:
         """``AuditEvent/<seq>`` as a stored resource."""
         s = str(seq)
-        if not s.isdigit() or len(s) > 18:
+        if not s.isdigit() or len(s) > 18 or s != str(int(s)):
             raise NotFound(f"AuditEvent/{s} is not known")
         body = self.entry(int(s))
         try:

@@ -42,6 +42,8 @@ def test_append_stores_canonical_entry(audit_log):
         audit_log.read("1")
     with pytest.raises(NotFound):
         audit_log.read("abc")
+    with pytest.raises(NotFound):
+        audit_log.read("00")
 
 
 def test_append_inside_callers_transaction_rolls_back_with_it(audit_log):
@@ -109,6 +111,7 @@ def test_verify_good_log_and_sths(audit_log):
     assert not audit_log.check_sth(dict(sth5, tree_size=6))
     assert not audit_log.check_sth(dict(sth5, sha256_root_hash=empty["sha256_root_hash"]))
     fill(audit_log, 4, 5)
+    assert audit_log.sign_tree_head(min_interval=3600) == sth5  # rate-limited: reused
     sth9 = audit_log.sign_tree_head()
     assert sth9["tree_size"] == 9
     size, root = audit_log.root()
