@@ -4,6 +4,8 @@
   register a cohort and build its index (synchronously); 201 with the cohort.
 * ``GET /admin/cohorts``: the cohorts; ``GET /admin/cohorts/<name>``: one.
 * ``GET /admin/models``: the registered models (settings, timings, evaluation).
+* ``GET /admin/models/<name>/evaluation`` (``?version=V``, default the newest): the
+  report of ``synthport evaluate`` as JSON; ``.../evaluation.html``: the same as a page.
 
 Errors are OperationOutcomes like the FHIR API's (400 bad input, 404 unknown model,
 409 a name that exists). Access control hooks in with the rest of the server's.
@@ -16,10 +18,20 @@ from flask import Blueprint, Response, request
 from server.errors import InvalidRequest
 from server.http.synthetic import registry
 from server.synthetic.cohort import create_cohort
+from server.synthetic.evaluation import stored_evaluation, stored_evaluation_html
 
 
 def _json(body, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _version_arg() -> int | None:
+    v = request.args.get("version")
+    if v is None:
+        return None
+    if not v.isdigit():
+        raise InvalidRequest("version must be a positive integer")
+    return int(v)
 
 
 def make_admin_blueprint() -> Blueprint:
@@ -58,5 +70,14 @@ def make_admin_blueprint() -> Blueprint:
     @bp.get("/models")
     def list_models():
         return _json([m.to_json() for m in registry().models()])
+
+    @bp.get("/models/<name>/evaluation")
+    def model_evaluation(name: str):
+        return _json(stored_evaluation(registry(), name, _version_arg()))
+
+    @bp.get("/models/<name>/evaluation.html")
+    def model_evaluation_html(name: str):
+        return Response(stored_evaluation_html(registry(), name, _version_arg()),
+                        content_type="text/html; charset=utf-8")
 
     return bp
