@@ -622,6 +622,7 @@ def security_layer(cfg, store, dicom) -> dict[str, Any]:
 
     ``auth = off`` is development mode: every caller may do everything (still audited).
     """
+    from server.audit.group import GroupCommit
     from server.audit.log import AuditLog
     from server.auth.clients import ClientRegistry
     from server.auth.tokens import TokenService
@@ -633,7 +634,7 @@ def security_layer(cfg, store, dicom) -> dict[str, Any]:
     if mode == "off":
         log.warning("auth = off: DEVELOPMENT MODE, the real source is open to every caller "
                     "without a token. Never run this with real patient data.")
-    audit = AuditLog(store.engine, cfg) if cfg["audit"] else None
+    audit = GroupCommit(AuditLog(store.engine, cfg)) if cfg["audit"] else None
     clients = ClientRegistry(store.engine)
     consent = ConsentPolicy(store, cfg["consent_default"])
     policy = Policy(enforce=mode == "required", consent=consent, audit=audit,

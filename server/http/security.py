@@ -6,6 +6,9 @@ boundary (server/access.py), the same for FHIR, DICOMweb and DIMSE.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import replace
 
 from flask import current_app, g, request
@@ -14,6 +17,28 @@ from server.errors import Unauthorized
 from server.source import RequestContext
 
 log = logging.getLogger("synthport.auth")
+
+# Verified tokens of this process (an ES384 verification costs more than a read): a
+# token stays usable until its exp, as its signature says; nothing more is remembered.
+_VERIFIED: OrderedDict[tuple[int, str], object] = OrderedDict()
+_VERIFIED_MAX = 4096
+_lock = threading.Lock()
+
+
+def _verify(tokens, token: str):
+    now = time.time()
+    key = (id(tokens), token)           # per token service: per server key
+    with _lock:
+        hit = _VERIFIED.get(key)
+        if hit is not None and hit.exp > now and tokens.clock() < hit.exp:
+            _VERIFIED.move_to_end(key)
+            return hit
+    claims = tokens.verify(token)
+    with _lock:
+        _VERIFIED[key] = claims
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+    return claims
 
 
 def bearer_claims():
@@ -35,7 +60,7 @@ def bearer_claims():
                 raise Unauthorized("The Authorization header must be 'Bearer <access token>'")
             if tokens is None:
                 raise Unauthorized("This server issues no tokens")
-            claims = tokens.verify(token.strip())
+            claims = _verify(tokens, token.strip())
         except Unauthorized as exc:
             _audit_failure(exc.message)
             raise
