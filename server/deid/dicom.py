@@ -161,6 +161,7 @@ _T = tag_for_keyword
 PATIENT_ID = _T("PatientID")
 PATIENT_NAME = _T("PatientName")
 STUDY_ID = _T("StudyID")
+ACQUISITION_CONTEXT_SEQUENCE = _T("AcquisitionContextSequence")
 _WRITTEN = frozenset({_T("PatientIdentityRemoved"), _T("DeidentificationMethod"),
                       _T("DeidentificationMethodCodeSequence"),
                       _T("LongitudinalTemporalInformationModified"), _T("BurnedInAnnotation")})
@@ -193,13 +194,14 @@ _IDENTIFYING_KEYWORDS = frozenset({
     "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "PersonAddress",
     "PersonTelephoneNumbers", "RegionOfResidence", "DetectorID", "GantryID", "PlateID",
     "CassetteID", "GeneratorID"})
-_SHAPES = re.compile("|".join([
-    r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b",             # 12/03/2021, 2021-03-12
+# One pass each, in this order (a phone number pattern must not eat half a date).
+_SHAPES = tuple(re.compile(p) for p in (
+    r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b",               # e-mail addresses
     r"\b\d+(?:\.\d+){3,}\b",                           # UIDs
+    r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b",             # 12/03/2021, 2021-03-12
     r"\+?\(?\d[\d ()\-]{6,}\d",                        # phone numbers
     r"\b\d{5,}\b",                                     # record numbers, IDs, 20210312
-    r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b",               # e-mail addresses
-]))
+))
 
 
 # --- options and pixel rules ----------------------------------------------------------------
@@ -519,6 +521,11 @@ class _Deidentifier:
                 return "K"
         if o.clean_descriptors and tag in CLEAN_DESCRIPTORS:
             return "C"
+        if basic == "X/Z" and vr == "SQ":
+            # An empty sequence conforms only where it is Type 2: Acquisition Context
+            # Sequence (Acquisition Context Module); elsewhere (Referenced Study Sequence in
+            # the General Study Module) it is Type 3 and goes.
+            return "Z" if tag == ACQUISITION_CONTEXT_SEQUENCE else "X"
         if basic is not None:
             return _CHOICE.get(basic, basic)
         if vr in ("DA", "DT", "TM"):
@@ -541,7 +548,8 @@ class _Deidentifier:
         text = value
         if self.identifiers is not None:
             text = self.identifiers.sub(_REDACTED, text)
-        text = _SHAPES.sub(_REDACTED, text)
+        for shape in _SHAPES:
+            text = shape.sub(_REDACTED, text)
         text = re.sub(r"(?:\*{3}[\s,;:/-]*){2,}", _REDACTED + " ", text).strip()
         if not re.search(r"[^\W_]", text.replace(_REDACTED, "")):
             return None
@@ -570,7 +578,8 @@ class _Deidentifier:
         """Apply the profile to ``ds`` and, recursively, to every sequence item.
 
         ``mode`` says what happens to text that the table leaves alone inside a sequence
-        whose own action is D (``dummy``) or C (``clean``).
+        whose own action is D (``dummy``: dummy values, codes kept; ``dummy-codes``: codes
+        too) or C (``clean``: cleaned, codes kept).
         """
         for elem in list(ds):
             tag = int(elem.tag)
@@ -620,8 +629,11 @@ class _Deidentifier:
                 self.apply(ds, elem, self.basic_fallback(int(elem.tag)), mode)
         elif act == "D":
             if vr == "SQ":
+                # Codes are not identifying (Table E.1-1 note 10) except those of people.
+                inner = "dummy-codes" if elem.keyword.endswith("IdentificationCodeSequence") \
+                    else "dummy"
                 for item in elem.value or []:
-                    self.process(item, "dummy", top=False)
+                    self.process(item, inner, top=False)
             elif vr == "UI":
                 elem.value = self.map_uid(elem.value)
             elif vr in ("DA", "DT") and self.options.retain_long_modified_dates \
@@ -642,9 +654,9 @@ class _Deidentifier:
             for item in elem.value or []:
                 self.process(item, mode, top=False)
         elif act == "K*" and mode != "keep" and vr in _TEXT_VRS:
-            if mode == "clean" and elem.keyword in _CODE_KEYWORDS:
+            if mode in ("clean", "dummy") and elem.keyword in _CODE_KEYWORDS:
                 return
-            if mode == "dummy" or not self._text_values(elem, self.clean_text):
+            if mode != "clean" or not self._text_values(elem, self.clean_text):
                 if elem.value not in (None, ""):
                     elem.value = _dummy(vr)
 
@@ -770,17 +782,26 @@ def deidentify_dataset(ds: Dataset, key: bytes,
     """
     options = options or DicomDeidOptions()
     out = copy.deepcopy(ds)
-    _deidentify_in_place(out, key, options, pixels=True)
+    original_meta = copy.deepcopy(getattr(out, "file_meta", None) or Dataset())
+    engine = _deidentify_in_place(out, key, options, pixels=True)
     if "TransferSyntaxUID" in (getattr(out, "file_meta", None) or {}):
-        _replace_file_meta(out, UID(out.file_meta.TransferSyntaxUID))
+        _replace_file_meta(out, UID(out.file_meta.TransferSyntaxUID), original_meta, engine)
     return out
 
 
-def _replace_file_meta(ds: Dataset, ts: UID) -> None:
+def _replace_file_meta(ds: Dataset, ts: UID, original: Dataset, engine: _Deidentifier) -> None:
     # PS3.15 §E.1.1 step 7: file meta information and preamble describe the de-identifier.
+    sop_class = ds.get("SOPClassUID") or original.get("MediaStorageSOPClassUID")
+    sop = ds.get("SOPInstanceUID")
+    if not sop and original.get("MediaStorageSOPInstanceUID"):
+        sop = original.MediaStorageSOPInstanceUID
+        if not engine.options.retain_uids:
+            sop = deidentified_uid(engine.key, sop)
+    if not sop_class or not sop:
+        raise InvalidRequest("Not a DICOM instance: no SOP Class UID or SOP Instance UID")
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop
     meta.TransferSyntaxUID = ts
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "SYNTHPORT_DEID"
@@ -807,10 +828,14 @@ def deidentify_bytes(data: bytes, key: bytes, options: DicomDeidOptions | None =
     if ds.file_meta.get("MediaStorageSOPClassUID") == "1.2.840.10008.1.3.10":
         raise InstanceRefused("Refused: a DICOMDIR is not de-identified; build a new one "
                               "from the de-identified files")
-    _deidentify_in_place(ds, key, options, pixels=True)
-    _replace_file_meta(ds, UID(ds.file_meta.TransferSyntaxUID))
+    original_meta = copy.deepcopy(ds.file_meta)
+    engine = _deidentify_in_place(ds, key, options, pixels=True)
+    _replace_file_meta(ds, UID(ds.file_meta.TransferSyntaxUID), original_meta, engine)
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    try:
+        ds.save_as(buf, enforce_file_format=True)
+    except Exception as exc:   # noqa: BLE001 - values pydicom cannot encode
+        raise InvalidRequest(f"The de-identified instance cannot be written: {exc}") from exc
     return buf.getvalue()
 
 
