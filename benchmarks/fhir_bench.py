@@ -81,6 +81,9 @@ TARGETS = {
 
 
 # ------------------------------------------------------------------ small helpers
+AUTH_MODE = "required"     # --auth
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -410,6 +413,7 @@ class Server:
     def __enter__(self):
         env = self.store.env()
         env["SYNTHPORT_DIMSE_PORT"] = str(free_port())
+        env["SYNTHPORT_AUTH"] = AUTH_MODE
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(self.cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -434,6 +438,13 @@ class Server:
                 raise SystemExit(f"synthport serve did not answer ({last}):\n{self.tail()}")
             time.sleep(0.2)
         self.pids = self.worker_pids()
+        if AUTH_MODE == "required":
+            # A token for the whole run (docs/security.md): every request carries it, as a
+            # real client's would; the server verifies and audits each.
+            out = subprocess.run(synthport_command() + [
+                "token", "--data-dir", str(self.store.data_dir), "--scope", "system/*.cruds",
+                "--lifetime", "86400"], env=env, capture_output=True, text=True, check=True)
+            os.environ["BENCH_TOKEN"] = out.stdout.strip()
         return self
 
     def worker_pids(self) -> list[int]:
@@ -486,6 +497,8 @@ class Client:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict | None = None) -> tuple[int, bytes, float]:
         h = {"Accept": FHIR_JSON}
+        if os.environ.get("BENCH_TOKEN"):
+            h["Authorization"] = "Bearer " + os.environ["BENCH_TOKEN"]
         h.update(headers or {})
         for attempt in (0, 1):
             if self.conn is None:
@@ -712,7 +725,10 @@ function init(args)
   math.randomseed((tonumber(os.getenv("BENCH_SEED")) or 1) * 1000 + (tid or 0))
 end
 request = function()
-  return wrk.format("GET", ids[math.random(#ids)], {["Accept"] = "application/fhir+json"})
+  local token = os.getenv("BENCH_TOKEN")
+  local h = {["Accept"] = "application/fhir+json"}
+  if token and token ~= "" then h["Authorization"] = "Bearer " .. token end
+  return wrk.format("GET", ids[math.random(#ids)], h)
 end
 """
 
@@ -1007,6 +1023,9 @@ def parse_args(argv=None):
                     help=f"empty: SQLite in a fresh data dir; a PostgreSQL URL (e.g. {PG_EXAMPLE}): "
                          "a fresh schema per store, dropped at the end")
     ap.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    ap.add_argument("--auth", choices=["required", "off"], default="required",
+                    help="the server's auth setting (default required: requests carry a token, "
+                         "as in production; off = development mode, still audited)")
     ap.add_argument("--threads", type=int, default=None, help="threads per worker (default: server's)")
     ap.add_argument("--load-jobs", type=int, default=None, help="synthport load --jobs (default: cores)")
     ap.add_argument("--post-clients", type=int, default=3, help="ingest B client threads (default 3)")
@@ -1042,7 +1061,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global AUTH_MODE
     args = parse_args(argv)
+    AUTH_MODE = args.auth
     if not args.data.is_dir():
         raise SystemExit(f"no data folder {args.data} (give --data)")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="synthport-bench-"))
