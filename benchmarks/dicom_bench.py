@@ -40,7 +40,7 @@ import requests  # noqa: E402
 
 from tests.e2e.dimse_tools import dcmtk  # noqa: E402
 from tests.e2e.orthanc import OrthancMissing, dicomweb_plugin, run_orthanc  # noqa: E402
-from tests.e2e.server import free_port, run_server  # noqa: E402
+from tests.e2e.server import free_port, run_server, synthport_command  # noqa: E402
 
 
 def build(folder: Path, n: int, prefix: str) -> tuple[str, str, list[Path]]:
@@ -98,7 +98,20 @@ def orthanc_server(folder: Path, sync: bool = True):
 def synthport_server(folder: Path, workers: int):
     dimse_port = free_port()
     os.environ.setdefault("PYTEST_CURRENT_TEST", "")  # run_server reports through pytest
-    with run_server(folder, None, {"SYNTHPORT_DIMSE_PORT": str(dimse_port)}, workers=workers) as fhir_base:
+    with run_server(folder, None, {"SYNTHPORT_DIMSE_PORT": str(dimse_port), "SYNTHPORT_AUTH": "required"},
+                    workers=workers) as fhir_base:
+        # As in production (docs/security.md): dcmtk's calling AE titles act as a registered
+        # client, DICOMweb requests carry a token; every request is checked and audited.
+        data_dir = str(folder / "synthport-data")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHPORT_")}
+        subprocess.run(synthport_command() + ["client", "add", "bench", "--data-dir", data_dir,
+                                              "--ae-title", "STORESCU", "--ae-title", "FINDSCU",
+                                              "--scope", "system/ImagingStudy.cruds"],
+                       env=env, check=True, capture_output=True)
+        token = subprocess.run(synthport_command() + ["token", "--data-dir", data_dir, "--scope",
+                                                      "system/*.cruds", "--lifetime", "86400"],
+                               env=env, check=True, capture_output=True, text=True).stdout.strip()
+        os.environ["BENCH_TOKEN"] = token
         yield fhir_base.rsplit("/fhir", 1)[0] + "/dicomweb", dimse_port, "SYNTHPORT"
 
 
@@ -141,6 +154,8 @@ def run_phases(name: str, web: str, dimse_port: int, aet: str, data: dict, args,
     st1, se1, files1 = data["a"]
     _st2, _se2, files2 = data["b"]
     s = requests.Session()
+    if name == "synthport" and os.environ.get("BENCH_TOKEN"):
+        s.headers["Authorization"] = "Bearer " + os.environ["BENCH_TOKEN"]
     res: dict[str, float] = {}
     acc = {"Accept": "application/dicom+json"}
     if "cstore" in phases and storescu:

@@ -215,14 +215,16 @@ def main() -> int:
         store.engine.dispose()
 
         # ---------------------------------------------------------------- HTTP
-        env = {"SYNTHPORT_DIMSE_PORT": "0"}
+        env = {"SYNTHPORT_DIMSE_PORT": "0", "SYNTHPORT_AUTH": "required"}
         with run_server(work, db_url, env, workers=args.workers) as base:
             u = urllib.parse.urlsplit(base)
             conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+            # as in production: a token on every request, each checked and audited
+            auth = {"Authorization": "Bearer " + _token(work, db_url)}
 
             def get(path: str, **q) -> dict:
                 conn.request("GET", f"{u.path}/{path}?{urllib.parse.urlencode(q)}",
-                             headers={"Accept": "application/fhir+json"})
+                             headers={"Accept": "application/fhir+json", **auth})
                 r = conn.getresponse()
                 body = r.read()
                 if r.status != 200:
@@ -231,7 +233,7 @@ def main() -> int:
 
             def post(path: str, body: dict) -> dict:
                 conn.request("POST", f"{u.path}/{path}", body=json.dumps(body),
-                             headers={"Accept": "application/fhir+json",
+                             headers={"Accept": "application/fhir+json", **auth,
                                       "Content-Type": "application/fhir+json"})
                 r = conn.getresponse()
                 data = r.read()
@@ -304,6 +306,20 @@ def main() -> int:
                 c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     return 0
 
+
+
+
+def _token(work, db_url) -> str:
+    import subprocess
+
+    from tests.e2e.server import synthport_command
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHPORT_")}
+    if db_url:
+        env["SYNTHPORT_DATABASE_URL"] = db_url
+    return subprocess.run(synthport_command() + [
+        "token", "--data-dir", str(Path(work) / "synthport-data"), "--scope", "system/*.rs",
+        "--lifetime", "86400"], env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 if __name__ == "__main__":
     sys.exit(main())
