@@ -46,7 +46,6 @@ import hashlib
 import hmac
 import io
 import json
-import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -66,8 +65,6 @@ from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, UID, UID_dictionary,
                          ExplicitVRLittleEndian)
 
 from server.errors import InstanceRefused, InternalError, InvalidRequest, SynthportError
-
-log = logging.getLogger("synthport.deid")
 
 __all__ = [
     "DicomDeidOptions", "PixelRule", "deidentify_dataset", "deidentify_bytes",
@@ -298,7 +295,8 @@ def load_pixel_rules(path: str | os.PathLike) -> list[PixelRule]:
     if isinstance(data, dict):
         data = data.get("rules")
     if not isinstance(data, list):
-        raise InvalidRequest(f"Pixel rules {path}: expected a list of rules or {{\"rules\": [...]}}")
+        raise InvalidRequest(f"Pixel rules {path}: expected a list of rules or "
+                             '{"rules": [...]}')
     rules = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
@@ -419,7 +417,10 @@ def _words_of_names(value: Any) -> Iterable[str]:
 
 
 def _collect(ds: Dataset, names: set[str], uids: set[str]) -> None:
-    for elem in ds:
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue                               # removed anyway; not worth decoding
+        elem = ds[tag]
         if elem.VR == "SQ":
             for item in elem.value or []:
                 _collect(item, names, uids)
@@ -581,15 +582,16 @@ class _Deidentifier:
         whose own action is D (``dummy``: dummy values, codes kept; ``dummy-codes``: codes
         too) or C (``clean``: cleaned, codes kept).
         """
-        for elem in list(ds):
-            tag = int(elem.tag)
+        for base_tag in list(ds.keys()):
+            tag = int(base_tag)
             group = tag >> 16
-            if elem.tag.is_private or (tag & 0xFFFF) == 0 \
+            if base_tag.is_private or (tag & 0xFFFF) == 0 \
                     or (0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E) and group % 2 == 0:
                 # Private attributes (X, no Retain Safe Private), group lengths; Curve Data
                 # (50xx) and Overlay Data/Comments (60xx) are X: the planes go whole.
-                del ds[elem.tag]
+                del ds[base_tag]
                 continue
+            elem = ds[base_tag]
             if group == 0x0002:
                 if tag not in _META_KEPT_IN_BODY:
                     del ds[elem.tag]
@@ -884,7 +886,8 @@ def deidentify_json(obj: dict, key: bytes, options: DicomDeidOptions | None = No
                     restore(item)
             elif values and isinstance(values[0], str) and values[0].startswith(_BULK_PREFIX):
                 del element["Value"]
-                element["BulkDataURI"] = engine.rewrite_uri(uris[int(values[0][len(_BULK_PREFIX):])])
+                index = int(values[0][len(_BULK_PREFIX):])
+                element["BulkDataURI"] = engine.rewrite_uri(uris[index])
     restore(out)
     return out
 
