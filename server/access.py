@@ -656,12 +656,14 @@ def security_layer(cfg, store, dicom) -> dict[str, Any]:
 
 
 def _deid_key(cfg) -> bytes | None:
-    path = (cfg.get("pseudonym_key_file") or "").strip()
+    """The key of de-identified DICOM access: ``dicom_deid_key_file``, else
+    ``pseudonym_key_file`` (files outside the database; None = no de-identified access)."""
+    path = (cfg.get("dicom_deid_key_file") or cfg.get("pseudonym_key_file") or "").strip()
     if not path:
         return None
-    from server.deid.pseudonym import load_key
+    from server.deid.dicom import key_from_file
 
-    return load_key(path)
+    return key_from_file(path)
 
 
 def guard_dimse_sources(cfg, sec: dict, sources: dict) -> dict:
@@ -845,7 +847,10 @@ class GuardedDicomSource:
             if ctx2.deidentified:
                 from server.deid.dicom import DicomDeidOptions, deidentify_json
 
-                out = [deidentify_json(o, self._key(), DicomDeidOptions(retain_uids=True))
+                # the stored DICOM JSON of each instance (bytes), de-identified as the file is
+                out = [orjson.dumps(deidentify_json(orjson.loads(o) if isinstance(o, (bytes, bytearray))
+                                                    else o, self._key(),
+                                                    DicomDeidOptions(retain_uids=True)))
                        for o in out]
             return out
 

@@ -364,3 +364,35 @@ def test_audit_verify_after_traffic(app, client, world):
     client.get("/fhir/Patient/a", headers=bearer(app, "system/*.rs"))
     report = log.verify()
     assert report.ok and report.checked > 5
+
+
+def test_deidentified_access_gets_annex_e_dicom(db_url, tmp_path):
+    import base64
+    import os as _os
+
+    key = tmp_path / "deid.key"
+    key.write_text(base64.b64encode(_os.urandom(64)).decode())
+    app = create_app({"database_url": db_url, "data_dir": str(tmp_path / "d"), "auth": "required",
+                      "dicom_deid_key_file": str(key)})
+    client = app.test_client()
+    admin = bearer(app, "system/*.cruds")
+    study, r = _stow(client, admin, PatientID="MRN-9", PatientName="Nine^Secret")
+    assert r.status_code == 200, r.data
+    deid = bearer(app, "system/ImagingStudy.rs", deidentified=True)
+    found = client.get(f"/dicomweb/studies?StudyInstanceUID={study}", headers=deid).get_json()
+    assert found and "Secret" not in orjson.dumps(found).decode()
+    meta = client.get(f"/dicomweb/studies/{study}/metadata", headers=deid).get_json()
+    assert "Secret" not in orjson.dumps(meta).decode() and "MRN-9" not in orjson.dumps(meta).decode()
+    series, sop = meta[0]["0020000E"]["Value"][0], meta[0]["00080018"]["Value"][0]
+    assert meta[0]["00120062"]["Value"] == ["YES"]
+    r = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+                   headers={"Accept": 'multipart/related; type="application/dicom"', **deid})
+    assert r.status_code == 200
+    body = r.get_data()
+    ds = pydicom.dcmread(io.BytesIO(body[body.index(b"DICM") - 128:]), force=True)
+    assert ds.PatientIdentityRemoved == "YES" and "Secret" not in str(ds.PatientName)
+    assert ds.SOPInstanceUID == sop            # Retain UIDs: the viewer can navigate
+    # the same caller without the flag sees the real header
+    plain = client.get(f"/dicomweb/studies/{study}/metadata", headers=admin).get_json()
+    assert "Secret" in orjson.dumps(plain).decode()
+    app.extensions["synthport"]["store"].engine.dispose()
