@@ -40,10 +40,14 @@ from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, Iterable
 
+from antlr4 import CommonTokenStream, InputStream
+from antlr4.error.ErrorListener import ErrorListener
 from fhirpathpy import apply_parsed_path
 from fhirpathpy.engine.nodes import FP_Type, ResourceNode
 from fhirpathpy.models import models as _fp_models
 from fhirpathpy.parser import parse as _fp_parse
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from server.deid import pseudonym as psn
 from server.errors import InvalidRequest, Unprocessable
@@ -173,10 +177,24 @@ def _split_union(path: str) -> list[str]:
     return [p.strip() for p in out if p.strip()]
 
 
+class _RaiseOnError(ErrorListener):
+    def syntaxError(self, recognizer, offending, line, column, msg, e):  # noqa: N802
+        raise ValueError(f"at {column}: {msg}")
+
+
 def _parse_fp(expr: str, what: str):
+    """fhirpathpy's parse tree, after a strict syntax check (fhirpathpy's own parser
+    recovers from errors silently: ``Patient.name.where(`` would parse)."""
     try:
+        lexer = FHIRPathLexer(InputStream(expr))
+        lexer.removeErrorListeners()
+        lexer.addErrorListener(_RaiseOnError())
+        parser = FHIRPathParser(CommonTokenStream(lexer))
+        parser.removeErrorListeners()
+        parser.addErrorListener(_RaiseOnError())
+        parser.entireExpression()
         return _fp_parse(expr)
-    except Exception as exc:  # fhirpathpy raises plain exceptions on syntax errors
+    except Exception as exc:  # antlr and fhirpathpy raise plain exceptions
         raise InvalidRequest(f"Invalid FHIRPath in {what}: {expr!r} ({exc})") from None
 
 
@@ -315,6 +333,8 @@ class DeidConfig:
                                  f"(one of {', '.join(METHODS)})")
         _parse_fp(path, where)   # the whole path must parse, as in the Microsoft tool
         rule = Rule(path, canon, dict(raw), [_branch(b, where) for b in _split_union(path)])
+        if canon == "redact" and not isinstance(raw.get("partial", True), bool):
+            raise InvalidRequest(f"{where}: partial must be true or false")
         if canon == "substitute" and "replaceWith" not in raw:
             raise InvalidRequest(f"{where}: substitute needs replaceWith")
         if canon == "perturb":
@@ -632,6 +652,12 @@ def _is_ref_like(node: _Node) -> bool:
             or (node.key == "fullUrl" and p.tpath == "Bundle.entry")
             or (node.key == "url" and p.tpath == "Bundle.entry.request")
             or (node.key == "location" and p.tpath == "Bundle.entry.response"))
+
+
+def _is_structural(node: _Node) -> bool:
+    """Extension.url names the extension's definition, not data: no method changes it
+    (an extension without its url is invalid, FHIR R4 extensibility §2.4.1)."""
+    return node.key == "url" and node.parent is not None and node.parent.type == "Extension"
 
 
 def _is_resource_id(node: _Node) -> bool:
@@ -973,7 +999,7 @@ class DeidEngine:
         self._method(node, rule, run, top)
         run.visited.add(node)
         for c in node.children():
-            if not c.is_resource:
+            if not c.is_resource and not _is_structural(c):
                 self._recurse(c, rule, run)
 
     # ------------------------------------------------------------------ methods
@@ -994,7 +1020,7 @@ class DeidEngine:
         elif not node.prim or node.value is None:
             return
         elif m == "redact":
-            self._redact(node, run)
+            self._redact(node, run, rule.settings.get("partial", True))
         elif m == "dateShift":
             self._date_shift(node, run)
         elif m == "cryptoHash":
@@ -1008,10 +1034,13 @@ class DeidEngine:
     def _today(self) -> dt.date:
         return self.today or dt.datetime.now(dt.timezone.utc).date()
 
-    def _redact(self, node: _Node, run: _Run) -> None:
+    def _redact(self, node: _Node, run: _Run, partial: bool = True) -> None:
         p = self.config.parameters
         v = node.value
-        if node.type in _DATE_TYPES and isinstance(v, str):
+        if not partial:
+            node.value = None
+            run.record("redact")
+        elif node.type in _DATE_TYPES and isinstance(v, str):
             self._redact_date(node, run)
         elif node.type == "decimal" and node.parent is not None and node.parent.type == "Age" \
                 and p.partial_ages and isinstance(v, (int, float)):
@@ -1137,6 +1166,10 @@ class DeidEngine:
                 raise DeidProcessingError(f"substitute: {node.name} is a primitive; "
                                           "replaceWith must be a value")
             node.value = repl
+            # the element's extension part goes too, unless an earlier rule processed it
+            kept = {k: [x for x in ks if self._touches(x, run.visited)]
+                    for k, ks in node.kids.items()}
+            node.kids = {k: ks for k, ks in kept.items() if ks}
         else:
             if repl is None:
                 repl = {}
