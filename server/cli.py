@@ -555,6 +555,82 @@ def deidentify_dicom(inputs, out_dir, key_file, no_retain_dates, no_retain_patie
     sys.exit(1 if failed else 0)
 
 
+@main.command("deidentify")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (same file names and layout as the input).")
+@click.option("--config", "deid_config", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="De-identification config (Microsoft FHIR Anonymizer JSON format); "
+                   "default: the setting deid_config, else the shipped Safe Harbor + EHDS one.")
+@click.option("--pseudonym-key", "key_file", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Pseudonym key file (default: the setting pseudonym_key_file).")
+def deidentify(inputs, out_dir, deid_config, key_file):
+    """De-identify FHIR JSON resources, Bundles and NDJSON files or folders
+    (docs/deidentification.md)."""
+    from server.deid.fhir import DeidConfig, DeidEngine
+    from server.deid.files import deidentify_paths
+    from server.deid.pseudonym import load_key
+    from server.errors import SynthportError
+
+    settings = load_config()
+    key_file = key_file or settings.get("pseudonym_key_file")
+    try:
+        engine = DeidEngine(DeidConfig.load(deid_config or settings.get("deid_config") or None),
+                            pseudonym_key=load_key(key_file) if key_file else None)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    if engine.ephemeral_keys:
+        click.echo("synthport: no pseudonym key: pseudonymize rules fall back, and "
+                   f"{', '.join(engine.ephemeral_keys)} use a random key of this run only",
+                   err=True)
+    done, failed = deidentify_paths(inputs, out_dir, engine,
+                                    report=lambda line: click.echo(line, err=True))
+    click.echo(f"{done} file(s) de-identified, {failed} failed", err=True)
+    sys.exit(1 if failed or not done else 0)
+
+
+@main.command("reidentify")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--pseudonym-key", "key_file", required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="The pseudonym key the files were de-identified with.")
+@click.option("--context", "contexts", multiple=True,
+              help="Context of pseudonymize rules that set one (default: value).")
+def reidentify(inputs, out_dir, key_file, contexts):
+    """Turn the pseudonyms of de-identified FHIR files back (for the key holder only)."""
+    from server.deid.files import reidentify_paths
+    from server.deid.pseudonym import load_key
+    from server.errors import SynthportError
+
+    try:
+        key = load_key(key_file)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    done, failed = reidentify_paths(inputs, out_dir, key,
+                                    report=lambda line: click.echo(line, err=True),
+                                    contexts=tuple(contexts) + ("value",))
+    click.echo(f"{done} file(s) re-identified, {failed} failed", err=True)
+    sys.exit(1 if failed or not done else 0)
+
+
+@main.command("new-pseudonym-key")
+@click.argument("path", type=click.Path(dir_okay=False))
+def new_pseudonym_key(path):
+    """Create a pseudonym key file (64 random bytes, mode 0600; never overwrites).
+    Keep it outside the database and the data directory."""
+    from server.deid.pseudonym import new_key_file
+    from server.errors import SynthportError
+
+    try:
+        new_key_file(path)
+    except SynthportError as exc:
+        raise click.ClickException(exc.message) from exc
+    click.echo(f"pseudonym key written to {path}", err=True)
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
