@@ -560,9 +560,9 @@ def deidentify_dicom(inputs, out_dir, key_file, no_retain_dates, no_retain_patie
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder (same file names and layout as the input).")
 @click.option("--config", "deid_config", default=None,
-              type=click.Path(exists=True, dir_okay=False),
-              help="De-identification config (Microsoft FHIR Anonymizer JSON format); "
-                   "default: the setting deid_config, else the shipped Safe Harbor + EHDS one.")
+              help="De-identification config (Microsoft FHIR Anonymizer JSON format), or "
+                   "'safe-harbor-strict' (dates kept as years only); default: the setting "
+                   "deid_config, else the shipped Safe Harbor + EHDS one.")
 @click.option("--pseudonym-key", "key_file", default=None,
               type=click.Path(exists=True, dir_okay=False),
               help="Pseudonym key file (default: the setting pseudonym_key_file).")

@@ -103,6 +103,7 @@ METHODS = ("keep", "redact", "dateShift", "cryptoHash", "encrypt", "substitute",
            "generalize", "pseudonymize")
 _METHOD_BY_LOWER = {m.lower(): m for m in METHODS}
 SCOPES = ("resource", "file", "folder", "patient")
+STRICT = "safe-harbor-strict"
 AGE_LIMIT = 89  # HIPAA §164.514(b)(2)(i)(C): ages over 89 and dates indicating them
 DATE_SHIFT_RANGE = 50  # days either way, as the Microsoft tool
 
@@ -259,7 +260,8 @@ class DeidConfig:
 
         Args:
             spec: a dict, a JSON file path, ``None``/``""``/``"default"`` for the shipped
-                default, or a DeidConfig (returned as is).
+                default, ``"safe-harbor-strict"`` for the default with every date reduced
+                to its year instead of shifted, or a DeidConfig (returned as is).
 
         Raises:
             InvalidRequest: unreadable file, bad JSON, or an invalid rule or parameter
@@ -267,6 +269,13 @@ class DeidConfig:
         """
         if isinstance(spec, DeidConfig):
             return spec
+        if spec == STRICT:
+            with open(cls.default_path(), encoding="utf-8") as fh:
+                data = json.load(fh)
+            for r in data["fhirPathRules"]:
+                if str(r.get("method", "")).lower() == "dateshift":
+                    r["method"] = "redact"   # with enablePartialDatesForRedact: the year
+            return cls._validate(data)
         if spec is None or spec == "" or spec == "default":
             spec = cls.default_path()
         if isinstance(spec, (str, os.PathLike)):
@@ -1072,11 +1081,15 @@ class DeidEngine:
         v = node.value
         m = _DATE_RE.match(v) if node.type == "date" else _DATETIME_RE.match(v)
         new = None
-        if m and self.config.parameters.partial_dates and node.type != "instant":
+        if m and self.config.parameters.partial_dates:
             y = int(m.group(1))
             mo = int(m.group(2)) if m.group(2) else None
             d = int(m.group(3)) if m.group(3) else None
             new = None if _over_age(y, mo, d, self._today()) else m.group(1)
+            if new and node.type == "instant":
+                # an instant cannot hold a year alone (R4 datatypes: instant); the start of
+                # the year says the same and stays valid (the MS tool writes the bare year)
+                new = f"{new}-01-01T00:00:00{m.group(6) or 'Z'}"
         if new != v:
             node.value = new
             run.record("redact")

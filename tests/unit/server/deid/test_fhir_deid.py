@@ -43,7 +43,7 @@ IDENTIFYING = [
     "VISIT-2024-88812", "1234567893", "1144221847",
     # EHDS national health id, insurance card
     "NHI-DE-8812345678", "EHIC-80276-001-4711",
-    # M vehicle ids, N device ids and serials
+    # L vehicle ids and plates, M device ids and serials
     "1HGCM82633A004352", "MA-7XK-492", "10987654d321", "7654321D", "DIST-555-ABC",
     "ASSET-77120", "00844588003288",
     # N URLs, O IP addresses
@@ -392,7 +392,9 @@ def test_redact_partial_dates_ages_zip():
     assert "birthDate" not in out                        # no partial dates: all gone
     inst = {"resourceType": "Patient", "id": "p", "meta": {"lastUpdated": "2020-01-01T00:00:00Z"}}
     out = eng([{"path": "Patient.meta.lastUpdated", "method": "redact"}], **p).apply(inst)
-    assert "meta" not in out or "lastUpdated" not in out["meta"]  # an instant keeps no year
+    assert out["meta"]["lastUpdated"] == "2020-01-01T00:00:00Z"   # the year, as an instant
+    out = eng([{"path": "Patient.meta.lastUpdated", "method": "redact"}]).apply(inst)
+    assert "lastUpdated" not in out["meta"]
 
 
 def test_date_shift():
@@ -604,3 +606,26 @@ def test_config_files(tmp_path):
         DeidConfig.load(tmp_path / "missing.json")
     f.write_text(json.dumps({"fhirPathRules": [{"path": "Patient.name", "method": "REDACT"}]}))
     assert DeidConfig.load(str(f)).rules[0].method == "redact"
+
+
+def test_strict_safe_harbor_keeps_years_only():
+    out = DeidEngine("safe-harbor-strict", pseudonym_key=KEY, today=TODAY).apply_bundle(_fixture())
+    dates = []
+
+    def walk(o, k=None):
+        if isinstance(o, dict):
+            for kk, v in o.items():
+                walk(v, kk)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v, k)
+        elif isinstance(o, str) and re.match(r"^\d{4}(-\d{2})", o) and \
+                not re.fullmatch(r"\d{4}-01-01T00:00:00(Z|[+-]\d{2}:\d{2})", o):
+            dates.append((k, o))
+    walk(out)
+    assert not dates, dates
+    enc = _by_type(out, "Encounter")[0]
+    assert enc["period"] == {"start": "2024", "end": "2024"}
+    assert _by_type(out, "Patient")[0]["meta"]["lastUpdated"] == "2024-01-01T00:00:00Z"
+    assert _by_type(out, "AuditEvent")[0]["recorded"] == "2024-01-01T00:00:00-05:00"
+    validate(out, "Bundle")
