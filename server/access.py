@@ -586,6 +586,35 @@ class GuardedSource:
         stored = StoredResource(t, str(body.get("id", "")), 0, 0.0, False, orjson.dumps(body))
         return bool(self._visible(ctx, d, t, [stored]))
 
+    # -------------------------------------------------------------- $deidentify
+    def deidentify_patient(self, ctx: RequestContext, patient_id: str, engine,
+                           params: list[tuple[str, str]]) -> dict:
+        """``Patient/{id}/$deidentify``: an export, so research consent applies whatever
+        the caller's purpose; the record is read through :meth:`everything` (checked,
+        filtered and audited like it)."""
+        from server.fhir.deidentify import deidentify_patient
+
+        if self.policy.consent is not None and self.policy.consent.excluded([patient_id]):
+            exc = Forbidden(f"Patient/{patient_id} has opted out of research use: nothing of "
+                            "this patient is exported")
+            self.policy.record(ctx, "operation", outcome_code(exc), patients=[patient_id],
+                               description=exc.message)
+            raise exc
+        return deidentify_patient(self, ctx, patient_id, engine, params)
+
+    def deidentify_body(self, ctx: RequestContext, body: dict, engine) -> dict:
+        """``$deidentify`` of a posted resource: nothing of the store is read; the caller
+        must still be authenticated when tokens are required."""
+        from server.fhir.deidentify import deidentify_body
+
+        ctx2 = self.policy.resolve(ctx)
+        if self.policy.enforce and ctx2.claims is None:
+            exc = Unauthorized("This source needs a bearer token")
+            self.policy.record(ctx2, "operation", outcome_code(exc), description=exc.message)
+            raise exc
+        return self._run(ctx2, "operation", lambda: deidentify_body(body, engine),
+                         what_of=lambda r: ["$deidentify"])
+
     # -------------------------------------------------------------- AuditEvent
     def _audit_read(self, ctx: RequestContext, res_id: str) -> StoredResource:
         self._deny_audit(ctx, "read", "AuditEvent", "r")

@@ -17,8 +17,11 @@ _COMMON = {
 _OPS = [
     {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"},
 ]
+# $deidentify is synthport's own (docs/deidentification.md): no HL7 definition exists.
+_DEID = "urn:synthport:OperationDefinition:deidentify"
 _PATIENT_OPS = [
     {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+    {"name": "deidentify", "definition": _DEID},
 ]
 
 
@@ -87,7 +90,7 @@ def capability_statement(base_url: str, writable: bool = True, name: str = "real
             "resource": [dict(r) for r in _resources(writable)],
             "interaction": system,
             "searchParam": [{"name": k, "type": v[0], "documentation": v[1]} for k, v in _COMMON.items()],
-            "operation": _OPS,
+            "operation": _OPS + [{"name": "deidentify", "definition": _DEID}],
             **({"security": _security(base_url)} if writable else {}),
         }],
     }

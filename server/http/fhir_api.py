@@ -12,13 +12,14 @@ from typing import Callable
 import orjson
 from flask import Blueprint, Response, current_app, g, request
 
-from server.errors import (InvalidRequest, NotAcceptable, NotFound, UnsupportedMediaType)
+from server.errors import (InvalidRequest, NotAcceptable, NotFound, TooLarge, UnsupportedMediaType)
 from server.fhir import bundles
 from server.fhir.capability import capability_statement
 from server.fhir.openapi import openapi_document
 from server.fhir.terminology_ops import OPERATION_NAMES
 from server.fhir.timeutil import http_date, instant, parse_http_date
 from server.fhir.validation import validate
+from server.http.security import with_claims
 from server.source import RequestContext, Source, StoredResource, WriteResult
 
 FHIR_JSON = "application/fhir+json"
@@ -177,6 +178,16 @@ def make_fhir_blueprint(name: str, url_prefix: str,
             raise NotFound(f"Version '{version}' is not known")
         return resource_response(get_source().vread(ctx(), res_type, res_id, int(version)))
 
+    # --- $deidentify (docs/deidentification.md): an export, through the guard ---------
+    @bp.route("/Patient/<res_id>/$deidentify", methods=["GET", "POST"])
+    def deidentify_patient(res_id: str):
+        return fhir_response(get_source().deidentify_patient(
+            ctx(), res_id, deid_engine(), query_params() + form_params()))
+
+    @bp.post("/$deidentify")
+    def deidentify_body():
+        return fhir_response(get_source().deidentify_body(ctx(), read_body(), deid_engine()))
+
     @bp.route("/Patient/<res_id>/$everything", methods=["GET", "POST"])
     def everything(res_id: str):
         c = ctx()
@@ -207,8 +218,9 @@ def build_context(view_args: dict) -> RequestContext:
                 ret = v
             elif k == "handling" and v in ("strict", "lenient"):
                 handling = v
-    return RequestContext(base_url=base, handling=handling, prefer_return=ret,
-                          request_id=request.headers.get("X-Request-Id", ""))
+    ctx = RequestContext(base_url=base, handling=handling, prefer_return=ret,
+                         request_id=request.headers.get("X-Request-Id", ""))
+    return with_claims(ctx, "dicomweb" if "dicomweb" in prefix else "fhir")
 
 
 @functools.lru_cache(maxsize=256)
@@ -225,6 +237,17 @@ def _base_url(host_url: str, prefix: str) -> str:
 def _openapi_bytes(base_url: str, writable: bool, name: str) -> bytes:
     """The OpenAPI description of a source (2-3 MB, built once per base URL)."""
     return orjson.dumps(openapi_document(capability_statement(base_url, writable, name), base_url))
+
+
+def deid_engine():
+    """The FHIR de-identification engine of this worker, built once from the settings
+    (set ``pseudonym_key_file`` so hashes and date shifts agree across workers)."""
+    ext = current_app.extensions["synthport"]
+    if ext.get("deid_engine") is None:
+        from server.fhir.deidentify import engine_from_settings
+
+        ext["deid_engine"] = engine_from_settings(current_app.config["SYNTHPORT"])
+    return ext["deid_engine"]
 
 
 def check_accept() -> None:
@@ -250,6 +273,12 @@ def read_body(patch: bool = False):
         raise UnsupportedMediaType(f"Content-Type '{ctype}' is not supported; send {FHIR_JSON} "
                                    "(XML is not accepted)")
     data = request.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    # Without Content-Length (chunked, RFC 9112 §7.1) Werkzeug stops reading at the limit
+    # without an error: one byte more on the wire means the body was too large.
+    if limit is not None and request.content_length is None and len(data) >= limit \
+            and request.environ["wsgi.input"].read(1):
+        raise TooLarge(f"Request body larger than the limit of {limit} bytes")
     if not data:
         raise InvalidRequest("Request body is empty")
     try:

@@ -396,3 +396,38 @@ def test_deidentified_access_gets_annex_e_dicom(db_url, tmp_path):
     plain = client.get(f"/dicomweb/studies/{study}/metadata", headers=admin).get_json()
     assert "Secret" in orjson.dumps(plain).decode()
     app.extensions["synthport"]["store"].engine.dispose()
+
+
+# ------------------------------------------------------------------ $deidentify
+def test_deidentify_operation_exports_only_consented_visible_data(app, client, world, tmp_path):
+    from server.deid.pseudonym import new_key_file
+
+    key = tmp_path / "psn.key"
+    new_key_file(str(key))
+    app.config["SYNTHPORT"]["pseudonym_key_file"] = str(key)
+    admin = bearer(app, "system/*.cruds")
+    client.put("/fhir/Patient/a", headers=admin, json={
+        "resourceType": "Patient", "id": "a", "name": [{"family": "Alpha", "given": ["Ann"]}],
+        "birthDate": "1980-04-02", "telecom": [{"system": "phone", "value": "+34 600 111 222"}]})
+    r = client.get("/fhir/Patient/a/$deidentify", headers=admin)
+    assert r.status_code == 200, r.data
+    out = r.get_json()
+    text = orjson.dumps(out).decode()
+    assert out["type"] == "collection" and "Alpha" not in text and "600 111 222" not in text
+    types = {e["resource"]["resourceType"] for e in out["entry"]}
+    assert {"Patient", "Observation"} <= types
+    ids_out = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in out["entry"]}
+    for e in out["entry"]:
+        ref = (e["resource"].get("subject") or {}).get("reference")
+        assert ref is None or ref in ids_out          # references still resolve
+    # b opted out of research use: nothing of b leaves, whoever asks
+    assert client.get("/fhir/Patient/b/$deidentify", headers=admin).status_code == 403
+    # a patient-bound token cannot export another patient
+    assert client.get("/fhir/Patient/a/$deidentify",
+                      headers=bearer(app, "patient/*.rs", patient="c")).status_code == 404
+    assert client.get("/fhir/Patient/a/$deidentify").status_code == 401
+    posted = client.post("/fhir/$deidentify", headers=admin, json={
+        "resourceType": "Patient", "id": "z", "name": [{"family": "Zed"}]})
+    assert posted.status_code == 200 and "Zed" not in posted.get_data(as_text=True)
+    assert any(e["subtype"][0]["code"] == "operation" and e["outcome"] == "4"
+               for e in audit_entries(app, client))
