@@ -272,7 +272,8 @@ def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.Data
         synthetic: its output.
         control: real rows it never saw (the hold-out).
         metadata: column kinds (``fidelity.sdtypes_from_metadata``).
-        n_attacks: targets per set (default: min(len(control), 500)).
+        n_attacks: at most this many targets per set (default 500; each set gives
+            min(n_attacks, its size)) and singling-out predicates.
         aux_columns: what the attacker knows (default: the demographic columns present plus
             up to 10 condition flags nearest 50 % prevalence).
         secrets: inferred columns (default: the 5 flags nearest 50 %, each with the other
@@ -296,8 +297,10 @@ def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.Data
     demo, flags = default_columns(train, cols)
     aux = [c for c in (aux_columns or demo + flags) if c in cols]
     secrets = [c for c in (secrets or flags[:5]) if c in cols]
-    n = int(n_attacks or min(len(control), 500))
+    n = int(n_attacks or 500)
     rs = np.random.default_rng(seed)
+    # as many targets as each set allows (up to n): the training rate is then the more
+    # precise one; both are rates, so the sets need not be of one size
     tr_t = train.iloc[np.sort(rs.choice(len(train), min(n, len(train)), replace=False))]
     ct_t = control.iloc[np.sort(rs.choice(len(control), min(n, len(control)), replace=False))]
     out: dict[str, Any] = {
@@ -305,6 +308,7 @@ def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.Data
         "aux_columns": aux, "secrets": secrets, "confidence": confidence}
     out["singling_out"] = singling_out(train, synthetic, control, columns=cols, sdtypes=sdtypes,
                                        n_attacks=n, seed=seed, confidence=confidence)
+    out["targets"] = {"train": len(tr_t), "control": len(ct_t)}
     if aux:
         space = _Space([train, synthetic, control], aux, sdtypes)
         enc = {k: space.encode(d[aux]) for k, d in (("tr", tr_t), ("ct", ct_t), ("sy", synthetic))}

@@ -114,7 +114,7 @@ def _baseline_section(name: str, train, holdout, meta, n: int, settings: Evaluat
         log.exception("baseline %s failed", name)
         return {"status": "failed", "description": desc, "reason": f"{type(exc).__name__}: {exc}"}
     sec = table_section(train, holdout, syn, meta, target=target, seed=settings.seed,
-                        risks=settings.risks, run_anonymeter=False)
+                        risks=settings.risks, run_anonymeter=False, reference_quality=False)
     sec["fidelity"].pop("column_shapes_details", None)
     sec["fidelity"]["worst_pairs"] = sec["fidelity"]["worst_pairs"][:20]
     sec.update({"status": "ok", "description": desc, "fit_seconds": round(fit_s, 3),
