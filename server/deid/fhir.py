@@ -36,6 +36,7 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -527,7 +528,12 @@ def _emit(node: _Node, index: dict | None = None) -> dict:
 def _alive(node: _Node) -> bool:
     """Prune emptied children; whether ``node`` keeps any content."""
     for key in list(node.kids):
-        kids = [c for c in node.kids[key] if _alive(c)]
+        kids = []
+        for c in node.kids[key]:
+            if _alive(c):
+                kids.append(c)
+            else:
+                c.parent = None      # detached: lookups made before no longer find it
         if kids:
             node.kids[key] = kids
         else:
@@ -538,6 +544,38 @@ def _alive(node: _Node) -> bool:
     return node.is_resource or node.value is not None or bool(node.kids)
 
 
+def _attached(node: _Node, root: _Node) -> bool:
+    while node is not None:
+        if node is root:
+            return True
+        node = node.parent
+    return False
+
+
+class _Lookup:
+    """The elements of one resource by FHIR type and by name (not inside nested
+    resources), built once per resource as the Microsoft tool does; elements removed
+    since are skipped, elements added since were processed by the rule that added them."""
+
+    def __init__(self, res: _Node):
+        self.res = res
+        self.by_type: dict[str, list[_Node]] = {}
+        self.by_name: dict[str, list[_Node]] = {}
+        stack = [res]
+        while stack:
+            n = stack.pop()
+            for c in n.children():
+                if c.type:
+                    self.by_type.setdefault(c.type, []).append(c)
+                self.by_name.setdefault(c.name, []).append(c)
+                if not c.is_resource:
+                    stack.append(c)
+
+    def get(self, kind: str, value: str) -> list[_Node]:
+        found = (self.by_type if kind == "type" else self.by_name).get(value, [])
+        return [n for n in found if _attached(n, self.res)]
+
+
 def _descendants(node: _Node, pred, out: list) -> list:
     """Elements under ``node`` matching ``pred``, not looking inside nested resources."""
     for c in node.children():
@@ -546,6 +584,14 @@ def _descendants(node: _Node, pred, out: list) -> list:
         if not c.is_resource:
             _descendants(c, pred, out)
     return out
+
+
+def _detach_dropped(before: dict, after: dict) -> None:
+    keep = {id(c) for ks in after.values() for c in ks}
+    for ks in before.values():
+        for c in ks:
+            if id(c) not in keep:
+                c.parent = None
 
 
 def _walk_names(nodes: list[_Node], names: Iterable[str]) -> list[_Node]:
@@ -620,11 +666,15 @@ def _over_age(year: int, month: int | None, day: int | None, today: dt.date) -> 
     return age > AGE_LIMIT
 
 
-def transform_reference(ref: str, id_fn, uuid_fn, oid_fn, other_fn) -> str:
+def transform_reference(ref: str, id_fn, uuid_fn, oid_fn, other_fn, ident_fn=None) -> str:
     """Apply ``id_fn`` to the id part of a literal reference (FHIR R4 references §2.3.0.1):
     ``Type/id``, ``base/Type/id[/_history/v]``, ``#id``; ``urn:uuid:`` and ``urn:oid:``
-    through their own functions; a search URL (``Type?params``) loses its query (it may
-    carry identifiers); anything else goes through ``other_fn`` whole."""
+    through their own functions; anything else goes through ``other_fn`` whole.
+
+    A conditional reference (``Type?identifier=system|value``, FHIR R4 transaction
+    §3.1.0.11.2) keeps its ``identifier`` parameters with ``ident_fn`` applied to the value
+    (the function that identifier values get, so that it still matches once both are
+    de-identified); its other parameters are dropped."""
     if ref.startswith("#"):
         return "#" + id_fn(ref[1:]) if len(ref) > 1 else ref
     low = ref.lower()
@@ -632,12 +682,20 @@ def transform_reference(ref: str, id_fn, uuid_fn, oid_fn, other_fn) -> str:
         return "urn:uuid:" + uuid_fn(ref[9:].lower())
     if low.startswith("urn:oid:"):
         return "urn:oid:" + oid_fn(ref[8:])
-    base, q, _ = ref.partition("?")
+    base, q, query = ref.partition("?")
     m = _REST_RE.match(base)
     if m:
         return f"{m['prefix']}{m['type']}/{id_fn(m['id'])}{m['suffix'] or ''}"
     if _TYPE_ONLY_RE.match(base):
-        return base
+        kept = []
+        for part in query.split("&") if (q and ident_fn is not None) else []:
+            name, _, val = part.partition("=")
+            if name.split(":")[0] != "identifier" or not val:
+                continue
+            system, bar, value = unquote(val).rpartition("|")
+            new = f"{system}|{ident_fn(value)}" if bar else ident_fn(value)
+            kept.append("identifier=" + quote(new, safe="|:/.-_~"))
+        return base + ("?" + "&".join(kept) if kept else "")
     return other_fn(ref)
 
 
@@ -715,6 +773,7 @@ class _Run:
         self.root_id = root_id
         self.ops: list[set[str]] = []
         self.prefixes: list[str] = []
+        self.lookups: list[_Lookup] = []
         self.changed = False
         self.version = 0
         self.eval_cache: tuple | None = None
@@ -895,6 +954,7 @@ class DeidEngine:
     def _process_resource(self, res: _Node, run: _Run) -> None:
         run.ops.append(set())
         run.prefixes.append(self._scope_prefix(res, run))
+        run.lookups.append(_Lookup(res))
         try:
             for rule in self.config.rules:
                 run.changed = False
@@ -917,6 +977,7 @@ class DeidEngine:
         finally:
             ops = run.ops.pop()
             run.prefixes.pop()
+            run.lookups.pop()
         if run.ops:
             run.ops[-1] |= ops
         if ops and res.key != "contained":
@@ -926,10 +987,7 @@ class DeidEngine:
         if br.expression is None:
             return [res]
         if br.lookup is not None:
-            kind, val = br.lookup
-            pred = ((lambda c: c.type == val) if kind == "type" else (lambda c: c.name == val))
-            start = _descendants(res, pred, [])
-            return _walk_names(start, br.names or ())
+            return _walk_names(run.lookups[-1].get(*br.lookup), br.names or ())
         if br.names is not None:
             return _walk_names([res], br.names)
         return self._evaluate(br.parsed, res, run)
@@ -949,9 +1007,13 @@ class DeidEngine:
                     start = index.get(id(item))
                     if start is None:
                         continue
-                    pred = ((lambda c: c.type == value) if kind == "type"
-                            else (lambda c: c.name == value))
-                    for n in _descendants(start, pred, []):
+                    if start is res:
+                        found = run.lookups[-1].get(kind, value)
+                    else:
+                        pred = ((lambda c: c.type == value) if kind == "type"
+                                else (lambda c: c.name == value))
+                        found = _descendants(start, pred, [])
+                    for n in found:
                         if n.prim:
                             out.append(ResourceNode.create_node(n.value, n.type,
                                                                 propName=_prop_of(n, res)))
@@ -1127,17 +1189,21 @@ class DeidEngine:
         d = hmac.new(key, b"oid:" + o.encode("utf-8"), hashlib.sha256).digest()
         return "2.25." + str(int.from_bytes(d[:16], "big"))
 
+    def _hash_plain(self, v: str) -> str:
+        if _OID_RE.match(v):
+            return self._hash_oid(self.crypto_hash_key, v)   # an OID (a DICOM UID) stays one
+        return psn.keyed_hash(self.crypto_hash_key, v)
+
     def _crypto_hash(self, node: _Node, run: _Run) -> None:
         k = self.crypto_hash_key
         h = lambda s: psn.keyed_hash(k, s)  # noqa: E731
         v = str(node.value)
         if _is_ref_like(node):
             node.value = transform_reference(v, h, lambda u: self._hash_uuid(k, u),
-                                             lambda o: self._hash_oid(k, o), h)
-        elif _OID_RE.match(v):
-            node.value = self._hash_oid(k, v)   # an OID (e.g. a DICOM UID) stays an OID
+                                             lambda o: self._hash_oid(k, o), h,
+                                             self._hash_plain)
         else:
-            node.value = h(v)
+            node.value = self._hash_plain(v)
         run.record("cryptoHash")
 
     def _pseudonymize(self, node: _Node, settings: dict, run: _Run) -> None:
@@ -1166,6 +1232,7 @@ class DeidEngine:
             node.value = transform_reference(
                 v, pid, lambda u: self._hash_uuid(self.crypto_hash_key, u),
                 lambda o: self._hash_oid(self.crypto_hash_key, o),
+                lambda s: psn.pseudonymize(s, key, "value"),
                 lambda s: psn.pseudonymize(s, key, "value"))
         elif _is_resource_id(node):
             node.value = pid(v)
@@ -1182,7 +1249,9 @@ class DeidEngine:
             # the element's extension part goes too, unless an earlier rule processed it
             kept = {k: [x for x in ks if self._touches(x, run.visited)]
                     for k, ks in node.kids.items()}
-            node.kids = {k: ks for k, ks in kept.items() if ks}
+            kept = {k: ks for k, ks in kept.items() if ks}
+            _detach_dropped(node.kids, kept)
+            node.kids = kept
         else:
             if repl is None:
                 repl = {}
@@ -1232,6 +1301,7 @@ class DeidEngine:
                     kept.append(c)
             if kept:
                 out[key] = kept
+        _detach_dropped(node.kids, out)
         node.kids = out
         node.value = new.value
 
@@ -1242,7 +1312,9 @@ class DeidEngine:
             c.value = target.value
             if c not in visited:
                 kept = {k: [x for x in ks if self._touches(x, visited)] for k, ks in c.kids.items()}
-                c.kids = {k: ks for k, ks in kept.items() if ks}
+                kept = {k: ks for k, ks in kept.items() if ks}
+                _detach_dropped(c.kids, kept)
+                c.kids = kept
                 for k, ks in target.kids.items():
                     for x in ks:
                         x.parent = c
@@ -1386,7 +1458,8 @@ def reidentify_resource(resource: dict, key: bytes, contexts: Iterable[str] = ("
                 elif k in ("reference", "fullUrl", "url", "location") and isinstance(v, str):
                     idf = lambda s: undo(s, ("id",))  # noqa: E731
                     ident = lambda s: s  # noqa: E731
-                    out[k] = transform_reference(v, idf, ident, ident, lambda s: undo(s, ctx))
+                    out[k] = transform_reference(v, idf, ident, ident, lambda s: undo(s, ctx),
+                                                 lambda s: undo(s, ctx))
                 else:
                     out[k] = walk(v, k, is_res)
             if is_res and isinstance(out.get("meta"), dict):

@@ -629,3 +629,21 @@ def test_strict_safe_harbor_keeps_years_only():
     assert _by_type(out, "Patient")[0]["meta"]["lastUpdated"] == "2024-01-01T00:00:00Z"
     assert _by_type(out, "AuditEvent")[0]["recorded"] == "2024-01-01T00:00:00-05:00"
     validate(out, "Bundle")
+
+
+def test_conditional_references_keep_matching_their_targets():
+    prac = {"resourceType": "Practitioner", "id": "x",
+            "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "9999"}]}
+    enc = {"resourceType": "Encounter", "id": "e", "status": "finished", "class": {"code": "AMB"},
+           "participant": [{"individual": {
+               "reference": "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi%7C9999&name=Bob"}}]}
+    for key in (KEY, None):
+        e = DeidEngine(None, pseudonym_key=key, crypto_hash_key="h")
+        value = e.apply(prac)["identifier"][0]["value"]
+        out = e.apply(enc)
+        ref = out["participant"][0]["individual"]["reference"]
+        assert value != "9999" and "Bob" not in ref
+        assert ref == f"Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|{value}"
+    back = reidentify_resource(DeidEngine(None, pseudonym_key=KEY).apply(enc), KEY)
+    assert back["participant"][0]["individual"]["reference"] == \
+        "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|9999"
