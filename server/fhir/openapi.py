@@ -130,6 +130,11 @@ def openapi_document(capability: dict, base_url: str) -> dict:
                                     {"200": _fhir("history Bundle", _ref("Bundle"))},
                                     [_query(p) for p in _HISTORY_PARAMS]))
 
+    for o in rest.get("operation", []):
+        # System-level operations: POST [base]/$name with a resource (FHIR R4 operations §2.1.0.3).
+        add(f"/${o['name']}", "post", _op(f"system-{o['name']}", f"${o['name']}", ["system"],
+                                          {"200": _fhir("Operation result")}, None, _body(_ref("Resource"))))
+
     for res in rest.get("resource", []):
         t = res["type"]
         tags.append({"name": t})
@@ -217,6 +222,13 @@ def openapi_document(capability: dict, base_url: str) -> dict:
                     add(path, "get", _op(f"{t}-{name}{level}", f"{t}/${name}", [t], dict(ok), extra + qp))
                     add(path, "post", _op(f"{t}-{name}{level}-post", f"{t}/${name}", [t], dict(ok),
                                           extra or None, _body(_ref("Parameters"))))
+            else:
+                # Another declared operation: invoked on an instance, by GET or by POST with
+                # an optional Parameters body (FHIR R4 operations §2.1.0.4, §2.1.0.5).
+                path, ok = f"/{t}/{{id}}/${name}", {"200": _fhir("Operation result")}
+                add(path, "get", _op(f"{t}-{name}-instance", f"{t}/[id]/${name}", [t], ok, [id_p]))
+                add(path, "post", _op(f"{t}-{name}-instance-post", f"{t}/[id]/${name}", [t], dict(ok),
+                                      [id_p], _body(_ref("Parameters"), required=False)))
 
     return {
         "openapi": "3.0.3",

@@ -32,6 +32,7 @@ joins of chains sensibly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,17 @@ _UNSUPPORTED_MODIFIERS = {
 }
 
 MAX_INCLUDE_ITERATIONS = 10
+# Bounds on one search, so that a crafted query is a 400 and not a database error: SQLite
+# refuses SQL whose expression tree is over 1000 deep (AND of criteria, OR of a
+# parameter's comma values) or whose ORDER BY has over 1000 terms.
+MAX_SEARCH_PARAMS = 100  # name=value pairs in one search
+# A chain or _has nests a subquery per level; the databases' effort (and SQLite's depth
+# count) grows with levels x values, planning with the number of nested subqueries: a value
+# costs levels squared (``subject:Patient.organization.name``: 9).
+MAX_OR_VALUES = 200      # cost of one parameter's comma-separated values (_id: an IN list, free)
+MAX_SEARCH_VALUES = 1000  # cost of all parameters together (a chain also repeats its values per
+                          # target type; PostgreSQL takes at most 65535 bind parameters)
+MAX_SORT_KEYS = 20
 MAX_INCLUDES = 10_000
 _IN_CHUNK = 900          # bind parameters per IN list
 OPEN_END = 1e18          # open period ends, as extract writes them
@@ -750,7 +762,10 @@ def parse(res_type: str | None, params: list[tuple[str, str]], *, handling: str 
     if res_type is not None and res_type not in RESOURCE_TYPES:
         raise InvalidRequest(f"Unknown resource type '{res_type}'")
     strict = handling == "strict"
+    if len(params) > MAX_SEARCH_PARAMS:
+        raise InvalidRequest(f"{len(params)} search parameters; at most {MAX_SEARCH_PARAMS} are accepted")
     ps = ParsedSearch(type=res_type, count=min(default_count, max_count), handling=handling)
+    n_values = 0
 
     def unknown(msg: str) -> None:
         if strict:
@@ -799,6 +814,8 @@ def parse(res_type: str | None, params: list[tuple[str, str]], *, handling: str 
             except _Unknown as exc:
                 unknown(f"_sort: {exc}")
                 continue
+            if len(ps.sort) > MAX_SORT_KEYS:
+                raise InvalidRequest(f"_sort has {len(ps.sort)} keys; at most {MAX_SORT_KEYS} are accepted")
         elif base in ("_include", "_revinclude"):
             if value.strip():
                 spec = _parse_include(value, modifier or None, base == "_revinclude", types)
@@ -839,6 +856,14 @@ def parse(res_type: str | None, params: list[tuple[str, str]], *, handling: str 
                 unknown(f"'{base}' is not a parameter of system-level search "
                         f"(only {', '.join(sorted(COMMON_PARAMS))} and _type)")
                 continue
+            n = len(_split(value, ",")) if base != "_id" and "," in value else 1
+            weight = (1 + name.count(".") + name.count("_has:")) ** 2
+            if n * weight > MAX_OR_VALUES:
+                raise InvalidRequest(f"'{name}' has {n} comma-separated values; at most "
+                                     f"{MAX_OR_VALUES // weight} are accepted here")
+            n_values += n * weight
+            if n_values > MAX_SEARCH_VALUES:
+                raise InvalidRequest(f"More than {MAX_SEARCH_VALUES} search values in one search")
             try:
                 node = _build(types, name, value)
             except _Unknown as exc:
@@ -1292,6 +1317,28 @@ def current_snapshot(conn) -> int:
     return int(conn.execute(select(func.coalesce(func.max(resource.c.pk), 0))).scalar_one())
 
 
+# What the databases say when a statement is beyond their limits (SQLite: expression depth,
+# ORDER BY terms, variables; PostgreSQL: bind parameters, parser stack): the client's
+# search was too complex, not the server broken.
+_TOO_COMPLEX = ("Expression tree is too large", "too many terms", "too many SQL variables",
+                "parser stack overflow", "number of parameters must be between",
+                "stack depth limit exceeded")
+
+
+def _refuse_too_complex(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except sa.exc.DBAPIError as exc:
+            if any(m in str(exc.orig) for m in _TOO_COMPLEX):
+                raise InvalidRequest("This search is too complex for the database; use fewer "
+                                     "parameters, values or chain levels") from None
+            raise
+    return wrapper
+
+
+@_refuse_too_complex
 def execute(conn, parsed: ParsedSearch, *, snapshot: int | None = None,
             terminology: TermResolver | None = None) -> SearchPage:
     """Run a parsed search; ``snapshot`` (or ``_snapshot``) pins the data version.

@@ -30,8 +30,9 @@ def test_every_declared_interaction_has_its_path(doc):
         assert declared <= set(query), t
         assert all(query[n]["in"] == "query" and query[n]["schema"] == {"type": "string"} for n in declared)
         for o in res["operation"]:
-            if o["name"] != "everything":
-                assert f"/{t}/${o['name']}" in paths, (t, o["name"])
+            assert f"/{t}/${o['name']}" in paths or f"/{t}/{{id}}/${o['name']}" in paths, (t, o["name"])
+    for o in cs["rest"][0].get("operation", []):
+        assert "post" in paths[f"/${o['name']}"]
     assert {"get", "post"} <= set(paths["/Patient/{id}/$everything"])
     assert {"get", "post"} <= set(paths["/CodeSystem/$lookup"]) and "/ConceptMap/{id}/$translate" in paths
     assert {"/metadata", "/", "/_history", "/_search"} <= set(paths)
