@@ -459,8 +459,8 @@ def _build_value(obj, ext, name, key, type_, tpath, parent) -> _Node | None:
 
 def _fill(node: _Node, obj: dict) -> None:
     for k, v in obj.items():
-        if k == "resourceType" and node.is_resource:
-            continue
+        if not isinstance(k, str) or (k == "resourceType" and node.is_resource):
+            continue   # (a non-string key is not JSON: dropped)
         if k.startswith("_"):
             if k[1:] in obj:
                 continue
@@ -840,8 +840,9 @@ class DeidEngine:
             raise InvalidRequest("De-identification takes a FHIR resource (JSON object with "
                                  "a resourceType)")
         fullurls = {}
-        if resource["resourceType"] == "Bundle":
-            for e in resource.get("entry") or []:
+        entries = resource.get("entry") if resource["resourceType"] == "Bundle" else None
+        if isinstance(entries, list):
+            for e in entries:
                 r = e.get("resource") if isinstance(e, dict) else None
                 if isinstance(e, dict) and isinstance(e.get("fullUrl"), str) and isinstance(r, dict):
                     fullurls[e["fullUrl"]] = (r.get("resourceType"), r.get("id"))
@@ -1029,7 +1030,8 @@ class DeidEngine:
             found = apply_parsed_path(data, parsed, {}, _MODEL,
                                       {"returnRawData": True, "userInvocationTable": table})
         except Exception as exc:  # fhirpathpy raises plain exceptions on evaluation errors
-            raise DeidProcessingError(f"FHIRPath evaluation failed on {res.type}: {exc}") from None
+            raise DeidProcessingError(f"FHIRPath evaluation failed on {res.type} "
+                                      f"({type(exc).__name__})") from None
         out = []
         for item in found if isinstance(found, list) else [found]:
             node = self._locate(item, res, index)
@@ -1040,8 +1042,7 @@ class DeidEngine:
     @staticmethod
     def _locate(item, root: _Node, index: dict) -> _Node | None:
         if not isinstance(item, ResourceNode):
-            raise DeidProcessingError("A rule path must select elements, not compute values "
-                                      f"(got {item!r})")
+            raise DeidProcessingError("A rule path must select elements, not compute values")
         data = item.data
         if data is None:
             return None
@@ -1170,8 +1171,10 @@ class DeidEngine:
             return
         try:
             day = dt.date(y, mo, d)
-        except ValueError:
-            raise DeidProcessingError(f"Invalid date {v!r}") from None
+        except ValueError:   # not a calendar date: nothing safe to keep
+            node.value = None
+            run.record("redact")
+            return
         shifted = day + dt.timedelta(days=self.date_shift_days(run.prefixes[-1]))
         new = shifted.isoformat()
         if node.type != "date" and m.group(4):
@@ -1223,8 +1226,9 @@ class DeidEngine:
         def pid(s: str) -> str:
             out = psn.pseudonymize(s, key, "id")
             if len(out) > 64:
-                raise DeidProcessingError(f"The id {s!r} is too long for a reversible "
-                                          "pseudonym within FHIR's 64 characters")
+                # too long for a reversible pseudonym within FHIR's 64-character id: a keyed
+                # hash instead (the same wherever the id occurs, but not reversible)
+                return psn.keyed_hash(self.crypto_hash_key, s)
             return out
 
         v = str(node.value)
@@ -1382,7 +1386,8 @@ class DeidEngine:
         except DeidProcessingError:
             raise
         except Exception as exc:  # fhirpathpy raises plain exceptions
-            raise DeidProcessingError(f"generalize failed on {node.name}: {exc}") from None
+            raise DeidProcessingError(f"generalize failed on {node.name} "
+                                      f"({type(exc).__name__})") from None
         if str(rule.settings.get("otherValues", "redact")).lower() == "redact":
             node.value = None
         run.record("generalize")

@@ -647,3 +647,17 @@ def test_conditional_references_keep_matching_their_targets():
     back = reidentify_resource(DeidEngine(None, pseudonym_key=KEY).apply(enc), KEY)
     assert back["participant"][0]["individual"]["reference"] == \
         "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|9999"
+
+
+def test_long_ids_get_a_consistent_hash_and_errors_quote_no_data():
+    long_id = "A-very-long-resource-identifier-0123456789"
+    e = DeidEngine(None, pseudonym_key=KEY, crypto_hash_key="h")
+    p = e.apply({"resourceType": "Patient", "id": long_id})
+    o = e.apply({"resourceType": "Observation", "id": "o", "status": "final",
+                 "code": {"text": "x"}, "subject": {"reference": f"Patient/{long_id}"}})
+    assert re.fullmatch(r"[0-9a-f]{64}", p["id"])
+    assert o["subject"]["reference"] == f"Patient/{p['id']}"
+    bad = eng([{"path": "Patient.name.family.first() + 'x'", "method": "redact"}])
+    with pytest.raises(DeidProcessingError) as exc:
+        bad.apply(PATIENT)
+    assert "Smith" not in exc.value.message
