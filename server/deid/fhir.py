@@ -149,7 +149,8 @@ class Parameters:
 
 
 _NAMES_RE = re.compile(r"^[a-z][A-Za-z0-9]*(?:\.[a-z][A-Za-z0-9]*)*$")
-_LOOKUP_RE = re.compile(r"""^nodesBy(Type|Name)\((['"])([A-Za-z0-9]+)\2\)((?:\.[a-z][A-Za-z0-9]*)*)$""")
+_LOOKUP_RE = re.compile(
+    r"""^nodesBy(Type|Name)\((['"])([A-Za-z0-9]+)\2\)((?:\.[a-z][A-Za-z0-9]*)*)$""")
 _TYPE_PREFIX_RE = re.compile(r"^([A-Z][A-Za-z0-9]*)(?:\.(.+))?$", re.S)
 
 
@@ -287,7 +288,8 @@ class DeidConfig:
                 raise InvalidRequest(f"Cannot read de-identification config {spec}: "
                                      f"{exc.strerror or exc}") from None
             except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"De-identification config {spec} is not JSON: {exc}") from None
+                raise InvalidRequest(f"De-identification config {spec} is not JSON: "
+                                     f"{exc}") from None
         else:
             data = spec
         return cls._validate(data)
@@ -652,7 +654,8 @@ def _walk_prop(root: _Node, prop: str) -> _Node | None:
 # --------------------------------------------------------------------- value helpers
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 _DATETIME_RE = re.compile(
-    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:(T)(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})"
+    r"(?:(T)(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 _REST_RE = re.compile(r"^(?P<prefix>(?:https?://[^?#]*?/)?)(?P<type>[A-Z][A-Za-z]+)/"
                       r"(?P<id>[A-Za-z0-9\-.]{1,64})(?P<suffix>/_history/[A-Za-z0-9\-.]{1,64})?$")
 _OID_RE = re.compile(r"^[0-2](?:\.(?:0|[1-9][0-9]*))+$")
@@ -844,7 +847,8 @@ class DeidEngine:
         if isinstance(entries, list):
             for e in entries:
                 r = e.get("resource") if isinstance(e, dict) else None
-                if isinstance(e, dict) and isinstance(e.get("fullUrl"), str) and isinstance(r, dict):
+                if isinstance(e, dict) and isinstance(e.get("fullUrl"), str) \
+                        and isinstance(r, dict):
                     fullurls[e["fullUrl"]] = (r.get("resourceType"), r.get("id"))
         try:
             root = _build(resource)
@@ -1470,7 +1474,8 @@ def reidentify_resource(resource: dict, key: bytes, contexts: Iterable[str] = ("
             if is_res and isinstance(out.get("meta"), dict):
                 sec = out["meta"].get("security")
                 if isinstance(sec, list):
-                    sec = [s for s in sec if not (isinstance(s, dict) and s.get("code") == "PSEUDED")]
+                    sec = [s for s in sec
+                           if not (isinstance(s, dict) and s.get("code") == "PSEUDED")]
                     if sec:
                         out["meta"]["security"] = sec
                     else:

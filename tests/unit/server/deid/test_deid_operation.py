@@ -71,16 +71,21 @@ def test_deidentify_patient_reads_every_page(store):
                 assert (t, i) in typed, ref
     # one offset for the whole record
     shift = _engine().date_shift_days(f"Patient/{PA}")
-    enc = [e["resource"] for e in whole["entry"] if e["resource"]["resourceType"] == "Encounter"][0]
-    assert enc["period"]["start"][:10] == (dt.date(2024, 3, 10) + dt.timedelta(days=shift)).isoformat()
-    prac = [e["resource"] for e in whole["entry"] if e["resource"]["resourceType"] == "Practitioner"][0]
+    enc = _of(whole, "Encounter")
+    assert enc["period"]["start"][:10] == \
+        (dt.date(2024, 3, 10) + dt.timedelta(days=shift)).isoformat()
+    prac = _of(whole, "Practitioner")
     assert prac["qualification"][0]["period"]["start"] == \
         (dt.date(1990, 6, 1) + dt.timedelta(days=shift)).isoformat()
     # the controller reverses the pseudonyms
-    patient = [e["resource"] for e in whole["entry"] if e["resource"]["resourceType"] == "Patient"][0]
+    patient = _of(whole, "Patient")
     assert psn.reidentify(patient["id"], KEY, "id") == PA
     with pytest.raises(NotFound):
         deidentify_patient(store, ctx, "no-such-patient", _engine())
+
+
+def _of(bundle: dict, rtype: str) -> dict:
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype)
 
 
 def _refs(obj):

@@ -47,7 +47,8 @@ IDENTIFYING = [
     "1HGCM82633A004352", "MA-7XK-492", "10987654d321", "7654321D", "DIST-555-ABC",
     "ASSET-77120", "00844588003288",
     # N URLs, O IP addresses
-    "theodora-homepage", "photos.example.org", "ehr.example.org", "device-77", "ehr.example-hospital.org/source",
+    "theodora-homepage", "photos.example.org", "ehr.example.org", "device-77",
+    "ehr.example-hospital.org/source",
     "192.168.77.201", "203.0.113.77", "198.51.100.23",
     # P biometrics, Q photos
     "fingerprint", "UEhPVE9f", "face photo",
@@ -636,7 +637,8 @@ def test_conditional_references_keep_matching_their_targets():
             "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "9999"}]}
     enc = {"resourceType": "Encounter", "id": "e", "status": "finished", "class": {"code": "AMB"},
            "participant": [{"individual": {
-               "reference": "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi%7C9999&name=Bob"}}]}
+               "reference":
+                   "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi%7C9999&name=Bob"}}]}
     for key in (KEY, None):
         e = DeidEngine(None, pseudonym_key=key, crypto_hash_key="h")
         value = e.apply(prac)["identifier"][0]["value"]
