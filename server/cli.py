@@ -70,7 +70,11 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
 
         def load(self):
             from server.app import create_app
-            return create_app()
+            from server.fhir.validation import tune_gc
+
+            app = create_app()
+            tune_gc()   # in each worker: FHIR writes validate many short-lived models
+            return app
 
     click.echo(f"synthport: FHIR at http://{cfg.http_host}:{cfg.http_port}/fhir "
                f"({cfg.workers} workers, database {_redact(cfg.resolved_database_url)})", err=True)

@@ -56,6 +56,7 @@ Report
 from __future__ import annotations
 
 import bz2
+import gc
 import gzip
 import io
 import multiprocessing as mp
@@ -297,23 +298,37 @@ class _Planner:
 # ---------------------------------------------------------------------- worker side
 _STORE = None
 _CTX = None
+_GC_SAVED: tuple | None = None   # the gc thresholds before tune_gc (restored at close)
 
 
-def _init_worker(url: str, config: dict) -> None:
-    """Create this process's own store/engine (after the fork, never inherited)."""
-    global _STORE, _CTX
+def _init_worker(url: str, config: dict, write_gate=None) -> None:
+    """Create this process's own store/engine (after the fork, never inherited).
+
+    ``write_gate``: a lock shared by the workers, taken around each write transaction
+    (see :func:`server.fhir.transaction._transaction`), or None.
+    """
+    global _STORE, _CTX, _GC_SAVED
     from server.source import RequestContext
     from server.store import SqlStore
 
     _STORE = SqlStore.from_url(url, config, auto_migrate=False)
+    _STORE.write_gate = write_gate
     _CTX = RequestContext(caller="synthport-load", prefer_return="minimal")
+    if _GC_SAVED is None:
+        from server.fhir.validation import tune_gc
+
+        _GC_SAVED = tune_gc()
 
 
 def _close_worker() -> None:
-    global _STORE
+    global _STORE, _GC_SAVED
     if _STORE is not None:
         _STORE.engine.dispose()
         _STORE = None
+    if _GC_SAVED is not None:
+        gc.set_threshold(*_GC_SAVED)
+        gc.unfreeze()
+        _GC_SAVED = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -693,6 +708,10 @@ def _run_pool(url: str, config: dict, jobs: int, tasks: Iterator[tuple[tuple, bo
         import server.store  # noqa: F401
     ctx = mp.get_context(method)
     max_inflight = 2 * jobs
+    # SQLite has one writer at a time: the workers queue on a lock of their own, which wakes
+    # the next one as soon as a commit is done (SQLite's busy handler polls in sleeps of up
+    # to 100 ms, and a worker asleep there leaves its core idle).
+    gate = ctx.Lock() if url.startswith("sqlite") else None
     inflight: dict[Future, tuple] = {}
 
     def finish(fut: Future) -> None:
@@ -711,7 +730,7 @@ def _run_pool(url: str, config: dict, jobs: int, tasks: Iterator[tuple[tuple, bo
                 finish(fut)
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(url, config)) as pool:
+                             initargs=(url, config, gate)) as pool:
         try:
             for task, exclusive in tasks:
                 if task[0] == "fail":

@@ -235,9 +235,15 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
         if e.res_id and all(orig is not None for _, orig in e.pending_refs):
             e.item = PendingWrite(e.res_type, e.res_id, e.resource, e.method).prepare()
 
-    # -- under the lock
+    # -- under the lock. ``store.write_gate`` (optional, e.g. a multiprocessing.Lock shared by
+    # the loader's workers on SQLite) queues writers before BEGIN IMMEDIATE: a waiter wakes
+    # when the gate opens, instead of in SQLite's busy-handler sleeps of up to 100 ms.
+    gate = getattr(store, "write_gate", None)
+    held = False
     conn = begin_write(store.engine)
     try:
+        if gate is not None:   # a gate held too long (a stuck peer): SQLite's own lock still rules
+            held = gate.acquire(timeout=60)
         with conn.begin():
             ordered = sorted(entries, key=lambda x: (_ORDER[x.method], x.index))
             for e in (x for x in ordered if x.method == "DELETE"):
@@ -324,6 +330,8 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
                 e.result = _response(201 if created else 200, s, with_body)
     finally:
         conn.close()
+        if held:
+            gate.release()
     # GET/HEAD after the writes are committed
     for e in entries:
         if e.method in ("GET", "HEAD"):
