@@ -92,6 +92,27 @@ def _charset_key(ds: Dataset) -> tuple:
         return ("?",)
 
 
+def _hex(tag: int) -> str:
+    key = _HEX.get(tag)
+    if key is None:
+        key = _HEX[tag] = f"{tag:08X}"
+    return key
+
+
+_HEX: dict[int, str] = {}
+
+
+def _sorted_items(ds: Dataset) -> list:
+    """(int tag, element) pairs in tag order. Files are written in ascending order, so
+    this is the dataset's own order except for a malformed file (then sorted)."""
+    items = list(ds._dict.items())
+    tags = [int(t) for t, _ in items]
+    if tags != sorted(tags):
+        items.sort(key=lambda kv: int(kv[0]))
+        tags = [int(t) for t, _ in items]
+    return list(zip(tags, (e for _, e in items)))
+
+
 def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dict:
     """A dataset as a DICOM JSON object (PS3.18 F.2).
 
@@ -104,27 +125,31 @@ def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dic
     """
     out: dict[str, dict] = {}
     charset: tuple | None = None
-    for tag in sorted(ds.keys()):
-        tag = int(tag)
+    cache_get = _ELEM_CACHE.get
+    for tag, raw in _sorted_items(ds):
         if tag & 0xFFFF == 0 or tag >> 16 == 0x0002:
             continue
-        key = f"{tag:08X}"
-        raw = ds.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.value is not None:
-            # Fast paths on the element as read (no value conversion).
+        # Fast paths on the element as read (no value conversion): most elements of a
+        # series repeat from instance to instance, and their JSON comes from the cache.
+        if type(raw) is RawDataElement and raw.value is not None:
             rvr = raw.VR
+            value = raw.value
             if rvr in BINARY_VRS and rvr != "UN" and (tag in PIXEL_TAGS
-                                                       or len(raw.value) > BULK_THRESHOLD):
+                                                       or len(value) > BULK_THRESHOLD):
+                key = _hex(tag)
                 out[key] = ({"vr": rvr, "BulkDataURI": bulk_uri(f"{_path}{key}")}
-                            if len(raw.value) else {"vr": rvr})
+                            if len(value) else {"vr": rvr})
                 continue
-            vr = _cached_vr(raw) if len(raw.value) <= _CACHE_VALUE_MAX else None
-            if vr is not None:
+            if len(value) <= _CACHE_VALUE_MAX:
                 if charset is None:
                     charset = _charset_key(ds)
-                ckey = (tag, vr, raw.value, raw.is_little_endian, charset)
-                hit = _ELEM_CACHE.get(ckey)
-                if hit is None:
+                hit = cache_get((tag, rvr, value, raw.is_little_endian, charset))
+                if hit is not None:
+                    out[_hex(tag)] = hit
+                    continue
+                vr = _cached_vr(raw)
+                if vr is not None:
+                    key = _hex(tag)
                     try:
                         hit = ds[tag].to_json_dict(None, 2**62)
                     except Exception as exc:  # noqa: BLE001
@@ -134,9 +159,12 @@ def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dic
                     if hit.get("vr") == vr:
                         if len(_ELEM_CACHE) >= _ELEM_CACHE_MAX:
                             _ELEM_CACHE.clear()
-                        _ELEM_CACHE[ckey] = hit
-                out[key] = hit
-                continue
+                        # Keyed by the VR as read (None for implicit VR), which with the
+                        # tag determines the converted VR (see _cached_vr).
+                        _ELEM_CACHE[(tag, rvr, value, raw.is_little_endian, charset)] = hit
+                    out[key] = hit
+                    continue
+        key = _hex(tag)
         elem = ds[tag]
         try:
             if elem.VR == "SQ":

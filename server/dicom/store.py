@@ -444,9 +444,10 @@ class DicomStore:
                 new_per_study: dict[int, int] = {}
                 series_pks: set[int] = set()
                 study_pks: list[int] = []
-                added: dict[int, list[dict] | None] = {}   # study pk -> new instances, or
-                for parsed, _tmp, _final in batch:         # None: rebuild from the rows
-                    old, series_pk, study_pk, new_series = self._instance_rows(conn, parsed, now)
+                # study pk -> the instances new to it, or None: rebuild from the rows
+                added: dict[int, list[dict] | None] = {}
+                rows = self._instance_rows_many(conn, [p for p, _, _ in batch], now)
+                for (parsed, _tmp, _final), (old, series_pk, study_pk, new_series) in zip(batch, rows):
                     created_series |= new_series
                     replaced.append(old is not None)
                     if old is None:
@@ -506,6 +507,77 @@ class DicomStore:
         else:
             conn.execute(update(I).where(I.c.pk == old.pk).values(**row, updated=now))
         return old, series_pk, study_pk, new_series
+
+    def _instance_rows_many(self, conn, batch: list[ParsedInstance], now: float) -> list[tuple]:
+        """:meth:`_instance_rows` for several instances with a few statements: one read of
+        the stored instances, one upsert per distinct patient, study and series (the
+        values of the latest instance that has them win, as when stored one by one),
+        one multi-row insert of the new instances. Same result, per instance, as
+        calling :meth:`_instance_rows` in order."""
+        uids = [p.sop_uid for p in batch]
+        if len(batch) < 2 or len(set(uids)) != len(uids):
+            # One instance, or a SOP Instance UID twice in one request: the second
+            # replaces the first, which only the one-by-one path sees.
+            return [self._instance_rows(conn, p, now) for p in batch]
+        olds = {}
+        for i in range(0, len(uids), 500):
+            for r in conn.execute(select(I.c.pk, I.c.sop_uid, I.c.series_pk, I.c.study_pk,
+                                         I.c.sop_class_uid).where(I.c.sop_uid.in_(uids[i:i + 500]))):
+                olds[r.sop_uid] = r
+        for p in batch:
+            old = olds.get(p.sop_uid)
+            if old is not None and old.sop_class_uid != p.sop_class_uid:
+                raise SopClassMismatch(
+                    f"SOP Instance {p.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
+                    f"not {p.sop_class_uid}")
+        patients = self._upsert_many(conn, P, "patient_id", [p.patient for p in batch], now)
+        studies = self._upsert_many(conn, ST, "study_uid", [
+            {**p.study, "patient_pk": patients[p.patient["patient_id"]][0]} for p in batch], now)
+        series = self._upsert_many(conn, SE, "series_uid", [
+            {**p.series, "study_pk": studies[p.study_uid][0]} for p in batch], now)
+        out, new_rows, first_of_series = [], [], set()
+        for p in batch:
+            old = olds.get(p.sop_uid)
+            study_pk = studies[p.study_uid][0]
+            series_pk, created = series[p.series_uid]
+            row = {**p.instance, "series_pk": series_pk, "study_pk": study_pk,
+                   "blob_key": blob_key(p.sop_uid), "metadata": p.metadata, "updated": now}
+            if old is None:
+                new_rows.append(row)
+            else:
+                conn.execute(update(I).where(I.c.pk == old.pk).values(**row))
+            new_series = created and series_pk not in first_of_series
+            first_of_series.add(series_pk)
+            out.append((old, series_pk, study_pk, new_series))
+        if new_rows:
+            conn.execute(insert(I), new_rows)
+        return out
+
+    def _upsert_many(self, conn, table, key: str, values: list[dict],
+                     now: float) -> dict[str, tuple[int, bool]]:
+        """:meth:`_upsert` of each distinct key once, with the values of ``values`` (in
+        order) merged: a later non-empty value overrides. Returns key -> (pk, created)."""
+        merged: dict[str, dict] = {}
+        for v in values:
+            m = merged.get(v[key])
+            if m is None:
+                merged[v[key]] = dict(v)
+            else:
+                m.update((k, x) for k, x in v.items() if x not in ("", None))
+        found = {r[key]: r for r in conn.execute(
+            select(table).where(table.c[key].in_(list(merged)))).mappings()}
+        out = {}
+        for k, v in merged.items():
+            row = found.get(k)
+            if row is None:
+                out[k] = (conn.execute(insert(table).values(**v, updated=now)
+                                       .returning(table.c.pk)).scalar_one(), True)
+                continue
+            changes = {c: x for c, x in v.items() if x not in ("", None) and row[c] != x}
+            if changes:
+                conn.execute(update(table).where(table.c.pk == row["pk"]).values(**changes, updated=now))
+            out[k] = (row["pk"], False)
+        return out
 
     def _upsert(self, conn, table, key: str, values: dict, now: float) -> tuple[int, bool]:
         """Insert a row, or update the existing one with the values that are not empty

@@ -2,15 +2,17 @@
 synthetic sources use, multipart/Accept parsing and DICOM JSON bulk data handling."""
 from __future__ import annotations
 
+import io
+
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
 from server.dicom import attributes as A
-from server.dicom.dicomjson import absolutize, from_stored, stored_json
+from server.dicom.dicomjson import absolutize, from_stored, stored_json, stored_json_obj
 from server.dicom.matching import fold, matches, name_tokens, parse, time_key
 from server.dicom.multipart import accepts_json, parse_accept, split_multipart
 from server.errors import InvalidRequest
-from tests.unit.server.dicom.factory import dataset
+from tests.unit.server.dicom.factory import dataset, sample_path
 
 
 def match(kind, query, value, fuzzy=False):
@@ -84,3 +86,24 @@ def test_stored_json_keeps_bulk_data_out():
     assert back.PixelData.path.endswith("/bulkdata/7FE00010")
     assert back.IconImageSequence[0][0x00091010].value == b"\x02" * 10      # small: inline
     assert back.PatientName == ds.PatientName
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
+                                  "rtplan.dcm", "JPEG2000.dcm"])
+def test_stored_json_equals_pydicom_json(name):
+    """The cached fast path of to_json gives pydicom's DICOM JSON (bulk data apart), for
+    explicit, implicit and big endian files, on a first (cache miss) and a second read."""
+    data = sample_path(name).read_bytes()
+    ref = dcmread(io.BytesIO(data)).to_json_dict(1024, lambda elem: "bulk")
+
+    def plain(obj: dict) -> dict:
+        return {k: ({"vr": v["vr"]} if "BulkDataURI" in v or k == "7FE00010"
+                    else {**v, "Value": [plain(i) for i in v["Value"]]} if v["vr"] == "SQ" and "Value" in v
+                    else v)
+                for k, v in obj.items() if int(k, 16) & 0xFFFF}
+
+    for _ in range(2):
+        mine = stored_json_obj(dcmread(io.BytesIO(data)), "1.2", "3.4", "5.6")
+        assert plain(mine) == plain(ref)
+        if name != "rtplan.dcm":          # the plan has no pixel data
+            assert mine["7FE00010"]["BulkDataURI"].endswith("/instances/5.6/bulkdata/7FE00010")

@@ -341,3 +341,56 @@ def test_instance_refs_order_and_not_found(dicom):
                {"sop_uid": "4.5.6"}, {"patient_id": "nobody"}):
         with pytest.raises(NotFound):
             dicom.instance_refs(CTX, **kw)
+
+
+def _rows(sql) -> dict:
+    """Every DICOM row by its natural key, without pks, times and blob keys."""
+    out = {}
+    skip = {"pk", "updated", "patient_pk", "study_pk", "series_pk", "fhir_id", "blob_key"}
+    with sql.engine.connect() as conn:
+        for table, key in ((S.dicom_patient, "patient_id"), (S.dicom_study, "study_uid"),
+                           (S.dicom_series, "series_uid"), (S.dicom_instance, "sop_uid")):
+            for r in conn.execute(select(table)).mappings():
+                out[(table.name, r[key])] = {k: (bytes(v) if isinstance(v, memoryview) else v)
+                                             for k, v in r.items() if k not in skip}
+    return out
+
+
+def test_store_many_rows_equal_one_by_one(db_url, tmp_path):
+    """The batched row writes of store_many (one upsert per patient/study/series) leave
+    the same rows as storing each instance in order: later non-empty values win, empty
+    ones never blank a value, a re-sent instance is replaced."""
+    study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
+    first = instance(study=study, series=s1, InstanceNumber=1, PatientID="P-MANY",
+                     StudyDescription="", SeriesDescription="first")
+    files = [first,
+             instance(study=study, series=s1, InstanceNumber=2, PatientID="P-MANY",
+                      StudyDescription="later", SeriesDescription=""),
+             instance(study=study, series=s2, InstanceNumber=1, PatientID="P-MANY",
+                      StudyDescription="", Modality="MR"),
+             instance(study=generate_uid(), series=generate_uid(), PatientID="P-OTHER")]
+    results = []
+    for mode in ("many", "one"):
+        sql = SqlStore.from_url(db_url, {})
+        try:
+            dicom = DicomStore(sql, {"data_dir": str(tmp_path / mode)})
+            dicom.store_instance(CTX, first)          # stored before: replaced in the batch
+            if mode == "many":
+                outs = dicom.store_many(CTX, files)
+            else:
+                outs = [dicom.store_instance(CTX, f) for f in files]
+            assert [o.replaced for o in outs] == [True, False, False, False]
+            [st] = dicom.find(CTX, "STUDY", {"StudyInstanceUID": study})
+            assert (st.StudyDescription, st.NumberOfStudyRelatedSeries,
+                    st.NumberOfStudyRelatedInstances, list(st.ModalitiesInStudy)) == (
+                "later", 2, 3, ["CT", "MR"])
+            results.append(_rows(sql))
+            assert len(fhir(sql, "ImagingStudy")) == 2
+        finally:
+            # each mode gets a clean schema: drop what this one wrote
+            with sql.engine.begin() as conn:
+                for t in (S.dicom_instance, S.dicom_series, S.dicom_study, S.dicom_patient):
+                    conn.execute(t.delete())
+            sql.engine.dispose()
+    assert results[0] == results[1]
+    assert results[0][("dicom_series", s1)]["series_description"] == "first"
