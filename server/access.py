@@ -618,7 +618,7 @@ class GuardedSource:
     # -------------------------------------------------------------- AuditEvent
     def _audit_read(self, ctx: RequestContext, res_id: str) -> StoredResource:
         self._deny_audit(ctx, "read", "AuditEvent", "r")
-        if self.audit_log is None or not res_id.isdigit():
+        if self.audit_log is None or not (res_id.isascii() and res_id.isdigit()):
             raise NotFound(f"AuditEvent/{res_id} is not known")
         return self._run(ctx, "read", lambda: self.audit_log.read(int(res_id)),
                          what_of=lambda r: [f"AuditEvent/{res_id}"])

@@ -89,7 +89,7 @@ def parse_etag(value: str | None) -> int | None:
     if v.startswith("W/"):
         v = v[2:]
     v = v.strip('"')
-    if not v.isdigit():
+    if not (v.isascii() and v.isdigit()):
         raise InvalidRequest(f"Invalid ETag '{value}'")
     return int(v)
 

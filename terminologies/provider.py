@@ -55,7 +55,7 @@ def _version_key(v: str | None) -> tuple:
         return ((0, ""),)
     parts = []
     for p in v.replace("-", ".").split("."):
-        parts.append((1, int(p), "") if p.isdigit() else (0, 0, p))
+        parts.append((1, int(p), "") if p.isascii() and p.isdigit() else (0, 0, p))
     return tuple(parts)
 
 

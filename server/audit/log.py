@@ -472,7 +472,7 @@ class AuditLog:
     def read(self, seq: int | str) -> StoredResource:
         """``AuditEvent/<seq>`` as a stored resource."""
         s = str(seq)
-        if not s.isdigit() or len(s) > 18 or s != str(int(s)):
+        if not (s.isascii() and s.isdigit()) or len(s) > 18 or s != str(int(s)):
             raise NotFound(f"AuditEvent/{s} is not known")
         body = self.entry(int(s))
         try:

@@ -29,11 +29,11 @@ def patient_everything(store, ctx: RequestContext, patient_id: str,
     count, offset, since, types, snapshot = None, 0, None, None, None
     for k, v in params:
         if k == "_count":
-            count = int(v) if v.isdigit() else _bad(k, v)
+            count = int(v) if v.isascii() and v.isdigit() else _bad(k, v)
         elif k == "_offset":
-            offset = int(v) if v.isdigit() else _bad(k, v)
+            offset = int(v) if v.isascii() and v.isdigit() else _bad(k, v)
         elif k == "_snapshot":
-            snapshot = int(v) if v.isdigit() else _bad(k, v)
+            snapshot = int(v) if v.isascii() and v.isdigit() else _bad(k, v)
         elif k == "_since":
             since = parse_instant(v)
         elif k == "_type":

@@ -29,7 +29,7 @@ def _version_arg() -> int | None:
     v = request.args.get("version")
     if v is None:
         return None
-    if not v.isdigit():
+    if not (v.isascii() and v.isdigit()):
         raise InvalidRequest("version must be a positive integer")
     return int(v)
 

@@ -28,7 +28,7 @@ def _int_arg(name: str) -> int:
     raw = request.args.get(name)
     if raw is None or raw == "":
         raise InvalidRequest(f"missing query parameter '{name}'")
-    if not raw.isdigit() or int(raw) > _MAX_INDEX:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > _MAX_INDEX:
         raise InvalidRequest(f"'{name}' must be a non-negative integer, got '{raw}'")
     return int(raw)
 
@@ -56,7 +56,7 @@ def make_audit_blueprint(get_log: Callable) -> Blueprint:
 
     @bp.get("/entry/<seq>")
     def entry(seq: str):
-        if not seq.isdigit() or int(seq) > _MAX_INDEX:
+        if not (seq.isascii() and seq.isdigit()) or int(seq) > _MAX_INDEX:
             raise InvalidRequest(f"entry number must be a non-negative integer, got '{seq}'")
         return Response(get_log().entry(int(seq)), content_type="application/json")
 

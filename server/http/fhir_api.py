@@ -174,7 +174,7 @@ def make_fhir_blueprint(name: str, url_prefix: str,
 
     @bp.get("/<res_type>/<res_id>/_history/<version>")
     def vread(res_type: str, res_id: str, version: str):
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):   # "9²".isdigit() is true
             raise NotFound(f"Version '{version}' is not known")
         return resource_response(get_source().vread(ctx(), res_type, res_id, int(version)))
 

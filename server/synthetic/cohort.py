@@ -96,7 +96,7 @@ def make_uid(key: int, i: int, study: int, series: int = 0, instance: int = 0) -
 
 def parse_uid(key: int, uid: str) -> tuple[int, int, int, int] | None:
     """(patient index, study, series, instance) of a cohort UID, or None."""
-    if not uid or not uid.startswith("2.25.") or not uid[5:].isdigit() or len(uid) > 64:
+    if not uid or not uid.startswith("2.25.") or not (uid[5:].isascii() and uid[5:].isdigit()) or len(uid) > 64:
         return None
     n = int(uid[5:])
     if n >> 64 != key:

@@ -43,7 +43,7 @@ def version_key(v: str | None) -> tuple:
     """Ordering of versions for "latest": numeric parts compared as numbers."""
     if v is None:
         return ((0, 0, ""),)
-    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in v.replace("-", ".").split("."))
+    return tuple((1, int(p), "") if p.isascii() and p.isdigit() else (0, 0, p) for p in v.replace("-", ".").split("."))
 
 
 def encode_concept_data(c: Concept) -> bytes | None:

@@ -211,3 +211,33 @@ def test_deeply_nested_extensions_are_422_not_500(client, levels):
                                   b'{"resourceType":"Parameters","parameter":[1,null]}'])
 def test_validate_with_a_body_that_is_not_a_resource(client, body):
     assert_oo(client.post("/fhir/Patient/$validate", data=body, content_type=JSON), 422)
+
+
+# --------------------------------------------------------------------------- numbers
+SUPERSCRIPT_TWO = "\u00b2"     # "²": str.isdigit() is true, int() refuses it (and it is Latin-1)
+
+
+def test_digits_that_are_not_ascii_are_not_numbers(client):
+    """``"9²".isdigit()`` is true but ``int("9²")`` raises: each of these was a 500."""
+    sup = SUPERSCRIPT_TWO
+    client.put("/fhir/Patient/p1", data=orjson.dumps(patient()), content_type=JSON)
+    assert_oo(client.get(f"/fhir/Patient/p1/_history/9{sup}"), 404)
+    assert_oo(client.put("/fhir/Patient/p1", data=orjson.dumps(patient()), content_type=JSON,
+                         headers={"If-Match": f'W/"{sup}"'}), 400)
+    assert_oo(client.get(f"/fhir/Patient/p1/$everything?_count={sup}"), 400)
+    assert_oo(client.post("/fhir/Patient/p1/$everything", data={"_offset": sup}), 400)
+    assert_oo(client.get(f"/fhir/AuditEvent/1{sup}"))
+    for url in (f"/audit/entry/1{sup}", f"/audit/proof/inclusion?index=1{sup}&tree_size=2",
+                f"/admin/models/x/evaluation?version=1{sup}"):
+        r = client.get(url)
+        assert 400 <= r.status_code < 500, (url, r.status_code, r.data[:200])
+
+
+def test_version_ordering_and_cohort_uids_ignore_non_ascii_digits():
+    from server.synthetic.cohort import parse_uid
+    from server.terminology.provider import version_key
+    from terminologies.provider import _version_key
+
+    assert parse_uid(1, "2.25.1" + SUPERSCRIPT_TWO) is None
+    assert version_key("1." + SUPERSCRIPT_TWO) < version_key("1.0")
+    assert _version_key("1." + SUPERSCRIPT_TWO) < _version_key("1.0")
