@@ -60,7 +60,8 @@ def process_bundle(store, ctx: RequestContext, bundle: dict) -> dict:
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise InvalidRequest("Bundle.entry must be an array", ["Bundle.entry"])
-    limit = int(store.config.get("max_bundle_entries", 100_000))
+    # A synthetic cohort (batch of reads through the access guard) has no store settings.
+    limit = int((getattr(store, "config", None) or {}).get("max_bundle_entries", 100_000))
     if len(entries) > limit:
         raise TooLarge(f"Bundle has {len(entries)} entries; the limit is {limit}")
     if btype == "batch":

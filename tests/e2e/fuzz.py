@@ -83,14 +83,15 @@ def _problem(resp: requests.Response | object) -> str | None:
     return None
 
 
-def fuzz(schema_url: str, *, max_examples: int = 10, modes: Iterable[str] = ("positive", "negative"),
+def fuzz(schema: str | schemathesis.BaseSchema, *, max_examples: int = 10, modes: Iterable[str] = ("positive", "negative"),
          select: Callable[[schemathesis.APIOperation], bool] | None = None,
          headers: dict[str, str] | None = None, fixed_ids: dict[str, str] | None = None,
          generated_auth: bool = False, timeout: float = 30.0, log: Callable[[str], None] | None = None) -> FuzzReport:
-    """Send generated requests to every selected operation of the served OpenAPI document.
+    """Send generated requests to every selected operation of an OpenAPI document.
 
     Args:
-        schema_url: URL of the OpenAPI document (``<fhir base>/openapi.json``).
+        schema: URL of the OpenAPI document (``<fhir base>/openapi.json``), or a loaded
+            schema (``schemathesis.openapi.from_wsgi(path, app)``: requests go in-process).
         max_examples: Hypothesis examples per operation and generation mode.
         modes: ``positive`` (valid per the document) and/or ``negative`` (invalid).
         select: keep only the operations for which this returns true.
@@ -108,7 +109,8 @@ def fuzz(schema_url: str, *, max_examples: int = 10, modes: Iterable[str] = ("po
         The :class:`FuzzReport`. Deterministic for a given server state
         (``derandomize=True``).
     """
-    schema = schemathesis.openapi.from_url(schema_url, headers=dict(headers or {}))
+    if isinstance(schema, str):
+        schema = schemathesis.openapi.from_url(schema, headers=dict(headers or {}))
     report = FuzzReport()
     session = requests.Session()
     started = time.monotonic()
@@ -195,3 +197,17 @@ def seed(base: str, headers: dict[str, str] | None = None) -> dict[str, str]:
                          headers={"Content-Type": "application/fhir+json", **(headers or {})})
     resp.raise_for_status()
     return {r["resourceType"]: r["id"] for r in resources}
+
+
+def discover_ids(base: str, types: Iterable[str], headers: dict[str, str] | None = None) -> dict[str, str]:
+    """resource type -> the id of one resource the server has (first search hit), for the
+    types that have one (a synthetic cohort, or a store loaded some other way)."""
+    out = {}
+    for t in types:
+        resp = requests.get(f"{base}/{t}", params={"_count": "1", "_elements": "id"}, headers=headers,
+                            timeout=60)
+        if resp.ok:
+            entries = resp.json().get("entry") or []
+            if entries:
+                out[t] = entries[0]["resource"]["id"]
+    return out
