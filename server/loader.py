@@ -44,7 +44,8 @@ Speed
     created in the worker after the fork; the parent migrates the schema once, disposes its
     engine and then only hands out work and adds up results. Workers read, decompress,
     parse (orjson) and validate in parallel; on SQLite the writes serialise on the write
-    lock (``BEGIN IMMEDIATE`` with a long busy timeout, see :mod:`server.db.engine`).
+    lock (``BEGIN IMMEDIATE``), where the workers queue at the transaction's write gate
+    (:class:`server.fhir.transaction.FileWriteGate`) rather than in SQLite's busy handler.
     Archive members and NDJSON chunks are read by the parent and handed over as bytes,
     with at most ``2 * jobs`` tasks in flight so memory stays bounded.
 
@@ -301,18 +302,13 @@ _CTX = None
 _GC_SAVED: tuple | None = None   # the gc thresholds before tune_gc (restored at close)
 
 
-def _init_worker(url: str, config: dict, write_gate=None) -> None:
-    """Create this process's own store/engine (after the fork, never inherited).
-
-    ``write_gate``: a lock shared by the workers, taken around each write transaction
-    (see :func:`server.fhir.transaction._transaction`), or None.
-    """
+def _init_worker(url: str, config: dict) -> None:
+    """Create this process's own store/engine (after the fork, never inherited)."""
     global _STORE, _CTX, _GC_SAVED
     from server.source import RequestContext
     from server.store import SqlStore
 
     _STORE = SqlStore.from_url(url, config, auto_migrate=False)
-    _STORE.write_gate = write_gate
     _CTX = RequestContext(caller="synthport-load", prefer_return="minimal")
     if _GC_SAVED is None:
         from server.fhir.validation import tune_gc
@@ -708,10 +704,6 @@ def _run_pool(url: str, config: dict, jobs: int, tasks: Iterator[tuple[tuple, bo
         import server.store  # noqa: F401
     ctx = mp.get_context(method)
     max_inflight = 2 * jobs
-    # SQLite has one writer at a time: the workers queue on a lock of their own, which wakes
-    # the next one as soon as a commit is done (SQLite's busy handler polls in sleeps of up
-    # to 100 ms, and a worker asleep there leaves its core idle).
-    gate = ctx.Lock() if url.startswith("sqlite") else None
     inflight: dict[Future, tuple] = {}
 
     def finish(fut: Future) -> None:
@@ -730,7 +722,7 @@ def _run_pool(url: str, config: dict, jobs: int, tasks: Iterator[tuple[tuple, bo
                 finish(fut)
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(url, config, gate)) as pool:
+                             initargs=(url, config)) as pool:
         try:
             for task, exclusive in tasks:
                 if task[0] == "fail":

@@ -81,3 +81,59 @@ def test_a_failing_transaction_releases_the_gate(store):
     with store.engine.connect() as conn:
         from sqlalchemy import text
         assert conn.execute(text("SELECT count(*) FROM resource")).scalar_one() == 0
+
+
+# ---------------------------------------------------------------------- FileWriteGate
+def test_default_gate_is_a_lock_file_beside_a_sqlite_database(db_url):
+    from server.fhir.transaction import FileWriteGate, write_gate
+
+    s = SqlStore.from_url(db_url)
+    try:
+        gate = write_gate(s)
+        if db_url.startswith("sqlite"):
+            assert isinstance(gate, FileWriteGate)
+            assert gate.path == s.engine.url.database + "-writers.lock"
+            s.bundle(CTX, _tx(_post({"resourceType": "Patient"})))
+            assert gate.acquire(timeout=1)   # released after the transaction
+            gate.release()
+        else:
+            assert gate is None               # PostgreSQL: concurrent writers
+    finally:
+        s.engine.dispose()
+
+
+def test_file_gate_queues_threads_and_times_out(tmp_path):
+    from server.fhir.transaction import FileWriteGate
+
+    gate = FileWriteGate(str(tmp_path / "db-writers.lock"))
+    other = FileWriteGate(str(tmp_path / "db-writers.lock"))   # another process's view
+    assert gate.acquire()
+    assert other.acquire(timeout=0.05) is False
+    got, done = [], threading.Event()
+
+    def waiter():
+        got.append(other.acquire(timeout=5))
+        done.wait(5)
+        other.release()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    t.join(0.1)
+    assert got == []                 # still waiting while the gate is held
+    gate.release()
+    for _ in range(500):
+        if got:
+            break
+        threading.Event().wait(0.01)
+    assert got == [True]
+    assert gate.acquire(timeout=0.05) is False   # now the other one holds it
+    done.set()
+    t.join(5)
+    assert gate.acquire(timeout=1)
+    gate.release()
+
+
+def test_file_gate_that_cannot_be_opened_lets_writers_through(tmp_path):
+    from server.fhir.transaction import FileWriteGate
+
+    assert FileWriteGate(str(tmp_path / "missing-dir" / "db-writers.lock")).acquire() is False
