@@ -42,6 +42,8 @@ ACTION = {"read": "R", "vread": "R", "search-type": "E", "search-system": "E",
           "create": "C", "update": "U", "patch": "U", "delete": "D", "operation": "E",
           "batch": "E", "transaction": "E"}
 NON_PATIENT_OK = {"Patient"}   # a Patient resource is always patient data
+#: Seconds a DIMSE calling AE title's client (registry lookup) is remembered per process.
+AE_CLIENT_TTL = 5.0
 
 
 # --------------------------------------------------------------------------- decisions
@@ -85,12 +87,13 @@ class Policy:
         self.audit = audit
         self.source_label = source_label
         self.clients = clients
+        self._aet_cache: dict[str, tuple[float, Any]] = {}
 
     # -------------------------------------------------------------- who is asking
     def resolve(self, ctx: RequestContext) -> RequestContext:
         """Fill the claims of a DIMSE peer from the client registry (by calling AE)."""
         if ctx.claims is None and ctx.channel == "dimse" and self.clients is not None:
-            client = self.clients.by_ae_title(ctx.caller)
+            client = self._client_by_aet(ctx.caller)
             if client is not None and client.active:
                 from server.auth.tokens import TokenClaims
 
@@ -100,6 +103,21 @@ class Policy:
                 return replace(ctx, claims=claims, caller=client.client_id,
                                purpose=client.purpose, deidentified=client.deidentified)
         return ctx
+
+    def _client_by_aet(self, aet: str):
+        """The registry's client for a calling AE title, remembered for
+        :data:`AE_CLIENT_TTL` seconds: a DIMSE peer sends one request per instance, and
+        the lookup (a query) cost more than the rest of the check. A client changed or
+        deactivated in the registry is seen after at most that long."""
+        now = time.monotonic()
+        hit = self._aet_cache.get(aet)
+        if hit is not None and now - hit[0] < AE_CLIENT_TTL:
+            return hit[1]
+        client = self.clients.by_ae_title(aet)
+        if len(self._aet_cache) > 1024:
+            self._aet_cache.clear()
+        self._aet_cache[aet] = (now, client)
+        return client
 
     def check(self, ctx: RequestContext, res_type: str, perm: str) -> Decision:
         """Raise unless ``perm`` (one of ``cruds``) on ``res_type`` is permitted.
@@ -814,6 +832,19 @@ class GuardedDicomSource:
     # ---------------------------------------------------------------- reads
     def find(self, ctx: RequestContext, level, query: dict[str, str], **kw):
         ctx2, d = self._decide(ctx, "find", "s")
+        # DICOM PatientID -> linked FHIR Patient id of the matches: from the source's
+        # own rows when it gives them (FindResult.patient_links), else one query.
+        links: dict[str, str] = {}
+        given = [True]
+
+        def inner_find(q: dict) -> list:
+            res = self.inner.find(ctx2, level, q, **kw)
+            got = getattr(res, "patient_links", None)
+            if got is None:
+                given[0] = False
+            else:
+                links.update(got)
+            return list(res)
 
         def run():
             q = dict(query)
@@ -824,18 +855,21 @@ class GuardedDicomSource:
                     allowed = [p for p in allowed if p == asked]
                 out = []
                 for pid in allowed:
-                    out.extend(self.inner.find(ctx2, level, dict(q, PatientID=pid), **kw))
+                    out.extend(inner_find(dict(q, PatientID=pid)))
             else:
-                out = self.inner.find(ctx2, level, q, **kw)
+                out = inner_find(q)
+            if not given[0]:
+                links.update(self._fhir_ids(getattr(ds, "PatientID", "") for ds in out))
             if d.research:
-                links = self._fhir_ids(getattr(ds, "PatientID", "") for ds in out)
                 out = [ds for ds in out if self._patient_ok(d, getattr(ds, "PatientID", ""), links)]
+            # The patients whose data leave, named before any de-identification.
+            patients = {links[p] for ds in out if (p := getattr(ds, "PatientID", None)) in links}
             if ctx2.deidentified:
                 out = [self._deid_dataset(ds) for ds in out]
-            return out
+            return out, patients
 
-        return self._audit(ctx2, "find", run, lambda out: self._fhir_ids(
-            getattr(ds, "PatientID", "") for ds in out).values())
+        out, _ = self._audit(ctx2, "find", run, lambda r: r[1])
+        return out
 
     def instance_refs(self, ctx: RequestContext, study_uid=None, series_uid=None, sop_uid=None,
                       **kw):

@@ -8,6 +8,7 @@ to a keyword. Nothing here touches storage.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -179,6 +180,7 @@ def canonical_name(name: str) -> str:
     return ".".join(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def tag_of(name: str) -> int | None:
     """The tag of a keyword or 8-hex-digit tag string (first element of a path)."""
     first = name.split(".", 1)[0]
@@ -187,6 +189,7 @@ def tag_of(name: str) -> int | None:
     return tag_for_keyword(first)
 
 
+@functools.lru_cache(maxsize=4096)
 def vr_of(name: str) -> str:
     """The dictionary VR of a keyword/tag (first of ``US or SS`` style alternatives)."""
     tag = tag_of(name)

@@ -72,6 +72,17 @@ class InstanceRef:
     size: int
 
 
+class FindResult(list):
+    """What :meth:`DicomSource.find` may return instead of a plain list: the matches,
+    with ``patient_links`` (DICOM PatientID -> linked FHIR Patient id, for the matches
+    whose patient is linked), so that the access guard audits the FHIR patients without
+    another query. A source that does not know the links returns a plain list."""
+
+    def __init__(self, items=(), patient_links: dict[str, str] | None = None):
+        super().__init__(items)
+        self.patient_links: dict[str, str] = dict(patient_links or {})
+
+
 class DicomSource(Protocol):
     """A source of DICOM data: the real store or a synthetic cohort.
 

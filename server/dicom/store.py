@@ -24,6 +24,7 @@ connections, or a FHIR conditional create of the same Patient, cannot duplicate 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import orjson
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, config as pydicom_config, dcmread
+from pydicom.dataelem import DataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
@@ -51,7 +53,7 @@ from server.dicom import fhirlink
 from server.dicom.dicomjson import from_stored, json_text, stored_json_obj
 from server.fhir.extract import extract
 from server.dicom.matching import Criterion, fold, name_tokens, parse, sql_condition, time_key
-from server.dicom.source import LEVELS, InstanceRef, StoreOutcome
+from server.dicom.source import LEVELS, FindResult, InstanceRef, StoreOutcome
 from server.errors import (InsufficientStorage, InstanceRefused, InvalidRequest, InvalidResource,
                            NotFound, SopClassMismatch)
 from server.source import RequestContext
@@ -64,6 +66,7 @@ _UID_RE = re.compile(r"^[0-9A-Za-z._\-]{1,64}$")
 _BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
 _EXECUTABLE_PREAMBLES = (b"MZ", b"\x7fELF")
 _BIG = 2**31 - 1
+_NO_VALIDATION = pydicom_config.IGNORE
 
 # Where each matching key lives: (table, column) and, for person names, the
 # lower-cased / folded / token columns.
@@ -839,16 +842,7 @@ class DicomStore:
         wanted = self._wanted(level, names, includefields)
         depth = LEVELS.index(level)
         tables = {t: t for t in (P, ST, SE, I)[:depth + 1]}
-        cols = [c for t in (P, ST, SE, I)[:depth + 1] for c in t.c
-                if c.name not in ("metadata",)]
-        labelled = [c.label(f"{_TABLE_LEVEL[c.table][:2]}_{c.name}") for c in cols]
-        stmt = select(*labelled)
-        if depth >= 1:
-            stmt = stmt.select_from(P.join(ST, ST.c.patient_pk == P.c.pk))
-        if depth >= 2:
-            stmt = stmt.join(SE, SE.c.study_pk == ST.c.pk)
-        if depth >= 3:
-            stmt = stmt.join(I, I.c.series_pk == SE.c.pk)
+        stmt = _base_select(level)
         where = self._conditions(level, crits, tables)
         if level == "PATIENT":
             st2 = ST.alias()
@@ -872,11 +866,16 @@ class DicomStore:
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(stmt).mappings()]
             if not rows:
-                return []
+                return FindResult()
             extra = self._patient_counts(conn, rows) if level == "PATIENT" else {}
             meta = self._representative_metadata(conn, level, rows, wanted, include_all)
-        return [self._dataset(level, row, wanted, include_all, extra.get(row["PA_pk"]),
-                              meta.get(self._entity_pk(level, row))) for row in rows]
+        # The FHIR Patient of each match comes with the rows: the access guard audits it
+        # without a query of its own.
+        links = {r["PA_patient_id"]: r["PA_fhir_id"] for r in rows
+                 if r["PA_fhir_id"] and r["PA_patient_id"]}
+        return FindResult((self._dataset(level, row, wanted, include_all, extra.get(row["PA_pk"]),
+                                         meta.get(self._entity_pk(level, row))) for row in rows),
+                          patient_links=links)
 
     @staticmethod
     def _entity_pk(level: str, row: dict) -> int:
@@ -1062,6 +1061,22 @@ class DicomStore:
             raise NotFound(f"Instance {ref.sop_uid} is not stored") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _base_select(level: str):
+    """SELECT of every column (but the metadata) of the tables down to ``level``, joined:
+    built once per level (statements are immutable; where/order/limit make new ones)."""
+    depth = LEVELS.index(level)
+    cols = [c for t in (P, ST, SE, I)[:depth + 1] for c in t.c if c.name not in ("metadata",)]
+    stmt = select(*[c.label(f"{_TABLE_LEVEL[c.table][:2]}_{c.name}") for c in cols])
+    if depth >= 1:
+        stmt = stmt.select_from(P.join(ST, ST.c.patient_pk == P.c.pk))
+    if depth >= 2:
+        stmt = stmt.join(SE, SE.c.study_pk == ST.c.pk)
+    if depth >= 3:
+        stmt = stmt.join(I, I.c.series_pk == SE.c.pk)
+    return stmt
+
+
 _ITEM_KEYS = frozenset({"uid", "sopClass", "number"})
 
 
@@ -1185,7 +1200,9 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
         except (TypeError, ValueError):
             value = None
     try:
-        ds.add_new(tag, vr, value)
+        # Values come from the index (read from stored instances): no validation of
+        # each one again (a regex per value, and a warning per odd one, per response).
+        ds[tag] = DataElement(tag, vr, value, validation_mode=_NO_VALIDATION)
     except Exception:  # noqa: BLE001 - a value the VR refuses: return the key empty
         ds.add_new(tag, vr, None)
 

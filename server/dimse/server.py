@@ -150,6 +150,7 @@ def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
     """
     parse_peers(config.get("dimse_peers"))          # fail now on a bad peer table
     link_leftovers(source)
+    quiet_pynetdicom_handlers()
     ae = build_ae(config)
     host = str(config.get("dimse_host") or config.get("http_host") or "0.0.0.0")
     port = int(config.get("dimse_port", 11112) if port is None else port)
@@ -167,6 +168,19 @@ def start_dimse(config: Mapping[str, Any], source: Any, *, block: bool = False,
         threading.Thread(target=server.serve_forever, name=f"dimse-{server.server_address[1]}",
                          daemon=True).start()
     return server
+
+
+def quiet_pynetdicom_handlers() -> None:
+    """Unless pynetdicom's logger shows INFO, do not bind its standard logging handlers.
+
+    pynetdicom binds them to every association and server (``_config.LOG_HANDLER_LEVEL``,
+    "standard"): they decode and format every PDU and DIMSE message, under the AE-wide
+    lock, for log lines that a WARNING logger then drops.
+    """
+    from pynetdicom import _config
+
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _config.LOG_HANDLER_LEVEL = "none"
 
 
 def link_leftovers(source: Any) -> None:
