@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 
-from flask import Flask, current_app, g, request
+import orjson
+from flask import Flask, Response, current_app, g, request
 
 from server.access import GuardedDicomSource, GuardedSource, synthetic_policy
+from server.fhir.openapi import openapi_document
 from server.http.dicomweb import make_dicomweb_blueprint
 from server.http.fhir_api import build_context, check_accept, fhir_response, make_fhir_blueprint
 from server.synthetic.cohort import load_cohort
@@ -75,6 +77,11 @@ def register_synthetic(app: Flask) -> None:
         if request.method == "GET" and request.path.rstrip("/").endswith("/fhir/metadata"):
             src = _sources(g.synthetic_cohort)[0]
             return fhir_response(src.capabilities(build_context({}).base_url))
+        if request.method == "GET" and request.path.endswith("/fhir/openapi.json"):
+            # The OpenAPI description of what this cohort's CapabilityStatement declares.
+            base = build_context({}).base_url
+            doc = openapi_document(_sources(g.synthetic_cohort)[0].capabilities(base), base)
+            return Response(orjson.dumps(doc), content_type="application/json")
         return None
 
     @dicom_bp.before_request

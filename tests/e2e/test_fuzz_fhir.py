@@ -59,7 +59,7 @@ def test_fuzz_development_mode(tmp_path):
         assert sum(n for s, n in report.statuses.items() if isinstance(s, int) and s < 300) >= 100
 
         # Through gunicorn, not only Werkzeug's test client: a chunked body over the limit is
-        # 413, an over-long request line a 4xx, and the server keeps answering.
+        # 413, an over-long request line or header a 4xx, and the server keeps answering.
         url = urllib.parse.urlsplit(base)
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
         body = orjson.dumps({"resourceType": "Patient", "id": "big"}) + b" " * MAX_BODY
@@ -72,6 +72,8 @@ def test_fuzz_development_mode(tmp_path):
         conn.close()
         assert requests.get(f"{base}/Patient/big", timeout=30).status_code == 404
         r = requests.get(f"{base}/Patient?name={'a' * 20_000}", timeout=30)
+        assert 400 <= r.status_code < 500
+        r = requests.get(f"{base}/metadata", headers={"X-Padding": "a" * 20_000}, timeout=30)
         assert 400 <= r.status_code < 500
         assert requests.get(f"{base}/metadata", timeout=30).status_code == 200
 
