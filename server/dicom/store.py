@@ -1143,14 +1143,19 @@ def _items_with(old: dict, study, series, added: list[dict]) -> dict[int, list[d
             out[se["pk"]] = items
         if by_uid or not new_per_series.keys() <= out.keys():
             return None
+        # Whether every entry of a series has a number (checked once per series, then
+        # kept up to date: a scan per added instance made a batch O(n * k)).
+        numbered = {pk: all(isinstance(i.get("number"), int) for i in items)
+                    for pk, items in out.items()}
         for a in added:
             items = out[a["series_pk"]]
             new = fhirlink.instance_item(a)
             number = a["instance_number"]
             if number is None:
                 items.append(new)             # no number: after the others, by arrival
+                numbered[a["series_pk"]] = False   # a later numbered one cannot be placed
                 continue
-            if number < 0 or any(not isinstance(i.get("number"), int) for i in items):
+            if number < 0 or not numbered[a["series_pk"]]:
                 return None
             pos = len(items)
             while pos and items[pos - 1]["number"] > number:
