@@ -25,9 +25,9 @@ from tests.e2e.server import run_server, synthport_command
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = 4
+MAX_EXAMPLES = 3
 MAX_BODY = 1 << 20
-FUZZ_TYPES = {"Patient", "Observation", "CodeSystem", "ValueSet", "ConceptMap"}
+FUZZ_TYPES = {"Patient", "Observation", "CodeSystem", "ValueSet"}
 JSON = "application/fhir+json"
 
 
@@ -54,7 +54,7 @@ def test_fuzz_development_mode(tmp_path):
         report = fuzz(f"{base}/openapi.json", max_examples=MAX_EXAMPLES, select=select(FUZZ_TYPES),
                       fixed_ids=ids)
         print("\n" + report.summary())
-        assert report.operations >= 80 and report.requests >= 600, report.summary()
+        assert report.operations >= 80 and report.requests >= 500, report.summary()
         assert not report.failures, report.summary()
         assert sum(n for s, n in report.statuses.items() if isinstance(s, int) and s < 300) >= 100
 
