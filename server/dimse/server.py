@@ -69,6 +69,17 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         set_nodelay(client)
         return client, address
 
+    def process_request(self, request, client_address) -> None:
+        # The request handler only builds the Association and starts its thread (which
+        # starts the DUL thread): do that here instead of in one more thread per
+        # connection (ThreadingMixIn's), one thread start less before the
+        # A-ASSOCIATE-RQ is read.
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - as ThreadingMixIn.process_request_thread
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
     def handle_error(self, request, client_address) -> None:
         # One broken connection must never stop the listener; log it, quietly.
         log.warning("DIMSE connection from %s failed", client_address, exc_info=True)
