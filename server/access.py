@@ -604,6 +604,15 @@ class GuardedSource:
         stored = StoredResource(t, str(body.get("id", "")), 0, 0.0, False, orjson.dumps(body))
         return bool(self._visible(ctx, d, t, [stored]))
 
+    def authenticate(self, ctx: RequestContext) -> None:
+        """Raise unless the caller is authenticated (operations that read no stored data,
+        e.g. ``$validate``, while tokens are required)."""
+        ctx2 = self.policy.resolve(ctx)
+        if self.policy.enforce and ctx2.claims is None:
+            exc = Unauthorized("This source needs a bearer token")
+            self.policy.record(ctx2, "operation", outcome_code(exc), description=exc.message)
+            raise exc
+
     # -------------------------------------------------------------- $deidentify
     def deidentify_patient(self, ctx: RequestContext, patient_id: str, engine,
                            params: list[tuple[str, str]]) -> dict:
@@ -625,11 +634,8 @@ class GuardedSource:
         must still be authenticated when tokens are required."""
         from server.fhir.deidentify import deidentify_body
 
+        self.authenticate(ctx)
         ctx2 = self.policy.resolve(ctx)
-        if self.policy.enforce and ctx2.claims is None:
-            exc = Unauthorized("This source needs a bearer token")
-            self.policy.record(ctx2, "operation", outcome_code(exc), description=exc.message)
-            raise exc
         return self._run(ctx2, "operation", lambda: deidentify_body(body, engine),
                          what_of=lambda r: ["$deidentify"])
 

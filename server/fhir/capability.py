@@ -39,6 +39,9 @@ def _resources(writable: bool) -> tuple:
         sps = [{"name": k, "type": v[0], "documentation": v[1]} for k, v in _COMMON.items()] + sps
         refs = sorted(code for code, sp in params.items() if sp.type == "reference")
         inter = _INTERACTIONS_RW if writable else _INTERACTIONS_RO
+        if t == "AuditEvent":
+            # Written by the server only (the audit log; docs/audit.md): read and search.
+            inter = ["read", "search-type"]
         entry = {
             "type": t,
             "interaction": [{"code": c} for c in inter],
@@ -90,7 +93,7 @@ def capability_statement(base_url: str, writable: bool = True, name: str = "real
             "resource": [dict(r) for r in _resources(writable)],
             "interaction": system,
             "searchParam": [{"name": k, "type": v[0], "documentation": v[1]} for k, v in _COMMON.items()],
-            "operation": _OPS + [{"name": "deidentify", "definition": _DEID}],
+            "operation": [{"name": "deidentify", "definition": _DEID}],
             **({"security": _security(base_url)} if writable else {}),
         }],
     }

@@ -109,6 +109,7 @@ def make_fhir_blueprint(name: str, url_prefix: str,
     @bp.post("/<res_type>/$validate")
     @bp.post("/<res_type>/<res_id>/$validate")
     def validate_op(res_type: str, res_id: str | None = None):
+        get_source().authenticate(ctx())          # no stored data, but only for callers
         body = read_body()
         if isinstance(body, dict) and body.get("resourceType") == "Parameters":
             parameters = body.get("parameter")

@@ -431,3 +431,14 @@ def test_deidentify_operation_exports_only_consented_visible_data(app, client, w
     assert posted.status_code == 200 and "Zed" not in posted.get_data(as_text=True)
     assert any(e["subtype"][0]["code"] == "operation" and e["outcome"] == "4"
                for e in audit_entries(app, client))
+
+
+def test_validate_needs_a_caller_and_capabilities_tell_the_truth(app, client, world):
+    body = {"resourceType": "Patient", "name": [{"family": "V"}]}
+    assert client.post("/fhir/Patient/$validate", json=body).status_code == 401
+    assert client.post("/fhir/Patient/$validate", json=body,
+                       headers=bearer(app, "system/Patient.rs")).status_code == 200
+    cs = client.get("/fhir/metadata").get_json()
+    audit = next(r for r in cs["rest"][0]["resource"] if r["type"] == "AuditEvent")
+    assert {i["code"] for i in audit["interaction"]} == {"read", "search-type"}
+    assert {o["name"] for o in cs["rest"][0]["operation"]} == {"deidentify"}

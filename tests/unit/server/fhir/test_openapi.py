@@ -21,6 +21,9 @@ def test_every_declared_interaction_has_its_path(doc):
     paths = doc["paths"]
     for res in cs["rest"][0]["resource"]:
         t = res["type"]
+        if t == "AuditEvent":       # read and search only: the server writes the audit log
+            assert set(paths["/AuditEvent"]) == {"get"} and set(paths["/AuditEvent/{id}"]) == {"get"}
+            continue
         assert {"get", "post", "put", "delete"} <= set(paths[f"/{t}"]), t
         assert {"get", "put", "patch", "delete"} <= set(paths[f"/{t}/{{id}}"]), t
         assert "get" in paths[f"/{t}/{{id}}/_history/{{vid}}"] and "get" in paths[f"/{t}/_history"]
