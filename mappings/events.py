@@ -11,7 +11,7 @@ import datetime as dt
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -78,6 +78,24 @@ class _ById:
         if self.index is None:
             self.index = {x.get("id"): x for x in self.record if x.get("id")}
         return self.index.get(rid)
+
+
+class _PackedById:
+    """:class:`_ById` for ``(resourceType, id, JSON body)`` entries: only the body that
+    a look-up finds is parsed."""
+
+    __slots__ = ("entries", "loads", "index")
+
+    def __init__(self, entries: list[tuple[str, str | None, bytes]], loads):
+        self.entries = entries
+        self.loads = loads
+        self.index: dict | None = None
+
+    def get(self, rid):
+        if self.index is None:
+            self.index = {e[1]: i for i, e in enumerate(self.entries) if e[1]}
+        i = self.index.get(rid)
+        return None if i is None else self.loads(self.entries[i][2])
 
 
 @dataclass
@@ -188,6 +206,11 @@ class EventExtractor:
             self._add_resources(pid, record, seen)
             return pid
         seen = self._seen[pid] = set()
+        self._add_demographics(pid, patient)
+        self._add_resources(pid, record, seen)
+        return pid
+
+    def _add_demographics(self, pid: str, patient: dict) -> None:
         demo = {"patient_id": pid}
         for k, getters in self._demo_paths.items():
             v = None
@@ -198,7 +221,41 @@ class EventExtractor:
                     break
             demo[k] = v
         self.demo.append(demo)
-        self._add_resources(pid, record, seen)
+
+    def add_packed_record(self, entries: list[tuple[str, str | None, bytes]],
+                          loads: Callable[[bytes], dict]) -> str | None:
+        """:meth:`add_record` for a record given as ``(resourceType, id, JSON body)``
+        entries (type and id those of the body), with the same result.
+
+        A body is parsed when its resource is extracted and dropped right after, so only
+        one resource at a time is a tree of Python objects (with hundreds of thousands of
+        resources, walking each tree while it is still in the CPU caches is about a fifth
+        faster than parsing a whole record first). Bodies of types that no event spec
+        reads are not parsed, except when a ``medicationReference`` points at them.
+        """
+        first = next((e for e in entries if e[0] == "Patient"), None)
+        patient = loads(first[2]) if first is not None else None
+        if patient is None or not patient.get("id"):
+            self.skipped["record without Patient"] += 1
+            return None
+        pid = patient["id"]
+        seen = self._seen.get(pid)
+        if seen is None:
+            seen = self._seen[pid] = set()
+            self._add_demographics(pid, patient)
+        by_id = _PackedById(entries, loads)
+        by_type = self.by_type
+        for rt, _, body in entries:
+            specs = by_type.get(rt)
+            if not specs:
+                continue
+            r = loads(body)
+            key = (rt, r.get("id"))
+            if key in seen:
+                continue
+            seen.add(key)
+            for cs in specs:
+                self._extract(pid, r, cs, by_id)
         return pid
 
     def _add_resources(self, pid: str, record: list[dict], seen: set) -> None:

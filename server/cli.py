@@ -169,7 +169,10 @@ def terminology_supplement(data_dir, config_file, quiet):
 @click.option("--spec", default=None, help="Mapping spec file or name (default: mappings/specs/default.toml).")
 @click.option("--top-k", type=int, default=None, help="Codes per domain with their own column.")
 @click.option("--min-count", type=int, default=None, help="Fewer patients than this: 'other'.")
-def map_command(data_dir, config_file, out_dir, source_name, limit, spec, top_k, min_count):
+@click.option("--jobs", "-j", type=int, default=None,
+              help="Processes reading and extracting records (default: cores, at most 4; "
+                   "the tables are the same for any number).")
+def map_command(data_dir, config_file, out_dir, source_name, limit, spec, top_k, min_count, jobs):
     """Map patients (through the source protocol) to analysis tables in Parquet."""
     from mappings.errors import MappingError
     from server.mapping_export import export_tables
@@ -179,7 +182,7 @@ def map_command(data_dir, config_file, out_dir, source_name, limit, spec, top_k,
     store = SqlStore.from_url(cfg.resolved_database_url, cfg, auto_migrate=bool(cfg["auto_migrate"]))
     voc = {k: v for k, v in (("top_k", top_k), ("min_count", min_count)) if v is not None}
     try:
-        report = export_tables(store, out_dir, limit=limit, spec=spec, **voc)
+        report = export_tables(store, out_dir, limit=limit, spec=spec, jobs=jobs, **voc)
     except MappingError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"mapped {report.patients} patients ({report.resources:,} resources, "

@@ -201,6 +201,12 @@ class CompartmentReader:
         """The JSON bodies of the patient's record: ``$everything`` in its order, with the
         Patient resources moved to the front as :func:`patient_record` does (None: no
         current Patient with this id at the snapshot)."""
+        entries = self.entries(patient_id)
+        return None if entries is None else [e[2] for e in entries]
+
+    def entries(self, patient_id: str) -> list[tuple[str, str, bytes]] | None:
+        """``(resourceType, id, JSON body)`` of each resource of :meth:`bodies`, in its order
+        (type and id from the ``resource`` row, which are the body's own)."""
         cur, snap = self.cur, self.snapshot
         cur.execute(self.sql_patient, (patient_id, snap, snap))
         prow = cur.fetchone()
@@ -220,11 +226,13 @@ class CompartmentReader:
         for key in targets:
             hit = self.cache.get(key)
             if hit is not None:
-                refs[hit[0]] = hit[1]
+                refs[hit[0]] = (key[0], key[1], hit[1])
         # referenced resources are never Patients (target_type <> 'Patient' above)
-        out = ([prow[2]] + [r[3] for r in comp if r[1] == "Patient"]
-               + [r[3] for r in comp if r[1] != "Patient"] + [refs[k] for k in sorted(refs)])
-        return [b if isinstance(b, bytes) else bytes(b) for b in out if b]
+        out = ([("Patient", patient_id, prow[2])]
+               + [(r[1], r[2], r[3]) for r in comp if r[1] == "Patient"]
+               + [(r[1], r[2], r[3]) for r in comp if r[1] != "Patient"]
+               + [refs[k] for k in sorted(refs)])
+        return [e if isinstance(e[2], bytes) else (e[0], e[1], bytes(e[2])) for e in out if e[2]]
 
     def _resolve(self, targets) -> None:
         if len(self.cache) > self.CACHE_MAX:
@@ -356,13 +364,13 @@ def _extract_chunk(reader: CompartmentReader, ids: list[str], spec) -> dict:
     ex = EventExtractor(spec)
     read, n = [], 0
     for pid in ids:
-        bodies = reader.bodies(pid)
-        if bodies is None:          # deleted since the search page was read
+        entries = reader.entries(pid)
+        if entries is None:         # deleted since the search page was read
             continue
-        rec = parse_record(bodies)
-        ex.add_record(rec)
+        # one resource parsed at a time: the working set stays in the CPU caches
+        ex.add_packed_record(entries, orjson.loads)
         read.append(pid)
-        n += len(rec)
+        n += len(entries)
     return {"state": ex.export_state(), "read": read, "resources": n}
 
 
