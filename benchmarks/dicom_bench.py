@@ -14,7 +14,11 @@ with new UIDs), starts ``synthport serve`` on SQLite in a temporary data dir, an
 
 With ``--orthanc`` the same phases, on the same files, run against Orthanc from Debian
 (``orthanc`` + ``orthanc-dicomweb``, SQLite index, ``TcpNoDelay`` true) started on free
-ports, one server at a time, and a table of ratios synthport / Orthanc is printed.
+ports beside synthport, side by side: both servers run at once and every phase gives
+them its requests in alternating blocks (ABBA order, four blocks of consecutive requests
+per server; C-STORE, one association each, takes turns), so that a change of machine
+load during the run hits both alike. A table of ratios synthport / Orthanc is printed;
+each phase line carries the 1-minute load average.
 
 Usage::
 
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -148,82 +153,134 @@ def build_studies(folder: Path, k: int) -> list[Path]:
     return out
 
 
-def run_phases(name: str, web: str, dimse_port: int, aet: str, data: dict, args, phases: set) -> dict:
-    """Every phase against one server; figures by name (throughputs in /s, latencies in ms)."""
+@dataclass
+class Target:
+    """One server under test: its DICOMweb base, DIMSE port and AE title, an HTTP session."""
+
+    name: str
+    web: str
+    dimse_port: int
+    aet: str
+    session: requests.Session
+    sops: list[str] = field(default_factory=list)
+
+
+def target(name: str, web: str, dimse_port: int, aet: str, token: str | None = None) -> Target:
+    s = requests.Session()
+    if token:
+        s.headers["Authorization"] = "Bearer " + token
+    return Target(name, web, dimse_port, aet, s)
+
+
+def side_by_side(targets: list[Target], count: int, call, rounds: int = 4) -> dict[str, list[float]]:
+    """``count`` calls of ``call(target, i)`` per target, in ``rounds`` rounds; each round
+    gives every target one block of consecutive calls, in ABBA order (AB, BA, AB, BA),
+    so that a change of machine load during the phase hits every server alike while each
+    still sees back-to-back requests. Returns the call durations (s) per target name."""
+    out: dict[str, list[float]] = {t.name: [] for t in targets}
+    bounds = [count * r // rounds for r in range(rounds + 1)]
+    for r in range(rounds):
+        for t in (targets if r % 2 == 0 else targets[::-1]):
+            for i in range(bounds[r], bounds[r + 1]):
+                start = time.perf_counter()
+                call(t, i)
+                out[t.name].append(time.perf_counter() - start)
+    return out
+
+
+def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str, dict[str, float]]:
+    """Every phase against every target, side by side; figures per target name
+    (throughputs in /s, latencies in ms)."""
     storescu, findscu = dcmtk("storescu"), dcmtk("findscu")
     st1, se1, files1 = data["a"]
     _st2, _se2, files2 = data["b"]
-    s = requests.Session()
-    if name == "synthport" and os.environ.get("BENCH_TOKEN"):
-        s.headers["Authorization"] = "Bearer " + os.environ["BENCH_TOKEN"]
-    res: dict[str, float] = {}
+    res: dict[str, dict[str, float]] = {t.name: {} for t in targets}
     acc = {"Accept": "application/dicom+json"}
+    nodelay = {**os.environ, "TCP_NODELAY": "1"}
+
+    def say(t: Target, text: str) -> None:
+        print(f"[{t.name}] {text}  (load {os.getloadavg()[0]:.2f})", flush=True)
+
     if "cstore" in phases and storescu:
-        env = {**os.environ, "TCP_NODELAY": "1"}
-        t = time.perf_counter()
-        proc = subprocess.run([storescu, "-aec", aet, "127.0.0.1", str(dimse_port), *map(str, files1)],
-                              env=env, capture_output=True, text=True)
-        dt = time.perf_counter() - t
-        res["C-STORE inst/s"] = args.n / dt
-        print(f"[{name}] C-STORE   {args.n} instances, one association: {dt:.2f} s = {args.n / dt:.1f}/s"
-              + ("" if proc.returncode == 0 else f" rc={proc.returncode} {proc.stderr[-300:]}"))
+        # One association of N instances per server cannot be interleaved: the servers
+        # take turns, in the order of the target list.
+        for t in targets:
+            start = time.perf_counter()
+            proc = subprocess.run([storescu, "-aec", t.aet, "127.0.0.1", str(t.dimse_port),
+                                   *map(str, files1)], env=nodelay, capture_output=True, text=True)
+            dt = time.perf_counter() - start
+            res[t.name]["C-STORE inst/s"] = args.n / dt
+            say(t, f"C-STORE   {args.n} instances, one association: {dt:.2f} s = {args.n / dt:.1f}/s"
+                + ("" if proc.returncode == 0 else f" rc={proc.returncode} {proc.stderr[-300:]}"))
     else:
-        stow(s, web, files1, args.batch)          # the read phases need study a
+        for t in targets:
+            stow(t.session, t.web, files1, args.batch)   # the read phases need study a
     if "stow" in phases:
-        t = time.perf_counter()
-        bad = stow(s, web, files2, args.batch)
-        dt = time.perf_counter() - t
-        res["STOW-RS inst/s"] = args.n / dt
-        print(f"[{name}] STOW-RS   {args.n} instances in batches of {args.batch}: {dt:.2f} s = "
-              f"{args.n / dt:.1f}/s{f'; {bad} requests not 200' if bad else ''}")
+        batches = [files2[i:i + args.batch] for i in range(0, len(files2), args.batch)]
+        bad = {t.name: 0 for t in targets}
+
+        def post(t: Target, i: int) -> None:
+            bad[t.name] += stow(t.session, t.web, batches[i], args.batch)
+
+        for name, xs in side_by_side(targets, len(batches), post).items():
+            t = next(x for x in targets if x.name == name)
+            res[name]["STOW-RS inst/s"] = args.n / sum(xs)
+            say(t, f"STOW-RS   {args.n} instances in batches of {args.batch}: {sum(xs):.2f} s = "
+                   f"{args.n / sum(xs):.1f}/s{f'; {bad[name]} requests not 200' if bad[name] else ''}")
+
+    def get(t: Target, path: str, headers=acc, **params) -> None:
+        t.session.get(f"{t.web}{path}", headers=headers, params=params or None).raise_for_status()
+
     if "qido" in phases:
-        xs = timed(lambda: s.get(f"{web}/studies", headers=acc).raise_for_status(), args.reads)
-        res["QIDO /studies p50 ms"] = p50(xs)
-        print(f"[{name}] QIDO-RS   /studies (2 studies) p50 {p50(xs):.2f} ms")
-    sops = []
+        for name, xs in side_by_side(targets, args.reads, lambda t, i: get(t, "/studies")).items():
+            res[name]["QIDO /studies p50 ms"] = p50(xs)
+            say(next(x for x in targets if x.name == name), f"QIDO-RS   /studies (2 studies) p50 {p50(xs):.2f} ms")
     if {"wado", "frames"} & phases:
-        r = s.get(f"{web}/studies/{st1}/series/{se1}/instances", headers=acc)
-        sops = [d["00080018"]["Value"][0] for d in r.json()] if r.ok else []
-    if "wado" in phases and sops:
-        t = time.perf_counter()
-        for i in range(args.reads):
-            s.get(f"{web}/studies/{st1}/series/{se1}/instances/{sops[i % len(sops)]}",
-                  headers={"Accept": 'multipart/related; type="application/dicom"'}).raise_for_status()
-        dt = time.perf_counter() - t
-        res["WADO-RS instance req/s"] = args.reads / dt
-        print(f"[{name}] WADO-RS   instance retrieval: {args.reads / dt:.1f} req/s")
+        for t in targets:
+            r = t.session.get(f"{t.web}/studies/{st1}/series/{se1}/instances", headers=acc)
+            t.sops = [d["00080018"]["Value"][0] for d in r.json()] if r.ok else []
+    live = [t for t in targets if t.sops]
+    inst = f"/studies/{st1}/series/{se1}/instances/"
+    if "wado" in phases and live:
+        dicom = {"Accept": 'multipart/related; type="application/dicom"'}
+        for name, xs in side_by_side(live, args.reads, lambda t, i: get(
+                t, inst + t.sops[i % len(t.sops)], headers=dicom)).items():
+            res[name]["WADO-RS instance req/s"] = args.reads / sum(xs)
+            say(next(x for x in live if x.name == name),
+                f"WADO-RS   instance retrieval: {args.reads / sum(xs):.1f} req/s")
     if "metadata" in phases:
-        xs = timed(lambda: s.get(f"{web}/studies/{st1}/series/{se1}/metadata", headers=acc
-                                 ).raise_for_status(), max(10, args.reads // 10))
-        res["series metadata p50 ms"] = p50(xs)
-        print(f"[{name}] WADO-RS   series metadata ({args.n} instances) p50 {p50(xs):.2f} ms")
-    if "frames" in phases and sops:
-        t = time.perf_counter()
-        for i in range(args.reads):
-            s.get(f"{web}/studies/{st1}/series/{se1}/instances/{sops[i % len(sops)]}/frames/1",
-                  headers={"Accept": 'multipart/related; type="application/octet-stream"'}
-                  ).raise_for_status()
-        dt = time.perf_counter() - t
-        res["frames/1 req/s"] = args.reads / dt
-        print(f"[{name}] WADO-RS   frames/1: {args.reads / dt:.1f} req/s")
+        for name, xs in side_by_side(targets, max(10, args.reads // 10), lambda t, i: get(
+                t, f"/studies/{st1}/series/{se1}/metadata")).items():
+            res[name]["series metadata p50 ms"] = p50(xs)
+            say(next(x for x in targets if x.name == name),
+                f"WADO-RS   series metadata ({args.n} instances) p50 {p50(xs):.2f} ms")
+    if "frames" in phases and live:
+        octet = {"Accept": 'multipart/related; type="application/octet-stream"'}
+        for name, xs in side_by_side(live, args.reads, lambda t, i: get(
+                t, inst + t.sops[i % len(t.sops)] + "/frames/1", headers=octet)).items():
+            res[name]["frames/1 req/s"] = args.reads / sum(xs)
+            say(next(x for x in live if x.name == name), f"WADO-RS   frames/1: {args.reads / sum(xs):.1f} req/s")
     if "cfind" in phases and findscu:
-        def find():
-            subprocess.run([findscu, "-S", "-aec", aet, "-k", "QueryRetrieveLevel=STUDY",
-                            "-k", "StudyInstanceUID", "-k", "PatientName", "127.0.0.1", str(dimse_port)],
-                           capture_output=True, check=True, env={**os.environ, "TCP_NODELAY": "1"})
-        xs = timed(find, max(10, args.reads // 10))
-        res["C-FIND study p50 ms"] = p50(xs)
-        print(f"[{name}] C-FIND    STUDY level incl. association setup p50 {p50(xs):.2f} ms")
+        def find(t: Target, i: int) -> None:
+            subprocess.run([findscu, "-S", "-aec", t.aet, "-k", "QueryRetrieveLevel=STUDY",
+                            "-k", "StudyInstanceUID", "-k", "PatientName", "127.0.0.1",
+                            str(t.dimse_port)], capture_output=True, check=True, env=nodelay)
+
+        for name, xs in side_by_side(targets, max(10, args.reads // 10), find).items():
+            res[name]["C-FIND study p50 ms"] = p50(xs)
+            say(next(x for x in targets if x.name == name),
+                f"C-FIND    STUDY level incl. association setup p50 {p50(xs):.2f} ms")
     if data.get("studies"):
-        bad = stow(s, web, data["studies"], args.batch)
         k = len(data["studies"])
-        xs = timed(lambda: s.get(f"{web}/studies", headers=acc).raise_for_status(), max(10, args.reads // 10))
-        res[f"QIDO /studies ({k + 2} studies) p50 ms"] = p50(xs)
-        xs2 = timed(lambda: s.get(f"{web}/studies", params={"PatientID": f"BENCH-S{k // 2}"},
-                                  headers=acc).raise_for_status(), args.reads)
-        res[f"QIDO PatientID= ({k + 2} studies) p50 ms"] = p50(xs2)
-        print(f"[{name}] QIDO-RS   on {k + 2} studies: /studies p50 {p50(xs):.2f} ms, "
-              f"?PatientID= p50 {p50(xs2):.2f} ms{f'; {bad} STOW requests not 200' if bad else ''}")
+        bad = {t.name: stow(t.session, t.web, data["studies"], args.batch) for t in targets}
+        lists = side_by_side(targets, max(10, args.reads // 10), lambda t, i: get(t, "/studies"))
+        one = side_by_side(targets, args.reads, lambda t, i: get(t, "/studies", PatientID=f"BENCH-S{k // 2}"))
+        for t in targets:
+            xs, xs2 = lists[t.name], one[t.name]
+            res[t.name][f"QIDO /studies ({k + 2} studies) p50 ms"] = p50(xs)
+            res[t.name][f"QIDO PatientID= ({k + 2} studies) p50 ms"] = p50(xs2)
+            say(t, f"QIDO-RS   on {k + 2} studies: /studies p50 {p50(xs):.2f} ms, ?PatientID= p50 "
+                   f"{p50(xs2):.2f} ms{f'; {bad[t.name]} STOW requests not 200' if bad[t.name] else ''}")
     return res
 
 
@@ -252,12 +309,19 @@ def main() -> int:
         print(f"built 2 x {args.n} instances ({size / 1024:.1f} KB each)"
               f"{f' and {args.studies} one-instance studies' if args.studies else ''} in "
               f"{time.perf_counter() - t:.1f} s")
-        with synthport_server(tmp / "srv", args.workers) as (web, port, aet):
-            ours = run_phases("synthport", web, port, aet, data, args, phases)
+        with contextlib.ExitStack() as stack:
+            web, port, aet = stack.enter_context(synthport_server(tmp / "srv", args.workers))
+            targets = [target("synthport", web, port, aet, os.environ.get("BENCH_TOKEN"))]
+            if args.orthanc:
+                web, port, aet = stack.enter_context(
+                    orthanc_server(tmp / "orthanc", sync=not args.orthanc_no_sync))
+                targets.append(target("orthanc", web, port, aet))
+            print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            res = run_phases(targets, data, args, phases)
+            print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if not args.orthanc:
             return 0
-        with orthanc_server(tmp / "orthanc", sync=not args.orthanc_no_sync) as (web, port, aet):
-            theirs = run_phases("orthanc", web, port, aet, data, args, phases)
+        ours, theirs = res["synthport"], res["orthanc"]
     print("\n| figure | synthport | Orthanc | ratio synthport/Orthanc | goal |")
     print("|---|---|---|---|---|")
     for key, value in ours.items():
