@@ -169,8 +169,8 @@ def terminology_supplement(data_dir, config_file, quiet):
 @click.option("--spec", default=None, help="Mapping spec file or name (default: mappings/specs/default.toml).")
 @click.option("--top-k", type=int, default=None, help="Codes per domain with their own column.")
 @click.option("--min-count", type=int, default=None, help="Fewer patients than this: 'other'.")
-@click.option("--jobs", "-j", type=int, default=None,
-              help="Processes reading and extracting records (default: cores, at most 4; "
+@click.option("--jobs", "-j", type=int, default=1, show_default=True,
+              help="Processes reading and extracting records (more help on idle cores; "
                    "the tables are the same for any number).")
 def map_command(data_dir, config_file, out_dir, source_name, limit, spec, top_k, min_count, jobs):
     """Map patients (through the source protocol) to analysis tables in Parquet."""

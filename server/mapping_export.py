@@ -5,14 +5,14 @@
 ``Patient/$everything``, so consent filtering (``include_patient``, by default the
 store's research-consent rule) and the export audit entry apply to every snapshot. On
 the real store, :class:`CompartmentReader` reads the same ``$everything`` records in a
-few statements per patient on one snapshot, and :func:`export_tables` reads and extracts
-them in this process and ``jobs - 1`` worker processes at once.
+few statements per patient on one snapshot, and :func:`export_tables` extracts their
+events one resource at a time from the JSON bodies, in this process and ``jobs - 1``
+worker processes.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import queue
 import time
 import traceback
@@ -28,17 +28,17 @@ log = logging.getLogger(__name__)
 
 PAGE = 200           # patients per search page
 CHUNK = 5            # patients per unit of work of the parallel export (load balancing)
-MAX_JOBS = 4         # processes of the parallel export by default (at most the CPU count)
 
 
 @dataclass
 class ExportReport:
     """What an export read and wrote.
 
-    ``read_seconds``: wall-clock time of reading the records (with ``jobs`` > 1 on the
-    real store: reading and extracting events, in all processes at once); ``map_seconds``:
-    the rest of the mapping (building the tables); ``write_seconds``: the Parquet files;
-    ``timings``: CPU seconds per mapping phase of this process (``MappedTables.timings``).
+    ``read_seconds``: wall-clock time of reading the records (on the real store: reading
+    them and extracting their events, which go hand in hand there, in all ``jobs``
+    processes); ``map_seconds``: the rest of the mapping (on the real store: building the
+    tables); ``write_seconds``: the Parquet files; ``timings``: CPU seconds per mapping
+    phase of this process (``MappedTables.timings``).
     """
 
     patients: int = 0
@@ -295,11 +295,13 @@ def export_tables(source: Source, out_dir: str | Path, *, limit: int | None = No
         limit: at most this many patients of the search (before consent filtering).
         spec: mapping spec (``mappings.tables.resolve_spec``); ``**vocabulary`` overrides.
         include_patient: as in :func:`iter_source_records` (default: research consent).
-        jobs: processes that read and extract records (this one included). Default:
-            the CPU count, at most ``MAX_JOBS``. More than one needs the real store on a
-            database that another process can open (not SQLite ``:memory:``); otherwise
-            records are read here, one patient after the other. The tables are the same
-            for every ``jobs``.
+        jobs: processes that read and extract records (this one included; default 1).
+            More pay off on a machine with idle cores: on a busy one a worker adds its
+            start and the transfer of its rows without adding CPU time (the 2-core
+            development machine, Linux autogroup scheduling, measured no gain). More than
+            one needs the real store on a database that another process can open (not
+            SQLite ``:memory:``); otherwise records are read here. The tables are the
+            same for every ``jobs``.
     """
     from mappings.io import write_tables
     from mappings.tables import map_records, resolve_spec
@@ -308,8 +310,7 @@ def export_tables(source: Source, out_dir: str | Path, *, limit: int | None = No
     spec = resolve_spec(spec, **vocabulary)
     t0 = time.perf_counter()
     if CompartmentReader.supports(source):
-        tables = _map_store(source, ctx, spec, limit, include_patient, report,
-                            jobs if jobs is not None else min(os.cpu_count() or 1, MAX_JOBS))
+        tables = _map_store(source, ctx, spec, limit, include_patient, report, jobs or 1)
     else:
         def timed(it):
             # records stream into map_records (flat memory); time spent reading is summed here
