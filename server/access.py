@@ -186,6 +186,23 @@ class Policy:
                                 "carried out") from exc
 
 
+def audited(policy: Policy, ctx: RequestContext, subtype: str, fn: Callable[[], Any],
+            patients_of: Callable[[Any], Iterable[str]] = lambda r: (),
+            what_of: Callable[[Any], Iterable[str]] = lambda r: ()):
+    """Run ``fn`` and append its audit entry: success with the patients and resources it
+    touched, or the failure's outcome and message (then re-raise)."""
+    try:
+        result = fn()
+    except SynthportError as exc:
+        policy.record(ctx, subtype, outcome_code(exc), description=exc.message)
+        raise
+    except Exception as exc:
+        policy.record(ctx, subtype, outcome_code(exc), description=type(exc).__name__)
+        raise
+    policy.record(ctx, subtype, "0", patients=patients_of(result), what=what_of(result))
+    return result
+
+
 def outcome_code(err: BaseException | None) -> str:
     """BALP outcome: 0 success, 4 minor failure (4xx), 8 serious failure (5xx)."""
     if err is None:
@@ -245,16 +262,7 @@ class GuardedSource:
     def _run(self, ctx: RequestContext, subtype: str, fn: Callable[[], Any],
              patients_of: Callable[[Any], Iterable[str]] = lambda r: (),
              what_of: Callable[[Any], Iterable[str]] = lambda r: ()):
-        try:
-            result = fn()
-        except SynthportError as exc:
-            self.policy.record(ctx, subtype, outcome_code(exc), description=exc.message)
-            raise
-        except Exception as exc:
-            self.policy.record(ctx, subtype, outcome_code(exc), description=type(exc).__name__)
-            raise
-        self.policy.record(ctx, subtype, "0", patients=patients_of(result), what=what_of(result))
-        return result
+        return audited(self.policy, ctx, subtype, fn, patients_of, what_of)
 
     def _write(self, ctx: RequestContext, subtype: str, fn: Callable[[], WriteResult | dict]):
         """Run a write with its audit entry appended inside the write's transaction."""
@@ -779,17 +787,7 @@ class GuardedDicomSource:
         return ctx2, d
 
     def _audit(self, ctx, what: str, fn, patients_of=lambda r: (), what_of=lambda r: ()):
-        sub = self._subtype(ctx, what)
-        try:
-            result = fn()
-        except SynthportError as exc:
-            self.policy.record(ctx, sub, outcome_code(exc), description=exc.message)
-            raise
-        except Exception as exc:
-            self.policy.record(ctx, sub, outcome_code(exc), description=type(exc).__name__)
-            raise
-        self.policy.record(ctx, sub, "0", patients=patients_of(result), what=what_of(result))
-        return result
+        return audited(self.policy, ctx, self._subtype(ctx, what), fn, patients_of, what_of)
 
     # ---------------------------------------------------------------- patients
     def _fhir_ids(self, dicom_patient_ids: Iterable[str]) -> dict[str, str]:

@@ -222,15 +222,9 @@ class AuditLog:
         """
         try:
             values = index_values(event)
-            body = dict(event)
-            if conn is not None:
-                return self._append_locked(conn, body, values)
-            c = begin_write(self.engine)
-            try:
-                with c.begin():
-                    return self._append_locked(c, body, values)
-            finally:
-                c.close()
+            if conn is None:
+                return self.append_many([event])[0]
+            return self._append_locked(conn, dict(event), values)
         except SynthportError:
             raise
         except Exception as exc:  # never swallow: an interaction without its audit fails
