@@ -54,40 +54,47 @@ class _ElementCache:
                    | orjson.OPT_PASSTHROUGH_DATACLASS)
 
     def __init__(self):
-        self.entries: dict[type, dict[bytes, tuple[dict, object]]] = {}
-        self.stats: dict[type, list[int]] = {}   # model -> [lookups, hits]
-        self.off: set[type] = set()
+        self.models: dict[type, _Memo] = {}
 
     def validate(self, orig, cls, value: dict, model_klass):
         """``orig(cls, value, model_klass)``, or the model it returned for the same JSON."""
-        if model_klass in self.off:
+        memo = self.models.get(model_klass)
+        if memo is None:
+            memo = self.models.setdefault(model_klass, _Memo())
+        if memo.off:
             return orig(cls, value, model_klass)
         try:
             key = orjson.dumps(value, option=self._DUMPS_OPTS)
         except TypeError:        # not plain JSON data (int over 64 bits, datetime …)
             return orig(cls, value, model_klass)
-        memo = self.entries.get(model_klass)
-        if memo is None:
-            memo = self.entries.setdefault(model_klass, {})
-        stats = self.stats.get(model_klass)
-        if stats is None:
-            stats = self.stats.setdefault(model_klass, [0, 0])
-        stats[0] += 1
-        found = memo.get(key)
+        memo.lookups += 1
+        found = memo.entries.get(key)
         if found is not None and found[0] == value:
-            stats[1] += 1
+            memo.hits += 1
             return found[1]
         out = orig(cls, value, model_klass)   # raises for an invalid value: nothing stored
-        if stats[0] >= self.PROBE and stats[1] < self.MIN_HIT_RATE * stats[0]:
-            self.off.add(model_klass)
-            memo.clear()
+        if memo.lookups >= self.PROBE and memo.hits < self.MIN_HIT_RATE * memo.lookups:
+            memo.off = True
+            memo.entries = {}
             return out
         plain = orjson.loads(key)
         if plain == value:
-            if len(memo) >= self.MAX_ENTRIES:
-                memo.clear()
-            memo[key] = (plain, out)
+            if len(memo.entries) >= self.MAX_ENTRIES:
+                memo.entries = {}
+            memo.entries[key] = (plain, out)
         return out
+
+
+class _Memo:
+    """One element model's entries (key -> (plain value, model)) and hit statistics."""
+
+    __slots__ = ("entries", "lookups", "hits", "off")
+
+    def __init__(self):
+        self.entries: dict[bytes, tuple[dict, object]] = {}
+        self.lookups = 0
+        self.hits = 0
+        self.off = False
 
 
 _ELEMENTS = _ElementCache()

@@ -39,7 +39,8 @@ def fresh_cache(monkeypatch):
 
 
 def _stats(cache, name: str) -> list[int]:
-    return next(v for k, v in cache.stats.items() if k.__name__ == name)
+    memo = next(v for k, v in cache.models.items() if k.__name__ == name)
+    return [memo.lookups, memo.hits]
 
 
 def test_repeated_elements_hit_the_cache(fresh_cache):
@@ -107,9 +108,9 @@ def test_rarely_repeating_elements_stop_being_cached(fresh_cache, monkeypatch):
     monkeypatch.setattr(fresh_cache, "PROBE", 20)
     for i in range(30):
         V.validate(_obs(_code(code=f"c{i}")))
-    names = {k.__name__ for k in fresh_cache.off}
-    assert "CodeableConcept" in names
-    assert not any(fresh_cache.entries[k] for k in fresh_cache.off)
+    off = {k.__name__: m for k, m in fresh_cache.models.items() if m.off}
+    assert "CodeableConcept" in off
+    assert not any(m.entries for m in off.values())
 
 
 def test_no_cache_outside_validate(fresh_cache):
