@@ -311,9 +311,9 @@ def _init_worker(url: str, config: dict) -> None:
     _STORE = SqlStore.from_url(url, config, auto_migrate=False)
     _CTX = RequestContext(caller="synthport-load", prefer_return="minimal")
     if _GC_SAVED is None:
-        from server.fhir.validation import tune_gc
+        from server.fhir.validation import GC_THRESHOLD_BULK, tune_gc
 
-        _GC_SAVED = tune_gc()
+        _GC_SAVED = tune_gc(GC_THRESHOLD_BULK)
 
 
 def _close_worker() -> None:

@@ -34,6 +34,10 @@ R = S.resource
 # Called inside the transaction of every write, with the connection and what was written:
 # the audit entry of a write commits or rolls back with it (server/access.py).
 WRITE_HOOK: ContextVar = ContextVar("synthport_write_hook", default=None)
+_INSERT_COLS = ("res_type", "res_id", "version", "last_updated", "deleted", "method",
+                "superseded_by", "body")
+_SQLITE_INSERT = (f"INSERT INTO resource ({', '.join(_INSERT_COLS)}) "
+                  f"VALUES ({', '.join('?' * len(_INSERT_COLS))})")
 _LOAD_COLS = (R.c.pk, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted,
               R.c.body, R.c.method)
 
@@ -221,8 +225,7 @@ class SqlStore:
                          "superseded_by": None, "body": raw})
             stored.append(StoredResource(it.res_type, it.res_id, version, ts, it.body is None,
                                          raw, it.method))
-        result = conn.execute(insert(R).returning(R.c.pk, sort_by_parameter_order=True), rows)
-        pks = [r[0] for r in result]
+        pks = self._insert_rows(conn, rows)
         supersede = [{"old": it.prev_pk, "new": pk} for it, pk in zip(items, pks) if it.prev_pk]
         if supersede:
             conn.execute(update(R).where(R.c.pk == bindparam("old"))
@@ -241,6 +244,26 @@ class SqlStore:
         if hook is not None:
             hook(conn, stored)
         return stored
+
+    def _insert_rows(self, conn: Connection, rows: list[dict]) -> list[int]:
+        """Insert version rows; return their pks in row order.
+
+        SQLite: one executemany, pks from ``last_insert_rowid()``. The first INSERT takes the
+        write lock, so the rows get consecutive rowids (SQLite gives max + 1); the first one
+        is checked. SQLAlchemy's ``RETURNING`` with ``sort_by_parameter_order`` runs one
+        INSERT per row on SQLite (30 -> 9 us per row here).
+        """
+        if not is_sqlite(self.engine):
+            result = conn.execute(insert(R).returning(R.c.pk, sort_by_parameter_order=True), rows)
+            return [r[0] for r in result]
+        conn.exec_driver_sql(_SQLITE_INSERT, [tuple(r[c] for c in _INSERT_COLS) for r in rows])
+        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+        first = last - len(rows) + 1
+        row = conn.exec_driver_sql("SELECT res_type, res_id, version FROM resource WHERE pk = ?",
+                                   (first,)).first()
+        if row is None or tuple(row) != (rows[0]["res_type"], rows[0]["res_id"], rows[0]["version"]):
+            raise RuntimeError("resource rows did not get consecutive pks")
+        return list(range(first, last + 1))
 
     @functools.cache
     def _index_sql(self, kind: str) -> str:
