@@ -17,8 +17,10 @@ With ``--orthanc`` the same phases, on the same files, run against Orthanc from 
 ports beside synthport, side by side: both servers run at once and every phase gives
 them its requests in alternating blocks (ABBA order, four blocks of consecutive requests
 per server; C-STORE, one association each, takes turns), so that a change of machine
-load during the run hits both alike. A table of ratios synthport / Orthanc is printed;
-each phase line carries the 1-minute load average.
+load during the run hits both alike. After each phase that stores data, the run waits
+until both servers are idle (work done after answering, such as Orthanc's jobs, is not
+timed against the other server). A table of ratios synthport / Orthanc is printed; each
+phase line carries the 1-minute load average.
 
 Usage::
 
@@ -172,6 +174,46 @@ def target(name: str, web: str, dimse_port: int, aet: str, token: str | None = N
     return Target(name, web, dimse_port, aet, s)
 
 
+def _descendants_cpu() -> float:
+    """CPU seconds (user + system) used so far by every process below this one."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+def settle(limit: float = 90.0) -> float:
+    """Wait until the servers under test are idle (less than 5 % of a core over half a
+    second), so that work a server does after answering (indexing, caches, jobs) is not
+    timed in the next phase, against another server. Returns the seconds waited."""
+    if not os.path.isdir("/proc"):
+        return 0.0
+    start = time.perf_counter()
+    before = _descendants_cpu()
+    while time.perf_counter() - start < limit:
+        time.sleep(0.5)
+        now = _descendants_cpu()
+        if now - before < 0.025:
+            break
+        before = now
+    return time.perf_counter() - start
+
+
 def side_by_side(targets: list[Target], count: int, call, rounds: int = 4) -> dict[str, list[float]]:
     """``count`` calls of ``call(target, i)`` per target, in ``rounds`` rounds; each round
     gives every target one block of consecutive calls, in ABBA order (AB, BA, AB, BA),
@@ -212,9 +254,11 @@ def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str
             res[t.name]["C-STORE inst/s"] = args.n / dt
             say(t, f"C-STORE   {args.n} instances, one association: {dt:.2f} s = {args.n / dt:.1f}/s"
                 + ("" if proc.returncode == 0 else f" rc={proc.returncode} {proc.stderr[-300:]}"))
+            print(f"(servers idle after {settle():.1f} s)", flush=True)
     else:
         for t in targets:
             stow(t.session, t.web, files1, args.batch)   # the read phases need study a
+        settle()
     if "stow" in phases:
         batches = [files2[i:i + args.batch] for i in range(0, len(files2), args.batch)]
         bad = {t.name: 0 for t in targets}
@@ -227,6 +271,7 @@ def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str
             res[name]["STOW-RS inst/s"] = args.n / sum(xs)
             say(t, f"STOW-RS   {args.n} instances in batches of {args.batch}: {sum(xs):.2f} s = "
                    f"{args.n / sum(xs):.1f}/s{f'; {bad[name]} requests not 200' if bad[name] else ''}")
+        print(f"(servers idle after {settle():.1f} s)", flush=True)
 
     def get(t: Target, path: str, headers=acc, **params) -> None:
         t.session.get(f"{t.web}{path}", headers=headers, params=params or None).raise_for_status()
@@ -273,6 +318,7 @@ def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str
     if data.get("studies"):
         k = len(data["studies"])
         bad = {t.name: stow(t.session, t.web, data["studies"], args.batch) for t in targets}
+        settle()
         lists = side_by_side(targets, max(10, args.reads // 10), lambda t, i: get(t, "/studies"))
         one = side_by_side(targets, args.reads, lambda t, i: get(t, "/studies", PatientID=f"BENCH-S{k // 2}"))
         for t in targets:
