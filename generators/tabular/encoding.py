@@ -78,6 +78,31 @@ def _normalise_category(v: Any, dtype: str) -> Any:
     return str(v)
 
 
+def _bin_knots(x: np.ndarray, edges: np.ndarray, k: int, window: int = 3) -> list[list[float]]:
+    """Per bin, k + 1 points of its within-bin quantile curve: the bin edges and, inside,
+    the mean of the ``window`` values nearest each quantile position (an average, so the
+    stored curve is not a list of training values). Sampling inside a bin follows this
+    piecewise-linear curve instead of a uniform draw, which keeps clusters of values
+    (onset ages of a childhood condition) where they are."""
+    out = []
+    n_bins = len(edges) - 1
+    b = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)
+    for i in range(n_bins):
+        v = np.sort(x[b == i])
+        lo, hi = float(edges[i]), float(edges[i + 1])
+        if len(v) < window + 2 or hi <= lo:
+            out.append([])
+            continue
+        pts = [lo]
+        for q in np.linspace(0.0, 1.0, k + 1)[1:-1]:
+            c = int(round(q * (len(v) - 1)))
+            a = min(max(c - window // 2, 0), len(v) - window)
+            pts.append(float(np.clip(v[a:a + window].mean(), lo, hi)))
+        pts.append(hi)
+        out.append([float(p) for p in np.maximum.accumulate(pts)])
+    return out
+
+
 def _decimals(x: np.ndarray) -> int | None:
     """Fewest decimals (<= 6) that represent every value, None when more are used."""
     for d in range(7):
@@ -102,6 +127,7 @@ class ColumnCodec:
     edges: list = field(default_factory=list)
     integer: bool = False
     decimals: int | None = None
+    knots: list = field(default_factory=list)   # per bin: within-bin quantile curve (floats)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -141,7 +167,7 @@ class ColumnCodec:
     # --------------------------------------------------------------- fitting
     @classmethod
     def fit(cls, s: pd.Series, kind: str, *, rare_min_count: int = 5, max_bins: int = 24,
-            min_bin_count: int = 5, max_points: int = 32) -> "ColumnCodec":
+            min_bin_count: int = 5, max_points: int = 32, knots: int = 4) -> "ColumnCodec":
         """Learn the token layout of a column from training data."""
         if kind not in KINDS:
             raise TabularModelError(f"column {s.name!r}: unknown kind {kind!r} (one of {KINDS})")
@@ -177,6 +203,8 @@ class ColumnCodec:
             if len(edges) == 1:
                 edges = np.array([edges[0], edges[0]])
             codec.edges = [float(e) for e in edges]
+            if knots > 1 and not codec.integer:
+                codec.knots = _bin_knots(rest, edges, knots)
         return codec
 
     # -------------------------------------------------------------- encoding
@@ -265,7 +293,7 @@ class ColumnCodec:
                 v = np.minimum(ilo + np.floor(uu * (ihi - ilo + 1)), ihi)
                 v[bad] = np.round((lo[bad] + hi[bad]) / 2)
             else:
-                v = lo + uu * (hi - lo)
+                v = self._knot_values(b, lo, hi, uu) if self.knots else lo + uu * (hi - lo)
                 if self.decimals is not None:
                     v = np.round(v, self.decimals)
             out[isbin] = v
@@ -274,6 +302,21 @@ class ColumnCodec:
         if upper is not None:
             out = np.where(np.isnan(upper) | np.isnan(out), out, np.fmin(out, upper))
         return out
+
+    def _knot_values(self, b: np.ndarray, lo: np.ndarray, hi: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Within-bin draws through the bin's piecewise-linear quantile curve, restricted
+        to [lo, hi] (the bin, narrowed by constraint bounds)."""
+        v = lo + u * (hi - lo)
+        for k in np.unique(b):
+            kn = np.asarray(self.knots[k], dtype=float)
+            if len(kn) < 2 or kn[-1] <= kn[0]:
+                continue
+            rows = b == k
+            g = np.linspace(0.0, 1.0, len(kn))
+            u_lo = np.interp(lo[rows], kn, g)
+            u_hi = np.interp(hi[rows], kn, g)
+            v[rows] = np.interp(u_lo + u[rows] * (u_hi - u_lo), g, kn)
+        return v
 
     def to_series(self, tok: np.ndarray, values: np.ndarray | None, index: pd.Index,
                   given: dict[int, Any] | None = None) -> pd.Series:

@@ -40,7 +40,8 @@ from generators.tabular.encoding import (ID_COLUMNS, ColumnCodec, Constraint, ch
 from generators.tabular.errors import ModelFileError, TabularModelError
 
 FORMAT = "synthport-tabular-argn"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # v1: one network, no calibration or ordinal inputs
 WEIGHTS_FILE = "model.safetensors"
 SKIP_KINDS = ("key", "id", "text", "ignore")
 META_FILE = "model.json"
@@ -50,16 +51,22 @@ DEFAULTS: dict[str, Any] = {
     "depth": 1,               # 1: one hidden layer (fastest sampling; best on 200-patient tables)
     "dropout": 0.1,
     "lr": 2e-3,
-    "weight_decay": 1e-5,
+    "weight_decay": 1.0,      # AdamW (decoupled); strong: 160-row tables memorise quickly
     "batch_size": None,       # None: n_train // 4 clipped to [32, 512]
     "patience": 20,           # epochs without a better validation loss
     "val_share": 0.1,         # held out for early stopping (0 when < 50 rows)
     "rare_min_count": 5,      # string categories seen fewer times become _RARE_
     "max_bins": 24,
     "min_bin_count": 5,
-    "order_share": 0.5,       # share of training rows that see a prefix of the sampling order
+    "knots": 4,               # segments of the within-bin quantile curve (0/1: uniform in bin)
+    "order_share": 0.0,       # share of any-order rows that see a prefix of the sampling order
+    "prefix_weight": 0.8,     # weight of the fixed-order (all prefixes) loss vs the any-order loss
+    "position_decay": 1.0,    # prefix position t weighs (t + 1)^-decay in the fixed-order loss
+    "blocks": 4,              # blocks of sampling positions, each early-stopped on its own
     "seed": 0,                # training seed (weights init, masks, split)
     "infer_constraints": True,
+    "calibrate": True,        # match every column's token marginal after training
+    "calib_rows": 4096,       # rows sampled for that calibration
 }
 
 
@@ -75,8 +82,27 @@ def fingerprint(df: pd.DataFrame) -> str:
     return hashlib.sha256(df.to_csv(index=True).encode("utf-8")).hexdigest()
 
 
+def _ordinal(codec: ColumnCodec) -> np.ndarray:
+    """Each token's position in its column's value order, in [-1, 1] (0: categorical, NA).
+
+    Points and bins of a numerical/datetime column are ranked by value (a bin by its
+    midpoint); the network gets ``position x (a learned vector per column)`` beside the
+    token's own vector, so neighbouring values start out with neighbouring inputs.
+    """
+    z = np.zeros(codec.n_tokens)
+    if codec.kind == "categorical":
+        return z
+    e = np.asarray(codec.edges, dtype=float)
+    rep = np.r_[np.asarray(codec.points, dtype=float), (e[:-1] + e[1:]) / 2 if len(e) > 1 else []]
+    if len(rep) > 1:
+        rank = np.argsort(np.argsort(rep, kind="stable"), kind="stable")
+        z[:len(rep)] = 2.0 * rank / (len(rep) - 1) - 1.0
+    return z
+
+
 class _Net(nn.Module):
-    def __init__(self, n_tokens: list[int], hidden: int, depth: int, dropout: float):
+    def __init__(self, n_tokens: list[int], hidden: int, depth: int, dropout: float,
+                 ordinal: list[np.ndarray] | None = None):
         super().__init__()
         sizes = [v + 1 for v in n_tokens]  # + the column's mask token (local index V_j)
         self.n_tokens = list(n_tokens)
@@ -94,19 +120,58 @@ class _Net(nn.Module):
         self.register_buffer("pad_idx", idx, persistent=False)
         self.emb = nn.Embedding(sum(sizes), hidden)
         nn.init.normal_(self.emb.weight, std=1.0 / math.sqrt(len(n_tokens)))
+        zval = np.zeros(sum(sizes))
+        for j, z in enumerate(ordinal or []):
+            zval[self.in_off_py[j]: self.in_off_py[j] + n_tokens[j]] = z
+        self.register_buffer("zval", torch.tensor(zval, dtype=torch.float32), persistent=False)
+        self.register_buffer("col_of", torch.tensor(np.repeat(np.arange(len(sizes)), sizes)),
+                             persistent=False)
+        # ordinal part of numerical tokens: position in [-1, 1] x a vector per column
+        self.ord = nn.Parameter(torch.randn(len(n_tokens), hidden) / math.sqrt(len(n_tokens)))
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, sum(n_tokens))
+        # Per-token logit offsets set after training by ``PatientModel._calibrate`` (zero
+        # while training); part of the state_dict.
+        self.register_buffer("calib", torch.zeros(sum(n_tokens)))
+
+    def table(self) -> torch.Tensor:
+        """First-layer vector of every (column, token): its own vector + ordinal part."""
+        return self.emb.weight + self.zval[:, None] * self.ord[self.col_of]
 
     def pre(self, x_in: torch.Tensor) -> torch.Tensor:
-        return self.emb(x_in + self.in_off).sum(1) + self.bias
+        return F.embedding(x_in + self.in_off, self.table()).sum(1) + self.bias
 
     def trunk(self, pre: torch.Tensor) -> torch.Tensor:
         h = F.gelu(pre)
         for lin in self.blocks:
             h = h + F.gelu(lin(self.drop(h)))
         return self.drop(h)
+
+    def prefix_nll(self, x: torch.Tensor, order: torch.Tensor,
+                   weights: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor:
+        """Per-row NLL of the fixed sampling order: (weighted) mean over positions t of
+        -log p(x_order[t] | x_order[:t]), every position of every row in one pass
+        (``per_position``: the B x C matrix instead).
+
+        The first layer is a sum, so the pre-activations of all C prefixes of a row are an
+        exclusive cumulative sum of (token vector - mask vector) in sampling order; each
+        position then reads only its own column's slice of the head.
+        """
+        tab = self.table()
+        emb_mask = tab[self.in_off + self.mask_tok]                       # C x H
+        delta = (tab[x + self.in_off] - emb_mask)[:, order]               # B x C x H
+        pre = self.bias + emb_mask.sum(0) + torch.cumsum(delta, 1) - delta
+        h = self.trunk(pre)                                               # B x C x H
+        w = torch.cat([self.head.weight, self.head.weight.new_zeros(1, h.shape[-1])])
+        b = torch.cat([self.head.bias, self.head.bias.new_full((1,), -1e9)])
+        idx = self.pad_idx[order]                                         # C x Vmax
+        logits = torch.einsum("bch,cvh->bcv", h, w[idx]) + b[idx]
+        lp = logits.log_softmax(-1).gather(2, x[:, order].unsqueeze(2)).squeeze(2)
+        if per_position:
+            return -lp
+        return -(lp * weights).mean(1) if weights is not None else -lp.mean(1)
 
     def nll(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Per-row order-agnostic loss: mean NLL of the hidden columns given the visible."""
@@ -133,6 +198,39 @@ def _random_visible(n: int, c: int, gen: torch.Generator, device: str,
     return (ranks < t).to(device)
 
 
+def _match_marginal(logits: torch.Tensor, target: np.ndarray, iters: int = 50,
+                    tol: float = 1e-3, bound: float = 8.0) -> torch.Tensor:
+    """Logit offsets b with mean_i softmax(logits_i + b) = target (tokens with p > 0).
+
+    Tokens never seen in training (target 0) and tokens no row may take keep b = 0 /
+    are left to the network; b is bounded to +-``bound`` so that an unreachable target
+    (a constraint fixing the token) cannot run away.
+    """
+    p = torch.as_tensor(target, dtype=logits.dtype)
+    b = torch.zeros_like(p)
+    live = p > 0
+    for _ in range(iters):
+        q = torch.softmax(logits + b, 1).mean(0)
+        ok = live & (q > 0)
+        step = torch.where(ok, p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log(), torch.zeros_like(p))
+        b = (b + step).clamp(-bound, bound)
+        if float(step.abs().max()) < tol:
+            break
+    return b
+
+
+def _loss(net: "_Net", x: torch.Tensor, visible: torch.Tensor, order: torch.Tensor,
+          prefix_weight: float, pos_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Training objective: (1 - w) x any-order loss (random visible sets; what conditional
+    sampling uses) + w x fixed-order loss (every prefix of the sampling order; what
+    unconditional sampling uses)."""
+    loss = net.nll(x, visible).mean() if prefix_weight < 1 else x.new_zeros((), dtype=torch.float)
+    if prefix_weight > 0:
+        loss = (1 - prefix_weight) * loss + prefix_weight * net.prefix_nll(
+            x, order, pos_weights).mean()
+    return loss
+
+
 class PatientModel:
     """Patient-level generator: ``fit`` / ``sample`` / ``save`` / ``load``.
 
@@ -151,9 +249,15 @@ class PatientModel:
         self.constraints: list[Constraint] = []
         self.order: list[int] = []
         self.training: dict[str, Any] = {}
-        self.net: _Net | None = None
+        self.nets: list[_Net] = []       # one per early-stopped snapshot
+        self.col_net: list[int] = []     # column j is sampled with nets[col_net[j]]
 
     # ------------------------------------------------------------------ public API
+    @property
+    def net(self) -> _Net | None:
+        """The network of the first sampling positions (None before training)."""
+        return self.nets[self.col_net[self.order[0]]] if self.nets else None
+
     @property
     def columns(self) -> list[str]:
         return [c.name for c in self.codecs]
@@ -196,7 +300,8 @@ class PatientModel:
             self.codecs.append(ColumnCodec.fit(data[col].rename(col), kind,
                                                rare_min_count=h["rare_min_count"],
                                                max_bins=h["max_bins"],
-                                               min_bin_count=h["min_bin_count"]))
+                                               min_bin_count=h["min_bin_count"],
+                                               knots=h["knots"]))
         by_name = {c.name: c for c in self.codecs}
         self.constraints = parse_constraints(metadata, by_name)
         check_constraints(data, self.constraints)
@@ -205,6 +310,8 @@ class PatientModel:
         self.order = self._topological_order()
         tokens = np.stack([c.encode(data[c.name]) for c in self.codecs], 1)
         stats = self._train(tokens, epochs=epochs, device=device, progress=progress)
+        if h["calibrate"]:
+            stats.update(self._calibrate(tokens))
         self.training = {
             "fingerprint": fingerprint(df),
             "n_rows": int(len(df)),
@@ -249,7 +356,8 @@ class PatientModel:
         tok = np.empty((n, c), dtype=np.int64)
         val = np.full((n, c), np.nan)
         rows = np.arange(start, start + n, dtype=np.uint64)
-        self.net.eval()
+        for net in self.nets:
+            net.eval()
         with torch.inference_mode():
             for a in range(0, n, batch_size):
                 b = min(n, a + batch_size)
@@ -269,7 +377,11 @@ class PatientModel:
             raise TabularModelError("model is not trained")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        state = {}
+        for k, net in enumerate(self.nets):
+            prefix = f"net{k}." if len(self.nets) > 1 else ""
+            state.update({prefix + key: v.detach().cpu().contiguous()
+                          for key, v in net.state_dict().items()})
         save_file(state, str(path / WEIGHTS_FILE))
         meta = {
             "format": FORMAT,
@@ -280,6 +392,7 @@ class PatientModel:
             "columns": [c.to_json() for c in self.codecs],
             "constraints": [c.to_json() for c in self.constraints],
             "order": [self.codecs[j].name for j in self.order],
+            "column_nets": list(self.col_net),
             "training": self.training,
             "weights_sha256": hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest(),
         }
@@ -298,7 +411,7 @@ class PatientModel:
             blob = weights.read_bytes()
         except (OSError, ValueError) as exc:
             raise ModelFileError(f"cannot read model folder {path}: {exc}") from exc
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
             raise ModelFileError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} model")
         if meta.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
             raise ModelFileError(f"{path}: weights do not match model.json (sha256)")
@@ -308,10 +421,22 @@ class PatientModel:
         names = m.columns
         m.order = [names.index(n) for n in meta["order"]]
         m.training = meta.get("training", {})
-        m.net = _Net([c.n_tokens for c in m.codecs], m.hyper["hidden"], m.hyper["depth"],
-                     m.hyper["dropout"])
-        m.net.load_state_dict(load_file(str(weights)), strict=True)
-        m.net.eval()
+        m.col_net = [int(k) for k in meta.get("column_nets") or [0] * len(names)]
+        state = load_file(str(weights))
+        n_nets = max(m.col_net) + 1
+        m.nets = []
+        for k in range(n_nets):
+            prefix = f"net{k}." if n_nets > 1 else ""
+            sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+            # Models saved before calibration / ordinal inputs existed: those parts are zero.
+            sub.setdefault("calib", torch.zeros(sum(c.n_tokens for c in m.codecs)))
+            sub.setdefault("ord", torch.zeros(len(m.codecs), m.hyper["hidden"]))
+            net = m._new_net()
+            try:
+                net.load_state_dict(sub, strict=True)
+            except RuntimeError as exc:
+                raise ModelFileError(f"{path}: weights do not fit model.json: {exc}") from exc
+            m.nets.append(net.eval())
         return m
 
     # ------------------------------------------------------------------ training
@@ -331,6 +456,17 @@ class PatientModel:
             done.add(ready[0])
         return order
 
+    def _new_net(self) -> _Net:
+        h = self.hyper
+        return _Net([cd.n_tokens for cd in self.codecs], h["hidden"], h["depth"], h["dropout"],
+                    [_ordinal(cd) for cd in self.codecs])
+
+    def _position_blocks(self, c: int) -> np.ndarray:
+        """Block of each sampling position: geometric, [0, C/2^(B-1)), ..., [C/2, C)."""
+        b = max(1, int(self.hyper["blocks"]))
+        cuts = [int(round(c / 2 ** (b - k))) for k in range(1, b)]
+        return np.searchsorted(np.asarray(cuts, dtype=np.int64), np.arange(c), side="right")
+
     def _train(self, tokens: np.ndarray, *, epochs: int, device: str, progress: bool) -> dict:
         from tqdm.auto import tqdm
 
@@ -339,7 +475,7 @@ class PatientModel:
         gen = torch.Generator().manual_seed(int(h["seed"]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(h["seed"]))
-            net = _Net([cd.n_tokens for cd in self.codecs], h["hidden"], h["depth"], h["dropout"])
+            net = self._new_net()
         net.to(device)
         x_all = torch.as_tensor(tokens, dtype=torch.long)
         perm = torch.randperm(n, generator=gen)
@@ -353,10 +489,25 @@ class PatientModel:
         order_rank = torch.empty(c, dtype=torch.long)
         order_rank[torch.as_tensor(self.order)] = torch.arange(c)
         bs = h["batch_size"] or int(np.clip(len(tr_idx) // 4, 32, 512))
+        order_t = torch.as_tensor(self.order, dtype=torch.long, device=device)
+        pw = float(h["prefix_weight"])
+        # Position t of the sampling order weighs (t + 1)^-decay (mean 1): the first columns
+        # have small contexts and learn slowly; the last ones have large contexts and
+        # memorise rows quickly.
+        pos_w = (torch.arange(c, dtype=torch.float32) + 1) ** -float(h["position_decay"])
+        pos_w = (pos_w / pos_w.mean()).to(device)
+        blocks = self._position_blocks(c)
+        n_blocks = int(blocks.max()) + 1
+        blocks_t = torch.as_tensor(blocks, device=device)
         opt = torch.optim.AdamW(net.parameters(), lr=h["lr"], weight_decay=h["weight_decay"])
-        best, best_state, best_epoch, bad = math.inf, None, 0, 0
+        # Early stopping per block of sampling positions: each block keeps the weights of
+        # the epoch where its own validation NLL was lowest.
+        best = [math.inf] * n_blocks
+        best_epoch = [0] * n_blocks
+        bad = [0] * n_blocks
+        snapshots: dict[int, dict] = {}
         bar = tqdm(range(epochs), disable=not progress, desc="patient model", unit="epoch")
-        train_loss = math.nan
+        train_loss = val_loss = math.nan
         epoch = -1
         for epoch in bar:
             net.train()
@@ -365,33 +516,83 @@ class PatientModel:
             for a in range(0, len(order), bs):
                 xb = x_tr[order[a:a + bs].to(device)]
                 vis = _random_visible(len(xb), c, gen, device, order_rank, h["order_share"])
-                loss = net.nll(xb, vis).mean()
+                loss = _loss(net, xb, vis, order_t, pw, pos_w)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 tot += loss.item() * len(xb)
             train_loss = tot / max(len(order), 1)
-            if n_val:
-                net.eval()
-                with torch.no_grad():
-                    v = float(net.nll(x_val4, vis_val).mean())
-                if v < best - 1e-4:
-                    best, best_epoch, bad = v, epoch, 0
-                    best_state = {k: t.detach().clone() for k, t in net.state_dict().items()}
-                else:
-                    bad += 1
-                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{v:.3f}")
-                if bad >= h["patience"]:
-                    break
-            else:
+            if not n_val:
                 bar.set_postfix(loss=f"{train_loss:.3f}")
+                continue
+            net.eval()
+            with torch.no_grad():
+                val_loss = float(_loss(net, x_val4, vis_val, order_t, pw))
+                per_pos = net.prefix_nll(x_val, order_t, per_position=True).mean(0)
+                any_pos = net.nll(x_val4, vis_val).mean() if pw == 0 else None
+            improved = False
+            for k in range(n_blocks):
+                # the block's own sampling positions; the any-order loss when untrained
+                v = float(per_pos[blocks_t == k].mean() if pw > 0 else any_pos)
+                if v < best[k] - 1e-4:
+                    best[k], best_epoch[k], bad[k] = v, epoch, 0
+                    improved = True
+                else:
+                    bad[k] += 1
+            if improved:
+                snapshots[epoch] = {k: t.detach().clone() for k, t in net.state_dict().items()}
+                snapshots = {e: st for e, st in snapshots.items() if e in best_epoch}
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+            if min(bad) >= h["patience"]:
+                break
         bar.close()
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        self.net = net.cpu().eval()
-        return {"epochs_run": epoch + 1, "best_epoch": best_epoch + 1 if n_val else epoch + 1,
+        if n_val and snapshots:
+            epochs_kept = sorted(set(best_epoch))
+            nets = []
+            for e in epochs_kept:
+                m = self._new_net()
+                m.load_state_dict(snapshots[e])
+                nets.append(m.cpu().eval())
+            self.nets = nets
+            pos_net = [epochs_kept.index(best_epoch[k]) for k in blocks]
+        else:
+            self.nets = [net.cpu().eval()]
+            pos_net = [0] * c
+        self.col_net = [0] * c
+        for t, j in enumerate(self.order):
+            self.col_net[j] = pos_net[t]
+        return {"epochs_run": epoch + 1,
+                "best_epoch": [e + 1 for e in best_epoch] if n_val else epoch + 1,
                 "train_loss": round(train_loss, 5),
-                "val_loss": round(best, 5) if n_val else None, "n_val": n_val}
+                "val_loss": [round(v, 5) for v in best] if n_val else None, "n_val": n_val}
+
+    def _calibrate(self, tokens: np.ndarray) -> dict:
+        """Set ``net.calib`` so that unconditional samples have the training token marginals.
+
+        Columns are filled in the sampling order for ``calib_rows`` rows (seed derived from
+        the training seed); before column j is drawn, per-token logit offsets b_j are
+        solved so that the mean predicted distribution over those rows equals column j's
+        token frequencies in training (iterative proportional fitting, Deming and Stephan
+        1940: b += log p - log q). Small tables leave the conditionals over-confident and
+        sampled rows drift towards each column's mode as the row fills up; the offsets
+        undo that drift while keeping what the network learnt about each column given the
+        others. Returns the largest |log p - log q| left over the columns.
+        """
+        m = int(self.hyper["calib_rows"])
+        c = tokens.shape[1]
+        targets = []
+        for j, codec in enumerate(self.codecs):
+            cnt = np.bincount(tokens[:, j], minlength=codec.n_tokens).astype(float)
+            targets.append(cnt / cnt.sum())
+        for net in self.nets:
+            net.calib.zero_()
+        cond_tok = np.full((m, c), -1, dtype=np.int64)
+        cond_val = np.full((m, c), np.nan)
+        rows = np.arange(m, dtype=np.uint64)
+        with torch.inference_mode():
+            self._sample_block(int(self.hyper["seed"]) ^ 0x5EED, rows, cond_tok, cond_val,
+                               targets=targets)
+        return {"calib_rows": m}
 
     # ------------------------------------------------------------------ sampling
     def _encode_conditions(self, conditions, n, cond_tok, cond_val, given) -> None:
@@ -536,43 +737,57 @@ class PatientModel:
         return changed
 
     def _sample_block(self, seed: int, rows: np.ndarray, cond_tok: np.ndarray,
-                      cond_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        net = self.net
+                      cond_val: np.ndarray, targets: list[np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
         m, c = cond_tok.shape
         known = cond_tok >= 0
         tok = np.where(known, cond_tok, 0)
         val = cond_val.copy()
-        emb = net.emb.weight
-        # First layer = bias + sum of every column's mask vector, plus (token - mask) for the
-        # conditioned cells: no (rows x columns x hidden) gather.
-        mask_rows = emb[net.in_off + net.mask_tok]
-        pre = (net.bias + mask_rows.sum(0)).expand(m, -1).clone()
         ri, ci = np.nonzero(known)
-        if len(ri):
-            ti = torch.as_tensor(net.in_off_py_np[ci] + tok[ri, ci])
-            pre.index_add_(0, torch.as_tensor(ri), emb[ti] - mask_rows[torch.as_tensor(ci)])
+        # One first-layer state per network (snapshot); each = bias + sum of every column's
+        # mask vector, plus (token - mask) for the conditioned cells: no (rows x columns x
+        # hidden) gather.
+        tables, pres = [], []
+        for net in self.nets:
+            emb = net.table()
+            mask_rows = emb[net.in_off + net.mask_tok]
+            pre = (net.bias + mask_rows.sum(0)).expand(m, -1).clone()
+            if len(ri):
+                ti = torch.as_tensor(net.in_off_py_np[ci] + tok[ri, ci])
+                pre.index_add_(0, torch.as_tensor(ri), emb[ti] - mask_rows[torch.as_tensor(ci)])
+            tables.append(emb)
+            pres.append(pre)
+        # A network whose columns are all sampled needs no more updates.
+        last_use = {k: max(t for t, j in enumerate(self.order) if self.col_net[j] == k)
+                    for k in set(self.col_net)}
         rkeys = rng.keys(seed, 2 * c)
-        w, bias = net.head.weight, net.head.bias
-        for j in self.order:
+        for pos, j in enumerate(self.order):
             free = ~known[:, j]
             all_free = bool(free.all())
             if not all_free and not free.any():
                 continue
             codec = self.codecs[j]
+            net = self.nets[self.col_net[j]]
+            pre = pres[self.col_net[j]]
             sel = slice(None) if all_free else np.flatnonzero(free)
             fidx = None if all_free else torch.as_tensor(sel)
             p = pre if all_free else pre[fidx]
             a, b = net.out_off[j], net.out_off[j + 1]
-            logits = F.linear(net.trunk(p), w[a:b], bias[a:b])
+            logits = F.linear(net.trunk(p), net.head.weight[a:b], net.head.bias[a:b]) + net.calib[a:b]
             allowed = lower = upper = None
             if self._constraints_of(j):
                 allowed, lower, upper = self._constraint_masks(j, sel, tok, val, known)
             if allowed is not None:
                 al = torch.as_tensor(allowed)
                 logits = logits.masked_fill(~al, -math.inf)
+            if targets is not None:
+                off = _match_marginal(logits, targets[j])
+                net.calib[a:b] += off
+                logits = logits + off
             cdf = torch.softmax(logits, 1).cumsum(1)
             fr_rows = rows[sel]
-            u = torch.as_tensor(rng.uniforms(seed, fr_rows, 2 * j, rkeys[2 * j]), dtype=cdf.dtype)
+            u = torch.as_tensor(rng.stratified_uniforms(seed, fr_rows, 2 * j, rkeys[2 * j]),
+                                dtype=cdf.dtype)
             t = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
             t = t.clamp_max(codec.n_tokens - 1)
             if allowed is not None:  # float round-off at the top of the cdf: stay allowed
@@ -581,17 +796,20 @@ class PatientModel:
                     t[bad] = al[bad].to(torch.int8).argmax(1)
             t_np = t.numpy().copy()
             if codec.kind != "categorical":
-                u2 = rng.uniforms(seed, fr_rows, 2 * j + 1, rkeys[2 * j + 1])
+                u2 = rng.stratified_uniforms(seed, fr_rows, 2 * j + 1, rkeys[2 * j + 1])
                 v = codec.numeric_values(t_np, u2, lower, upper)
                 if self._derived(j, t_np, v, sel, val, known):
                     t = torch.as_tensor(t_np)
                 val[sel, j] = v
             tok[sel, j] = t_np
-            ej = emb[net.in_off_py[j]: net.in_off_py[j] + codec.n_tokens + 1]
-            delta = ej[t] - ej[codec.n_tokens]
-            if all_free:
-                pre += delta
-            else:
-                pre.index_add_(0, fidx, delta)
+            for k, (nk, emb) in enumerate(zip(self.nets, tables)):
+                if last_use.get(k, -1) <= pos:
+                    continue
+                ej = emb[nk.in_off_py[j]: nk.in_off_py[j] + codec.n_tokens + 1]
+                delta = ej[t] - ej[codec.n_tokens]
+                if all_free:
+                    pres[k] += delta
+                else:
+                    pres[k].index_add_(0, fidx, delta)
             known[:, j] = True
         return tok, val

@@ -56,3 +56,36 @@ def uniforms(seed: int, rows: np.ndarray, stream: int, k: np.uint64 | None = Non
         z = _mix(np.asarray(rows, dtype=np.uint64) * _GOLDEN + k)
         z = _mix(z ^ k)
     return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+
+
+#: Rows per stratification block of ``stratified_uniforms``.
+STRATA = 32
+
+
+def stratified_uniforms(seed: int, rows: np.ndarray, stream: int, k: np.uint64 | None = None,
+                        strata: int = STRATA) -> np.ndarray:
+    """Latin-hypercube uniforms (McKay, Beckman and Conover 1979), still counter-based.
+
+    Rows are grouped in blocks of ``strata`` consecutive indices; inside a block, each
+    stream sends its rows to the strata [s/N, (s+1)/N) in an order given by a keyed random
+    permutation (the ranks of hashed block positions), plus a uniform jitter inside the
+    stratum. Every block thus draws each stream's uniforms once per stratum, so the first
+    n rows of a sample follow the model's marginals much more closely than independent
+    draws, while streams stay independent of each other (each has its own permutation).
+    Row i's value depends only on (seed, i, stream): a row can still be drawn alone.
+    """
+    rows = np.asarray(rows, dtype=np.uint64)
+    if k is None:
+        k = key(seed, stream)
+    n = np.uint64(strata)
+    block, pos = rows // n, (rows % n).astype(np.int64)
+    ub, inv = np.unique(block, return_inverse=True)
+    # hashes of every position of each block touched, with a key of its own
+    with np.errstate(over="ignore"):
+        kp = _mix(k ^ np.uint64(0xA24BAED4963EE407))
+        cells = (ub[:, None] * n + np.arange(strata, dtype=np.uint64)[None, :]) * _GOLDEN + kp
+        h = _mix(_mix(cells) ^ kp)
+    rank = np.argsort(np.argsort(h, axis=1, kind="stable"), axis=1, kind="stable")
+    stratum = rank[inv.ravel(), pos.ravel()].reshape(rows.shape)
+    jitter = uniforms(seed, rows, stream, k)
+    return (stratum + jitter) / strata
