@@ -33,6 +33,14 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
+            # A commit that leaves more than this many pages in the WAL also checkpoints
+            # (default 1,000): a FHIR transaction of a few hundred resources dirties
+            # thousands of index pages, so each one checkpointed, holding its writer while
+            # it copied. 20,000 pages (80 MB): bulk ingest 11-18 % faster. With
+            # synchronous=NORMAL the WAL is synced at checkpoints, so after a power loss
+            # (not an application crash) commits since the last one may roll back: up to
+            # 80 MB of them now instead of 4 MB; the database is never corrupted.
+            cur.execute("PRAGMA wal_autocheckpoint=20000")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.execute("PRAGMA cache_size=-65536")
             cur.execute("PRAGMA mmap_size=1073741824")
