@@ -214,9 +214,20 @@ def _synthetic_env(data_dir, config_file):
 @click.option("--holdout", type=float, default=0.2, show_default=True,
               help="Fraction of patients held out from training (for synthport evaluate).")
 @click.option("--holdout-seed", type=int, default=0, show_default=True)
+@click.option("--dp-epsilon", type=float, default=None,
+              help="Train the patient model with differential privacy to this epsilon "
+                   "(docs/synthetic.md, 'Differential privacy').")
+@click.option("--dp-delta", type=float, default=None,
+              help="DP delta (default min(1e-5, 1/(10 n))).")
+@click.option("--dp-clip", type=float, default=1.0, show_default=True,
+              help="DP-SGD per-patient gradient clipping norm.")
+@click.option("--allow-non-dp-events", is_flag=True,
+              help="With --dp-epsilon: also train the event and image models, which are NOT "
+                   "differentially private (served resources say so).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data_dir, config_file, name, device, epochs, event_epochs, image_epochs, limit,
-          backend, holdout, holdout_seed, quiet):
+          backend, holdout, holdout_seed, dp_epsilon, dp_delta, dp_clip, allow_non_dp_events,
+          quiet):
     """Fit the patient, event and image models on the real store and register them."""
     from server.errors import SynthportError
     from server.synthetic.training import TrainSettings, train as run_train
@@ -224,7 +235,9 @@ def train(data_dir, config_file, name, device, epochs, event_epochs, image_epoch
     cfg, store, dicom, reg = _synthetic_env(data_dir, config_file)
     settings = TrainSettings(device=device, epochs=epochs, event_epochs=event_epochs,
                              image_epochs=image_epochs, limit=limit, backend=backend,
-                             holdout=holdout, holdout_seed=holdout_seed, progress=not quiet)
+                             holdout=holdout, holdout_seed=holdout_seed, progress=not quiet,
+                             dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_clip=dp_clip,
+                             allow_non_dp=allow_non_dp_events)
     try:
         run_train(reg, store, dicom, name, settings, echo=click.echo)
     except SynthportError as exc:

@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "infer_constraints": True,
     "calibrate": True,        # match every column's token marginal after training
     "calib_rows": 4096,       # rows sampled for that calibration
+    "dp": None,               # {"epsilon": E, ...}: differentially private fit (generators/tabular/dpfit.py)
 }
 
 
@@ -135,6 +136,12 @@ class _Net(nn.Module):
         # Per-token logit offsets set after training by ``PatientModel._calibrate`` (zero
         # while training); part of the state_dict.
         self.register_buffer("calib", torch.zeros(sum(n_tokens)))
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor, order: torch.Tensor,
+                prefix_weight: float, pos_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of one row (``x``, ``visible`` without batch dimension);
+        what DP-SGD differentiates per patient."""
+        return _loss(self, x[None], visible[None], order, prefix_weight, pos_weights)
 
     def table(self) -> torch.Tensor:
         """First-layer vector of every (column, token): its own vector + ordinal part."""
@@ -294,6 +301,9 @@ class PatientModel:
             raise TabularModelError("need at least one column and two rows to train")
         data = data[keep]
         h = self.hyper
+        if h["dp"] is not None:
+            return self._fit_dp(df, data, metadata, epochs=epochs, device=device,
+                                progress=progress, t0=t0)
         self.codecs = []
         for col in keep:
             kind = metadata.get(col, {}).get("kind") or infer_kind(data[col])
@@ -566,7 +576,117 @@ class PatientModel:
                 "train_loss": round(train_loss, 5),
                 "val_loss": [round(v, 5) for v in best] if n_val else None, "n_val": n_val}
 
-    def _calibrate(self, tokens: np.ndarray) -> dict:
+    def _fit_dp(self, df: pd.DataFrame, data: pd.DataFrame, metadata: dict, *, epochs: int,
+                device: str, progress: bool, t0: float) -> "PatientModel":
+        """Differentially private fit: noisy-histogram encoders, DP-SGD, one RDP account
+        (module docstring of ``generators.tabular.dpfit``)."""
+        from generators import dp as dpa
+        from generators.tabular import dpfit
+
+        h = self.hyper
+        n, c = len(data), data.shape[1]
+        st = dpfit.dp_settings(dict(h["dp"]), n)
+        h["dp"] = st
+        eps, delta = float(st["epsilon"]), float(st["delta"])
+        kinds = [dpfit.dp_kind(data[col], metadata.get(col, {})) for col in data.columns]
+        # columns whose categories are not all public get a data-derived key threshold
+        k_thr = sum(1 for col, kind in zip(data.columns, kinds) if kind == "categorical"
+                    and not (pd.api.types.is_bool_dtype(data[col])
+                             or metadata.get(col, {}).get("binary")
+                             and pd.api.types.is_numeric_dtype(data[col])))
+        delta_thr = delta / 2 if k_thr else 0.0
+        delta_rdp = delta - delta_thr
+        sens = math.sqrt(c)       # one count per column per patient
+        s_hist = dpa.gaussian_noise_for_epsilon(st["preprocess_share"] * eps, delta_rdp, sens)
+        tau = dpfit.threshold(s_hist, delta_thr, k_thr) if k_thr else math.inf
+        hist = dpfit.NoisyHistograms(s_hist, h["seed"])
+        self.codecs, masses = [], []
+        for col, kind in zip(data.columns, kinds):
+            codec, mass = dpfit.dp_codec(data[col].rename(col), kind, metadata.get(col, {}), hist,
+                                         tau, rare_min_count=h["rare_min_count"],
+                                         max_bins=h["max_bins"], min_bin_count=h["min_bin_count"])
+            self.codecs.append(codec)
+            masses.append(mass)
+        by_name = {cd.name: cd for cd in self.codecs}
+        self.constraints = parse_constraints(metadata, by_name)
+        self.constraints += dpfit.name_constraints(self.codecs, self.constraints)
+        self.order = self._topological_order()
+        tokens = np.stack([cd.encode(data[cd.name]) for cd in self.codecs], 1)
+        q = st["expected_batch"] / n
+        steps = max(1, int(round(epochs / q)))
+        extra = dpa.rdp_gaussian(sens, s_hist)
+        sigma = dpa.noise_for_epsilon(eps, delta_rdp, q, steps, extra_rdp=extra)
+        spent, order = dpa.rdp_to_dp(steps * dpa.rdp_sampled_gaussian(q, sigma) + extra, delta_rdp)
+        stats = self._train_dp(tokens, q=q, steps=steps, sigma=sigma, clip=float(st["clip"]),
+                               lr=float(st["lr"]), device=device, progress=progress)
+        if h["calibrate"]:
+            stats.update(self._calibrate(tokens, targets=[m / m.sum() if m.sum() > 0 else
+                                                          np.full(len(m), 1.0 / len(m))
+                                                          for m in masses]))
+        guarantee = dpa.DPGuarantee(
+            epsilon=round(spent + 1e-9, 6), delta=delta, epsilon_target=eps,
+            noise_multiplier=sigma, clip_norm=float(st["clip"]), steps=steps, sample_rate=q,
+            expected_batch_size=float(st["expected_batch"]), histogram_noise_std=s_hist,
+            histogram_epsilon=dpa.rdp_to_dp(extra, delta_rdp)[0], threshold_delta=delta_thr,
+            order=order)
+        # No fingerprint of the rows in a DP model's file (a hash of the table would let
+        # anyone holding a candidate table check it); n is public (see dpfit).
+        self.training = {"n_rows": int(n), "device": device,
+                         "seconds": round(time.perf_counter() - t0, 3), **stats,
+                         "dp": {**guarantee.to_json(),
+                                "covers": "patient model: encoders (noisy histograms), "
+                                          "constraints (naming rules), network weights "
+                                          "(DP-SGD), calibration (noisy histograms)"}}
+        return self
+
+    def _train_dp(self, tokens: np.ndarray, *, q: float, steps: int, sigma: float, clip: float,
+                  lr: float, device: str, progress: bool) -> dict:
+        """DP-SGD: Poisson batches, per-patient clipped gradients, Gaussian noise."""
+        from torch.func import functional_call
+        from tqdm.auto import tqdm
+
+        from generators.dp import dp_sgd_grads
+
+        h = self.hyper
+        n, c = tokens.shape
+        gen = torch.Generator().manual_seed(int(h["seed"]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(h["seed"]))
+            net = _Net([cd.n_tokens for cd in self.codecs], h["hidden"], h["depth"], 0.0,
+                       [_ordinal(cd) for cd in self.codecs])   # no dropout under vmap
+        net.to(device)
+        x_all = torch.as_tensor(tokens, dtype=torch.long, device=device)
+        order_t = torch.as_tensor(self.order, dtype=torch.long, device=device)
+        order_rank = torch.empty(c, dtype=torch.long)
+        order_rank[torch.as_tensor(self.order)] = torch.arange(c)
+        pw = float(h["prefix_weight"])
+        pos_w = (torch.arange(c, dtype=torch.float32) + 1) ** -float(h["position_decay"])
+        pos_w = (pos_w / pos_w.mean()).to(device)
+        params = {k: p for k, p in net.named_parameters()}
+        opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=h["weight_decay"])
+
+        def loss_fn(p, x, vis):
+            return functional_call(net, p, (x, vis, order_t, pw, pos_w))
+
+        bar = tqdm(range(steps), disable=not progress, desc="patient model (DP-SGD)", unit="step")
+        net.train()
+        for _ in bar:
+            take = torch.rand(n, generator=gen) < q          # Poisson sampling
+            xb = x_all[take.to(device)]
+            vis = _random_visible(len(xb), c, gen, device, order_rank, h["order_share"])
+            grads = dp_sgd_grads(loss_fn, {k: p.detach() for k, p in params.items()}, {},
+                                 (xb, vis), clip_norm=clip, noise_multiplier=sigma,
+                                 expected_batch_size=q * n, generator=gen)
+            for k, p in params.items():
+                p.grad = grads[k]
+            opt.step()
+        bar.close()
+        self.nets = [net.cpu().eval()]
+        self.col_net = [0] * c
+        return {"epochs_run": round(steps * q, 3), "steps": steps, "best_epoch": None,
+                "train_loss": None, "val_loss": None, "n_val": 0}
+
+    def _calibrate(self, tokens: np.ndarray, targets: list[np.ndarray] | None = None) -> dict:
         """Set ``net.calib`` so that unconditional samples have the training token marginals.
 
         Columns are filled in the sampling order for ``calib_rows`` rows (seed derived from
@@ -580,10 +700,11 @@ class PatientModel:
         """
         m = int(self.hyper["calib_rows"])
         c = tokens.shape[1]
-        targets = []
-        for j, codec in enumerate(self.codecs):
-            cnt = np.bincount(tokens[:, j], minlength=codec.n_tokens).astype(float)
-            targets.append(cnt / cnt.sum())
+        if targets is None:
+            targets = []
+            for j, codec in enumerate(self.codecs):
+                cnt = np.bincount(tokens[:, j], minlength=codec.n_tokens).astype(float)
+                targets.append(cnt / cnt.sum())
         for net in self.nets:
             net.calib.zero_()
         cond_tok = np.full((m, c), -1, dtype=np.int64)

@@ -11,7 +11,8 @@ EventModel.sample(row_i, seed, keys=[i]), "<cohort>-<i>", birth_date=..., anchor
 with, added here: a name and an identifier (counter-based draws from small built-in
 name lists), DICOM UIDs that encode the patient index (so a UID finds its patient
 without any stored mapping), and ``meta`` (version 1, the cohort's creation instant,
-the HTEST security label). Every resource is serialised once with sorted keys, so the
+the HTEST security label; for a differentially private patient model, an extension
+stating epsilon, delta and what the guarantee covers). Every resource is serialised once with sorted keys, so the
 bytes are the same on every request, worker and restart.
 """
 from __future__ import annotations
@@ -45,6 +46,21 @@ YEAR_DAYS = 365.25
 HTEST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "HTEST",
          "display": "test health data"}
 IDENTIFIER_SYSTEM = "urn:synthport:synthetic-patient"
+#: Meta extension on every resource of a cohort whose patient model is differentially
+#: private (docs/synthetic.md, "Differential privacy").
+DP_EXTENSION = "urn:synthport:fhir:StructureDefinition:differential-privacy"
+
+
+def dp_extension(dp: dict) -> dict:
+    """The ``meta.extension`` that states a cohort's DP guarantee and what it covers."""
+    g = dp.get("patients", {})
+    return {"url": DP_EXTENSION, "extension": [
+        {"url": "epsilon", "valueDecimal": float(dp["epsilon"])},
+        {"url": "delta", "valueDecimal": float(dp["delta"])},
+        {"url": "mechanism", "valueString": g.get("mechanism", "DP-SGD")},
+        {"url": "neighbouring", "valueString": g.get("neighbouring", "add/remove one patient")},
+        {"url": "scope", "valueString": dp.get("scope", "patient table")},
+    ]}
 # Patient-table columns that mappings.reverse.patient_resource reads.
 PATIENT_COLUMNS = ("sex", "age_at_death", "deceased", "marital_status", "country", "language")
 
@@ -263,6 +279,8 @@ class Cohort:
         self.instant = dt.datetime.fromtimestamp(self.last_updated, dt.timezone.utc) \
             .isoformat(timespec="milliseconds").replace("+00:00", "Z")
         self.key = cohort_key(info.name, info.seed, info.model_name, info.model_version)
+        dp = (self.model.settings or {}).get("dp")
+        self._meta_ext = [dp_extension(dp)] if dp else None
         path = registry.cohort_dir(info.name) / INDEX_FILE
         if not path.exists():
             raise InternalError(f"the index of cohort {info.name} is missing ({path})")
@@ -315,6 +333,8 @@ class Cohort:
     # -- resources
     def _meta(self, r: dict) -> dict:
         r["meta"] = {"versionId": "1", "lastUpdated": self.instant, "security": [HTEST]}
+        if self._meta_ext:
+            r["meta"]["extension"] = self._meta_ext
         return r
 
     def _row(self, i: int) -> dict:

@@ -40,6 +40,18 @@ CTGAN_LICENCE = (
 DEFAULT_LICENCE = ("synthport's own models (Apache-2.0-compatible dependencies only: torch, "
                    "numpy, pandas, pydicom)")
 
+#: Why ``--dp-epsilon`` alone is refused (docs/synthetic.md, "Differential privacy").
+NON_DP_REFUSAL = (
+    "--dp-epsilon makes the patient model differentially private, but the event model (and "
+    "the image model when it learns from stored DICOM) would still be fitted on the same "
+    "patients WITHOUT differential privacy, so the cohort as a whole would not be DP. Pass "
+    "--allow-non-dp-events to train them anyway: the model's registry row and every served "
+    "resource then state that the guarantee covers the patient table only.")
+NON_DP_SCOPE = ("patient-level attributes (the patient table: demographics, condition flags "
+                "and onset ages, counts); NOT covered: the event model (encounters, "
+                "observations, medications, procedures and their dates and values) and the "
+                "image model, which were trained on the same patients without DP")
+
 #: Columns that identify a real patient and are never modelled: the birth date of a
 #: virtual patient is derived from (cohort seed, index) and the sampled birth year.
 IDENTIFYING = ("birth_date",)
@@ -61,6 +73,10 @@ class TrainSettings:
     min_count: int | None = None
     holdout: float = 0.2
     holdout_seed: int = 0
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_clip: float = 1.0
+    allow_non_dp: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -216,11 +232,20 @@ def fit_models(tables, folder: Path, settings: TrainSettings, *, dicom=None,
     patients = tables.patients.drop(columns=[c for c in IDENTIFYING if c in tables.patients.columns])
     pmeta = {k: v for k, v in tables.patient_meta["columns"].items() if k in patients.columns}
     t = time.perf_counter()
-    pm = PatientModel(hidden=settings.hidden).fit(
+    dp = None
+    if settings.dp_epsilon is not None:
+        dp = {"epsilon": settings.dp_epsilon, "clip": settings.dp_clip}
+        if settings.dp_delta is not None:
+            dp["delta"] = settings.dp_delta
+    pm = PatientModel(hidden=settings.hidden, dp=dp).fit(
         patients, pmeta, epochs=settings.epochs, device=settings.device, progress=settings.progress)
     pm.save(folder / "patients")
     timings["patients_seconds"] = round(time.perf_counter() - t, 3)
     echo(f"patient model: {len(pm.columns)} columns, {timings['patients_seconds']:.1f} s")
+    if dp:
+        g = pm.training["dp"]
+        echo(f"patient model is ({g['epsilon']:.3g}, {g['delta']:.3g})-DP: noise multiplier "
+             f"{g['noise_multiplier']:.3g}, clip {g['clip_norm']}, {g['steps']} steps")
 
     t = time.perf_counter()
     em = EventModel(hidden=settings.event_hidden, d_in=max(16, settings.event_hidden // 2)).fit(
@@ -284,6 +309,11 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
             raise InvalidRequest("--device cuda asked for but torch sees no CUDA device")
     if not 0.0 <= float(settings.holdout) < 1.0:
         raise InvalidRequest(f"holdout must be a fraction in [0, 1), not {settings.holdout!r}")
+    if settings.dp_epsilon is not None:
+        if not settings.dp_epsilon > 0:
+            raise InvalidRequest("--dp-epsilon must be positive")
+        if not settings.allow_non_dp:
+            raise InvalidRequest(NON_DP_REFUSAL)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ctx = RequestContext(caller="synthport-train")
@@ -322,13 +352,21 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     origin = json.loads((final / "tables.json").read_text()).get("image_origin")
+    dp_info = None
+    if settings.dp_epsilon is not None:
+        g = json.loads((final / "patients" / "model.json").read_text())["training"]["dp"]
+        dp_info = {"patients": g, "epsilon": g["epsilon"], "delta": g["delta"],
+                   "scope": NON_DP_SCOPE,
+                   "events": "not differentially private",
+                   "images": ("not differentially private" if origin == "store" else
+                              f"not trained on patient data ({origin})")}
     info = ModelInfo(name=name, version=version, kinds=["patients", "events", "images"],
                      path=str(final), fingerprint=_fingerprint(tables),
                      settings={**settings.to_json(), "image_origin": origin,
                                "n_patients": int(len(tables.patients)),
                                "n_events": int(len(tables.events)),
                                "n_train_events": int(len(train_tables.events)),
-                               "holdout": holdout},
+                               "holdout": holdout, "dp": dp_info},
                      timings=timings, evaluation=None, licence=licence, created=now())
     registry.register_model(info)
     echo(f"registered model {name} v{version} ({timings['total_seconds']:.1f} s) at {final}")
@@ -343,5 +381,5 @@ def read_holdout(model_path: str | Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-__all__ = ["train", "TrainSettings", "CTGAN_LICENCE", "map_store", "fit_models",
+__all__ = ["train", "TrainSettings", "CTGAN_LICENCE", "NON_DP_REFUSAL", "NON_DP_SCOPE", "map_store", "fit_models",
            "training_images", "split_holdout", "subset_tables", "read_holdout", "HOLDOUT_FILE"]
