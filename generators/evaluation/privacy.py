@@ -71,12 +71,13 @@ class _Encoder:
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         parts = []
-        for c, lo, rng, has_na in self.num:
+        for c, lo, rng, _has_na in self.num:
             x = (self._float(df[c]) - lo) / rng
             na = np.isnan(x)
             parts.append(np.where(na, 0.0, np.clip(x, -0.5, 1.5))[:, None])
-            if has_na or na.any():
-                parts.append(na[:, None].astype(float))
+            # the flag column is always there: whether it exists must not depend on the
+            # frame (a synthetic NaN where training had none gave frames of other widths)
+            parts.append(na[:, None].astype(float))
         for c, lut in self.cat:
             vals = df[c].astype(object).where(df[c].notna(), None).map(
                 lambda v: None if v is None else str(v))
