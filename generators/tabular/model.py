@@ -288,6 +288,7 @@ class PatientModel:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise TabularModelError("device='cuda' asked for but torch sees no CUDA device")
         t0 = time.perf_counter()
+        self.__dict__.pop("_first_layer", None)
         metadata = dict(metadata or {})
         if isinstance(metadata.get("columns"), Mapping):  # mappings' {"table", "columns"}
             metadata = dict(metadata["columns"])
@@ -705,6 +706,7 @@ class PatientModel:
             for j, codec in enumerate(self.codecs):
                 cnt = np.bincount(tokens[:, j], minlength=codec.n_tokens).astype(float)
                 targets.append(cnt / cnt.sum())
+        self.__dict__.pop("_first_layer", None)
         for net in self.nets:
             net.calib.zero_()
         cond_tok = np.full((m, c), -1, dtype=np.int64)
@@ -868,15 +870,23 @@ class PatientModel:
         # One first-layer state per network (snapshot); each = bias + sum of every column's
         # mask vector, plus (token - mask) for the conditioned cells: no (rows x columns x
         # hidden) gather.
+        cache = None if targets is not None else self.__dict__.get("_first_layer")
+        if cache is None:
+            cache = []
+            for net in self.nets:
+                emb = net.table()
+                # (token - its column's mask) vectors: filling a cell is one gather and one add
+                cache.append((emb - emb[net.in_off[net.col_of] + net.mask_tok[net.col_of]],
+                              net.bias + emb[net.in_off + net.mask_tok].sum(0)))
+            if targets is None:     # weights are fixed once trained: keep for later calls
+                self.__dict__["_first_layer"] = cache
         tables, pres = [], []
-        for net in self.nets:
-            emb = net.table()
-            mask_rows = emb[net.in_off + net.mask_tok]
-            pre = (net.bias + mask_rows.sum(0)).expand(m, -1).clone()
+        for net, (dtab, base) in zip(self.nets, cache):
+            pre = base.expand(m, -1).clone()
             if len(ri):
                 ti = torch.as_tensor(net.in_off_py_np[ci] + tok[ri, ci])
-                pre.index_add_(0, torch.as_tensor(ri), emb[ti] - mask_rows[torch.as_tensor(ci)])
-            tables.append(emb)
+                pre.index_add_(0, torch.as_tensor(ri), dtab[ti])
+            tables.append(dtab)
             pres.append(pre)
         # A network whose columns are all sampled needs no more updates.
         last_use = {k: max(t for t, j in enumerate(self.order) if self.col_net[j] == k)
@@ -923,13 +933,12 @@ class PatientModel:
                     t = torch.as_tensor(t_np)
                 val[sel, j] = v
             tok[sel, j] = t_np
-            for k, (nk, emb) in enumerate(zip(self.nets, tables)):
+            for k, (nk, dtab) in enumerate(zip(self.nets, tables)):
                 if last_use.get(k, -1) <= pos:
                     continue
-                ej = emb[nk.in_off_py[j]: nk.in_off_py[j] + codec.n_tokens + 1]
-                delta = ej[t] - ej[codec.n_tokens]
+                delta = dtab.index_select(0, t + nk.in_off_py[j])
                 if all_free:
-                    pres[k] += delta
+                    pres[k].add_(delta)
                 else:
                     pres[k].index_add_(0, fidx, delta)
             known[:, j] = True
