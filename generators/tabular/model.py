@@ -13,10 +13,16 @@ GELU layers and one linear head whose slice j gives column j's logits. Because
 the first layer is a sum, filling in column j while sampling is one vector add
 per row, so sampling costs C small forward passes with no re-encoding.
 
-Randomness of sampling is counter-based (``generators.tabular.rng``): row i's
-draws depend only on (seed, i, column), so ``sample(n, seed)`` equals the first
-n rows of ``sample(2n, seed)`` and any row can be regenerated alone
-(``start=i``).
+Training adds a fixed-order loss over every prefix of the sampling order (what
+unconditional sampling uses), early-stops each block of sampling positions on its own
+(one weight snapshot per block), and calibrates per-token logit offsets so that the
+sampled marginals match training (docs/generators.md, "Patient model").
+``dp={...}`` fits the model with differential privacy (``generators.tabular.dpfit``).
+
+Randomness of sampling is counter-based (``generators.tabular.rng``, Latin-hypercube
+within blocks of 32 rows): row i's draws depend only on (seed, i, column), so
+``sample(n, seed)`` equals the first n rows of ``sample(2n, seed)`` and any row can be
+regenerated alone (``start=i``).
 """
 from __future__ import annotations
 
