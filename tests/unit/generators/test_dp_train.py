@@ -97,3 +97,16 @@ def cohort_env_plain(env, db_url, tmp_path):
         yield create_app({"data_dir": str(tmp_path / "data"), "database_url": db_url})
     finally:
         cohort_mod._COHORTS.clear()
+
+
+def test_cli_refuses_dp_without_the_acknowledgement(tmp_path):
+    from click.testing import CliRunner
+
+    from server.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path / "d"), "--name", "x",
+                                  "--dp-epsilon", "2", "--quiet"])
+    assert r.exit_code != 0 and "--allow-non-dp-events" in r.output
+    r = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path / "d"), "--name", "x",
+                                  "--dp-epsilon", "-1", "--allow-non-dp-events", "--quiet"])
+    assert r.exit_code != 0 and "must be positive" in r.output
