@@ -685,13 +685,9 @@ class AuditLog:
 
 
 def _int(name: str, value: str, minimum: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, got '{value}'") from None
-    if n < minimum:
-        raise InvalidRequest(f"{name} must be >= {minimum}")
-    return n
+    from server.store import _int_param     # one parser of integer query values
+
+    return _int_param(name, value, minimum)
 
 
 def _date_cond(raw: str):
