@@ -18,8 +18,10 @@ SEED = 7
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """Patient, event and image models fitted on 30 made-up patients (image model: the
-    procedural fallback, no training)."""
+    """Patient, event and image models fitted on 40 made-up patients (image model: the
+    procedural fallback, no training). 40, not 30: in the first 30 every patient with a
+    chest X-ray also had diabetes, so the mined dependency asked for both conditions and the
+    60-patient cohort drew no imaging study at all."""
     import torch
 
     torch.set_num_threads(1)
@@ -28,7 +30,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from server.synthetic.training import TrainSettings, fit_models
 
     folder = tmp_path_factory.mktemp("tiny-model") / "v1"
-    tables = map_records(demo_population(30, seed=3), min_count=1)
+    tables = map_records(demo_population(40, seed=3), min_count=1)
     settings = TrainSettings(epochs=3, event_epochs=1, image_epochs=0, hidden=32,
                              event_hidden=16, progress=False)
     fit_models(tables, folder, settings, echo=lambda _m: None)
