@@ -312,8 +312,9 @@ class Store:
         follows their creation order, which is why this is printed beside the read figures.
         """
         from sqlalchemy import text
+        # The shape of server.store.SqlStore._read_sql (its placeholders differ per driver).
         sql = ("SELECT res_type, res_id, version, last_updated, deleted, body, method FROM resource "
-               "WHERE res_type = :t AND res_id = :i AND superseded_by IS NULL")
+               "WHERE res_type = :t AND res_id = :i ORDER BY version DESC LIMIT 1")
         try:
             with self.engine().connect() as c:
                 if self.schema:

@@ -44,8 +44,8 @@ Speed
     created in the worker after the fork; the parent migrates the schema once, disposes its
     engine and then only hands out work and adds up results. Workers read, decompress,
     parse (orjson) and validate in parallel; on SQLite the writes serialise on the write
-    lock (``BEGIN IMMEDIATE``), where the workers queue at the transaction's write gate
-    (:class:`server.fhir.transaction.FileWriteGate`) rather than in SQLite's busy handler.
+    lock (``BEGIN IMMEDIATE``), where the workers queue at a shared gate and on the
+    database's lock file (server/db/engine.py) rather than in SQLite's busy handler.
     Archive members and NDJSON chunks are read by the parent and handed over as bytes,
     with at most ``2 * jobs`` tasks in flight so memory stays bounded.
 

@@ -10,11 +10,6 @@ A batch runs each entry on its own and reports each outcome in its entry.
 from __future__ import annotations
 
 import base64
-import fcntl
-import functools
-import os
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -50,65 +45,12 @@ class Entry:
     item: object = None                                 # prepared PendingWrite
 
 
-class FileWriteGate:
-    """Writers of one SQLite database queue here before ``BEGIN IMMEDIATE``.
-
-    SQLite lets one writer in at a time; the others wait in its busy handler, which polls
-    in sleeps growing to 100 ms, so a writer often starts long after the lock was freed
-    and its process sits idle meanwhile (gunicorn workers, loader workers). Here a waiter
-    polls an ``flock`` on ``<database>-writers.lock`` every 2 ms at most. The gate only
-    orders writers: SQLite's lock still guards the data, and a writer that does not take
-    the gate (or gives up on it after ``timeout`` seconds) is still serialised by SQLite.
-    The lock is per open file, so threads of one process queue on it too; a process that
-    dies releases it.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self._local = threading.local()
-
-    def acquire(self, timeout: float = 60.0) -> bool:
-        """True once held; False after ``timeout`` s or when the lock file cannot be opened
-        (the caller then writes ungated, with SQLite's own waiting)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return False
-        deadline, pause = time.monotonic() + timeout, 0.0001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._local.fd = fd
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(pause)
-                pause = min(pause * 2, 0.002)
-
-    def release(self) -> None:
-        fd = self._local.fd
-        self._local.fd = None
-        os.close(fd)   # closing the file drops its lock
-
-
-@functools.lru_cache(maxsize=64)
-def _file_gate(path: str) -> FileWriteGate:
-    return FileWriteGate(path + "-writers.lock")
-
-
 def write_gate(store):
-    """The gate a transaction on ``store`` queues at: ``store.write_gate`` when set (the
-    loader's workers share a multiprocessing lock), a :class:`FileWriteGate` for a SQLite
-    file, else None (PostgreSQL runs writers concurrently)."""
-    gate = getattr(store, "write_gate", None)
-    if gate is not None:
-        return gate
-    url = store.engine.url
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        return _file_gate(os.path.abspath(url.database))
-    return None
+    """The gate a transaction on ``store`` queues at before its write transaction:
+    ``store.write_gate`` when set (the loader's workers share a multiprocessing lock), else
+    None. Writers of a SQLite file also queue on its lock file at ``BEGIN IMMEDIATE``
+    (server/db/engine.py); PostgreSQL runs writers concurrently."""
+    return getattr(store, "write_gate", None)
 
 
 def process_bundle(store, ctx: RequestContext, bundle: dict) -> dict:
@@ -302,7 +244,7 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
         if e.res_id and all(orig is not None for _, orig in e.pending_refs):
             e.item = PendingWrite(e.res_type, e.res_id, e.resource, e.method).prepare()
 
-    # -- under the lock; on SQLite writers queue at a gate first (see FileWriteGate)
+    # -- under the lock; the loader's workers queue at their shared gate first
     gate = write_gate(store)
     held = False
     conn = begin_write(store.engine)

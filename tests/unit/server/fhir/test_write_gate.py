@@ -1,6 +1,9 @@
-"""``store.write_gate``: a transaction holds it exactly around its write transaction."""
+"""Writers queue: ``store.write_gate`` (the loader's) around a transaction, and the SQLite
+file's lock file at ``BEGIN IMMEDIATE``."""
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 
 import pytest
@@ -83,57 +86,83 @@ def test_a_failing_transaction_releases_the_gate(store):
         assert conn.execute(text("SELECT count(*) FROM resource")).scalar_one() == 0
 
 
-# ---------------------------------------------------------------------- FileWriteGate
-def test_default_gate_is_a_lock_file_beside_a_sqlite_database(db_url):
-    from server.fhir.transaction import FileWriteGate, write_gate
+# ------------------------------------------------- the SQLite file's writer queue
+def test_sqlite_writers_queue_on_a_lock_file_beside_the_database(db_url):
+    from server.db.engine import writer_lock_path
+    from server.fhir.transaction import write_gate
 
     s = SqlStore.from_url(db_url)
     try:
-        gate = write_gate(s)
+        assert write_gate(s) is None     # only an injected gate (the loader's)
+        s.bundle(CTX, _tx(_post({"resourceType": "Patient"})))
         if db_url.startswith("sqlite"):
-            assert isinstance(gate, FileWriteGate)
-            assert gate.path == s.engine.url.database + "-writers.lock"
-            s.bundle(CTX, _tx(_post({"resourceType": "Patient"})))
-            assert gate.acquire(timeout=1)   # released after the transaction
-            gate.release()
-        else:
-            assert gate is None               # PostgreSQL: concurrent writers
+            path = writer_lock_path(s.engine.url.database)
+            assert path == s.engine.url.database + "-writers.lock"
+            fd = os.open(path, os.O_RDWR)
+            try:                          # released after the transaction
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
     finally:
         s.engine.dispose()
 
 
-def test_file_gate_queues_threads_and_times_out(tmp_path):
-    from server.fhir.transaction import FileWriteGate
+def test_a_writer_waits_on_the_lock_file_until_the_holder_commits(tmp_path):
+    from server.db.engine import begin_write, make_engine, writer_lock_path
 
-    gate = FileWriteGate(str(tmp_path / "db-writers.lock"))
-    other = FileWriteGate(str(tmp_path / "db-writers.lock"))   # another process's view
-    assert gate.acquire()
-    assert other.acquire(timeout=0.05) is False
-    got, done = [], threading.Event()
+    db = tmp_path / "q.db"
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    held = os.open(writer_lock_path(str(db)), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)          # another process's writer holds the queue
+    done = threading.Event()
 
-    def waiter():
-        got.append(other.acquire(timeout=5))
-        done.wait(5)
-        other.release()
+    def writer():
+        c = begin_write(engine)
+        try:
+            with c.begin():
+                c.exec_driver_sql("INSERT INTO t VALUES (1)")
+        finally:
+            c.close()
+        done.set()
 
-    t = threading.Thread(target=waiter)
+    t = threading.Thread(target=writer)
     t.start()
-    t.join(0.1)
-    assert got == []                 # still waiting while the gate is held
-    gate.release()
-    for _ in range(500):
-        if got:
-            break
-        threading.Event().wait(0.01)
-    assert got == [True]
-    assert gate.acquire(timeout=0.05) is False   # now the other one holds it
-    done.set()
+    assert not done.wait(0.3)                 # queued, not in SQLite yet
+    with engine.connect() as c:               # readers are never queued
+        assert c.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 0
+    os.close(held)
+    assert done.wait(5)
     t.join(5)
-    assert gate.acquire(timeout=1)
-    gate.release()
+    # a rolled-back write releases the queue as well
+    c = begin_write(engine)
+    with pytest.raises(ValueError):
+        with c.begin():
+            c.exec_driver_sql("INSERT INTO t VALUES (2)")
+            raise ValueError
+    c.close()
+    fd = os.open(writer_lock_path(str(db)), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+    with engine.connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 1
+    engine.dispose()
 
 
-def test_file_gate_that_cannot_be_opened_lets_writers_through(tmp_path):
-    from server.fhir.transaction import FileWriteGate
+def test_a_lock_file_that_cannot_be_opened_lets_writers_through(tmp_path):
+    from server.db.engine import begin_write, make_engine
 
-    assert FileWriteGate(str(tmp_path / "missing-dir" / "db-writers.lock")).acquire() is False
+    db = tmp_path / "ro.db"
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    conn = begin_write(engine)
+    dbapi = conn.connection.dbapi_connection
+    dbapi.lock_path = str(tmp_path / "missing-dir" / "ro.db-writers.lock")
+    try:
+        with conn.begin():
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    finally:
+        conn.close()
+    engine.dispose()
