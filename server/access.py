@@ -22,8 +22,11 @@ compartment is "any reference to Patient/<id>", as ``$everything`` takes it.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import orjson
@@ -236,6 +239,27 @@ def _walk(node: Any, out: set[str]) -> None:
             _walk(v, out)
 
 
+_REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def stored_patient_refs(stored: StoredResource) -> set[str]:
+    """:func:`patient_refs` of a stored resource, from its JSON bytes without parsing them
+    (every read is audited with its patients; parsing the body cost a tenth of a read).
+    A reference string with a JSON escape in it falls back to parsing."""
+    body = stored.body
+    if not body:
+        return set()
+    out: set[str] = {stored.res_id} if stored.res_type == "Patient" and stored.res_id else set()
+    for raw in _REFERENCE.findall(body):
+        if b"\\" in raw:
+            return patient_refs(_body(stored))
+        if b"Patient/" in raw:
+            pid = raw.rsplit(b"Patient/", 1)[1].split(b"/")[0]
+            if pid:
+                out.add(pid.decode())
+    return out
+
+
 def _body(stored: StoredResource) -> dict:
     return orjson.loads(stored.body) if stored.body else {}
 
@@ -276,7 +300,7 @@ class GuardedSource:
             pats: set[str] = set()
             for s in stored:
                 if s.body:
-                    pats |= patient_refs(_body(s))
+                    pats |= stored_patient_refs(s)
             self.policy.record(ctx, subtype, "0", patients=pats, conn=conn,
                                what=[f"{s.res_type}/{s.res_id}/_history/{s.version}" for s in stored])
             done.append(True)
@@ -357,7 +381,7 @@ class GuardedSource:
         d = self._deny_audit(ctx, "read", res_type, "r")
         return self._run(ctx, "read", lambda: self._one(ctx, d, res_type,
                                                         self.inner.read(ctx, res_type, res_id)),
-                         lambda s: patient_refs(_body(s)), lambda s: [f"{res_type}/{res_id}"])
+                         stored_patient_refs, lambda s: [f"{res_type}/{res_id}"])
 
     def vread(self, ctx: RequestContext, res_type: str, res_id: str, version: int) -> StoredResource:
         if res_type == "AuditEvent":
@@ -365,7 +389,7 @@ class GuardedSource:
         d = self._deny_audit(ctx, "vread", res_type, "r")
         return self._run(ctx, "vread", lambda: self._one(
             ctx, d, res_type, self.inner.vread(ctx, res_type, res_id, version)),
-            lambda s: patient_refs(_body(s)), lambda s: [f"{res_type}/{res_id}/_history/{version}"])
+            stored_patient_refs, lambda s: [f"{res_type}/{res_id}/_history/{version}"])
 
     def _one(self, ctx, d: Decision, res_type: str, stored: StoredResource) -> StoredResource:
         if d.restricted and not self._visible(ctx, d, res_type, [stored]):
@@ -666,7 +690,7 @@ def _result_patients(result: SearchResult) -> set[str]:
     out: set[str] = set()
     for s in result.matches:
         if s.body:
-            out |= patient_refs(_body(s))
+            out |= stored_patient_refs(s)
     return out
 
 
@@ -678,12 +702,46 @@ def synthetic_policy(cfg, name: str, audit=None, clients=None) -> Policy:
                   source_label=f"synthetic/{name}", clients=clients)
 
 
+#: Set by ``synthport serve`` for its workers when it runs the audit spool's merger process.
+MERGER_ENV = "SYNTHPORT_AUDIT_MERGER_PID"
+
+
+def spools_audit(cfg, url) -> bool:
+    """Whether entries of a store at ``url`` go through the audit spool."""
+    return bool(cfg["audit"] and cfg["audit_spool"] and url.get_backend_name() == "sqlite"
+                and url.database not in (None, "", ":memory:"))
+
+
+def audit_writer(audit_log, cfg, interval: float | None = None):
+    """How entries reach ``audit_log``: spooled and merged in batches on a SQLite file
+    (server/audit/spool.py), else synchronous group commit (server/audit/group.py).
+
+    Args:
+        interval: seconds between background merges (default ``audit_spool_interval``;
+            0 for a command that only reads the log: it merges before each read).
+    """
+    from server.audit.group import GroupCommit
+    from server.audit.spool import SpooledLog
+
+    url = audit_log.engine.url
+    if spools_audit({**dict(cfg), "audit": True}, url):
+        # Beside the database file: every process writing that file shares the spool.
+        folder = Path(f"{url.database}-audit-spool")
+        if interval is None:
+            interval = cfg["audit_spool_interval"]
+            if os.environ.get(MERGER_ENV):
+                # ``synthport serve`` runs a merger process: this one's own thread is only
+                # the fallback should that process be gone.
+                interval = max(5.0, 25 * interval)
+        return SpooledLog(audit_log, folder, interval)
+    return GroupCommit(audit_log)
+
+
 def security_layer(cfg, store, dicom) -> dict[str, Any]:
     """The token service, audit log, consent policy and the guarded real sources.
 
     ``auth = off`` is development mode: every caller may do everything (still audited).
     """
-    from server.audit.group import GroupCommit
     from server.audit.log import AuditLog
     from server.auth.clients import ClientRegistry
     from server.auth.tokens import TokenService
@@ -695,7 +753,7 @@ def security_layer(cfg, store, dicom) -> dict[str, Any]:
     if mode == "off":
         log.warning("auth = off: DEVELOPMENT MODE, the real source is open to every caller "
                     "without a token. Never run this with real patient data.")
-    audit = GroupCommit(AuditLog(store.engine, cfg)) if cfg["audit"] else None
+    audit = audit_writer(AuditLog(store.engine, cfg), cfg) if cfg["audit"] else None
     clients = ClientRegistry(store.engine)
     consent = ConsentPolicy(store, cfg["consent_default"])
     policy = Policy(enforce=mode == "required", consent=consent, audit=audit,

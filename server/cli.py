@@ -78,9 +78,12 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
 
     click.echo(f"synthport: FHIR at http://{cfg.http_host}:{cfg.http_port}/fhir "
                f"({cfg.workers} workers, database {_redact(cfg.resolved_database_url)})", err=True)
+    merger = _spawn_audit_merger(cfg)
+    from server.dimse.server import stop_dimse
+
     dimse = None
     if cfg.dimse_port:
-        from server.dimse.server import spawn_dimse, stop_dimse
+        from server.dimse.server import spawn_dimse
 
         try:
             dimse = spawn_dimse(cfg)
@@ -93,6 +96,26 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
     finally:
         if dimse is not None:
             stop_dimse(dimse)
+        if merger is not None:
+            stop_dimse(merger)
+
+
+def _spawn_audit_merger(cfg):
+    """Start ``synthport audit merge --every`` beside the workers when the audit spool is
+    used (SQLite): merging off the workers' threads keeps it from holding up requests."""
+    import subprocess
+
+    from sqlalchemy.engine import make_url
+
+    from server.access import MERGER_ENV, spools_audit
+
+    if not spools_audit(cfg, make_url(cfg.resolved_database_url)):
+        return None
+    proc = subprocess.Popen([sys.executable, "-c", "from server.cli import main; main()", "audit",
+                             "merge", "--every", str(cfg["audit_spool_interval"])],
+                            stdin=subprocess.DEVNULL)
+    os.environ[MERGER_ENV] = str(proc.pid)   # the workers' own merge thread is a fallback
+    return proc
 
 
 @main.command()
@@ -507,7 +530,10 @@ def _audit_log(data_dir, config_file):
     engine = make_engine(cfg.resolved_database_url)
     if cfg["auto_migrate"]:
         migrate(engine)
-    return AuditLog(engine, cfg)
+    from server.access import audit_writer
+
+    # A running server may still hold spooled entries: readers here merge them first.
+    return audit_writer(AuditLog(engine, cfg), cfg, interval=0)
 
 
 @audit.command("verify")
@@ -523,6 +549,31 @@ def audit_verify(data_dir, config_file):
     click.echo(f"FAILED at {report.first_bad}: {report.reason} "
                f"({report.checked} entries checked before it)", err=True)
     sys.exit(1)
+
+
+@audit.command("merge")
+@_common
+@click.option("--every", type=float, default=None,
+              help="Keep merging every this many seconds until stopped (SIGTERM) or the "
+                   "parent process is gone; default: merge once and exit.")
+def audit_merge(data_dir, config_file, every):
+    """Merge the audit spool (SQLite, docs/audit.md) into the log; ``synthport serve``
+    runs this with --every beside its workers."""
+    import signal
+    import threading
+
+    log = _audit_log(data_dir, config_file)
+    if not hasattr(log, "follow"):
+        click.echo("this store writes audit entries directly (no spool): nothing to merge")
+        return
+    if every is None:
+        click.echo(f"{log.flush()} entries merged")
+    else:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        log.follow(every, stop, parent=os.getppid())
+    log.engine.dispose()
 
 
 @audit.command("sth")

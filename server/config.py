@@ -93,6 +93,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit", True, "Record every interaction with the real source in the audit log "
             "(IHE BALP AuditEvents in an RFC 9162 Merkle tree).", _bool),
     Setting("audit_synthetic", True, "Also audit interactions with synthetic cohorts.", _bool),
+    Setting("audit_spool", True, "SQLite: entries of reads and searches are spooled to "
+            "<database file>-audit-spool/ and merged into the log in batches, rather than one write "
+            "transaction each (docs/audit.md). Off: every entry is written before the answer. "
+            "PostgreSQL always writes them at once.", _bool),
+    Setting("audit_spool_interval", 0.2, "Seconds between background merges of the audit "
+            "spool (readers of the log always merge first).", float),
     Setting("consent_default", "opt-out", "Research use without a Consent: opt-out (patients "
             "take part unless an active research Consent denies) or opt-in (only patients "
             "with an active research Consent that permits)."),

@@ -231,18 +231,26 @@ class AuditLog:
             raise InternalError(f"The audit entry could not be written "
                                 f"({type(exc).__name__}: {exc})") from exc
 
-    def append_many(self, events: list[dict]) -> list[int]:
-        """Append several AuditEvents in one transaction (group commit, server/audit/group.py);
+    def append_many(self, events: list[dict], *, before_commit=None) -> list[int]:
+        """Append several AuditEvents in one transaction (group commit, spool merges);
         all or none are written.
+
+        Args:
+            before_commit: called with the connection inside the transaction after the
+                entries are written (the spool records how far it merged, atomically).
 
         Raises:
             InternalError: the entries could not be written.
         """
         try:
+            values = [index_values(ev) for ev in events]
             c = begin_write(self.engine)
             try:
                 with c.begin():
-                    return [self._append_locked(c, dict(ev), index_values(ev)) for ev in events]
+                    seqs = self._append_batch(c, [dict(ev) for ev in events], values)
+                    if before_commit is not None:
+                        before_commit(c)
+                    return seqs
             finally:
                 c.close()
         except SynthportError:
@@ -273,23 +281,34 @@ class AuditLog:
         return int(row[0]), _decode_frontier(row[1])
 
     def _append_locked(self, conn: Connection, body: dict, v: IndexValues) -> int:
+        return self._append_batch(conn, [body], [v])[0]
+
+    def _append_batch(self, conn: Connection, bodies: list[dict], values: list[IndexValues]) -> list[int]:
+        """Append under the lock: one statement per table for the whole batch."""
         sql = self._sql
         size, frontier = self._lock_state(conn)
-        seq = size
-        body["id"] = str(seq)
-        body["meta"] = {**(body.get("meta") or {}), "versionId": "1", "lastUpdated": instant(now())}
-        entry = canonical(body)
-        leaf = merkle.leaf_hash(entry)
-        frontier, made = merkle.append_with_nodes(frontier, size, leaf)
-        conn.exec_driver_sql(sql["entry"], (seq, v.recorded, entry, leaf, v.action, v.subtype,
-                                            v.outcome, v.agent, v.source))
-        if v.refs:
-            conn.exec_driver_sql(sql["ref"], [(r, seq) for r in v.refs])
-        nodes = [(lv, ix, h) for lv, ix, h in made if lv >= NODE_MIN_LEVEL]
+        stamp = instant(now())
+        entries, refs, nodes = [], [], []
+        for k, (body, v) in enumerate(zip(bodies, values)):
+            seq = size + k
+            body["id"] = str(seq)
+            body["meta"] = {**(body.get("meta") or {}), "versionId": "1", "lastUpdated": stamp}
+            entry = canonical(body)
+            leaf = merkle.leaf_hash(entry)
+            frontier, made = merkle.append_with_nodes(frontier, seq, leaf)
+            entries.append((seq, v.recorded, entry, leaf, v.action, v.subtype, v.outcome, v.agent,
+                            v.source))
+            refs.extend((r, seq) for r in v.refs)
+            nodes.extend((lv, ix, h) for lv, ix, h in made if lv >= NODE_MIN_LEVEL)
+        if not entries:
+            return []
+        conn.exec_driver_sql(sql["entry"], entries if len(entries) > 1 else entries[0])
+        if refs:
+            conn.exec_driver_sql(sql["ref"], refs)
         if nodes:
             conn.exec_driver_sql(sql["node"], nodes)
-        conn.exec_driver_sql(sql["update"], (size + 1, _encode_frontier(frontier)))
-        return seq
+        conn.exec_driver_sql(sql["update"], (size + len(entries), _encode_frontier(frontier)))
+        return list(range(size, size + len(entries)))
 
     # ------------------------------------------------------------------ tree heads
     def _key(self) -> ECKey:

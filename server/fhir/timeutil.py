@@ -34,6 +34,15 @@ def parse_http_date(value: str) -> float | None:
 
 def parse_instant(value: str) -> float:
     """Parse a FHIR date/dateTime/instant (no zone = UTC) to epoch seconds (start of range)."""
+    if len(value) >= 20 and value[10:11] == "T":
+        # A full instant (audit entries, lastUpdated): the standard library's parser is
+        # ten times faster than dateutil's and agrees with it on these.
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            dt = None
+        if dt is not None and dt.tzinfo is not None:
+            return dt.timestamp()
     try:
         dt = _dtparser.isoparse(value)
     except (ValueError, OverflowError):

@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -153,3 +154,43 @@ def test_audit_verify_catches_an_edited_row(secured, db_url, tmp_path):
     bad = cli(data_dir, db_url, "audit", "verify", check=False)
     assert bad.returncode != 0
     assert str(row.seq) in (bad.stdout + bad.stderr)
+
+
+def test_read_entries_reach_the_log_without_anyone_reading_it(secured, db_url, tmp_path):
+    """SQLite: reads are spooled and `synthport serve`'s merger process moves them into the
+    log on its own; PostgreSQL: they are written before the answer."""
+    base, data_dir, _ = secured
+    tok = cli(data_dir, db_url, "token", "--scope", "system/*.rs").stdout.strip()
+    url = db_url or f"sqlite:///{data_dir / 'synthport.db'}"
+    engine = create_engine(url)
+
+    def logged() -> int:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM audit_entry WHERE subtype = 'search-type'")
+                                ).scalar_one()
+
+    before = logged()
+    for _ in range(5):
+        r = requests.get(base + "/Patient", headers={"Authorization": f"Bearer {tok}"}, timeout=30)
+        assert r.status_code == 200
+    # within 4 s: the merger process merges every 0.2 s; the workers' own fallback thread
+    # (should that process be gone) only every 5 s
+    deadline = time.monotonic() + 4
+    while logged() < before + 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logged() == before + 5
+    engine.dispose()
+    if url.startswith("sqlite"):
+        spool = Path(url.split("///", 1)[1] + "-audit-spool")
+        assert spool.is_dir()
+        mergers = []
+        for p in Path("/proc").glob("[0-9]*"):
+            try:
+                args = (p / "cmdline").read_bytes().split(b"\0")
+                env = (p / "environ").read_bytes()
+            except OSError:
+                continue
+            if b"merge" in args and b"--every" in args and str(tmp_path).encode() in env:
+                mergers.append(p.name)
+        assert len(mergers) == 1, "synthport serve runs one audit merger process"
+        assert "entries merged" in cli(data_dir, db_url, "audit", "merge").stdout

@@ -442,3 +442,44 @@ def test_validate_needs_a_caller_and_capabilities_tell_the_truth(app, client, wo
     audit = next(r for r in cs["rest"][0]["resource"] if r["type"] == "AuditEvent")
     assert {i["code"] for i in audit["interaction"]} == {"read", "search-type"}
     assert {o["name"] for o in cs["rest"][0]["operation"]} == {"deidentify"}
+
+
+# ------------------------------------------------------------------ patients of a stored body
+def _stored(body: dict, raw: bytes | None = None):
+    from server.source import StoredResource
+
+    return StoredResource(body["resourceType"], body.get("id", "x"), 1, 0.0, False,
+                          raw if raw is not None else orjson.dumps(body), "PUT")
+
+
+@pytest.mark.parametrize("body", [
+    {"resourceType": "Patient", "id": "p1", "link": [{"other": {"reference": "Patient/p2"}}]},
+    {"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/a"},
+     "performer": [{"reference": "http://h/fhir/Patient/b/_history/3"}, {"reference": "Practitioner/z"}],
+     "text": {"div": "<div>\"reference\": \"Patient/fake\"\n</div>"}},
+    {"resourceType": "Encounter", "id": "e", "subject": {"reference": "Patient/"},
+     "contained": [{"resourceType": "Group", "member": [{"entity": {"reference": "Patient/c"}}]}]},
+    {"resourceType": "Observation", "id": "q", "subject": {"reference": "Patient/a\"b"}},
+    {"resourceType": "Observation", "id": "n", "subject": {"display": "no reference"}},
+])
+def test_patients_of_stored_bytes_are_those_of_the_parsed_body(body):
+    from server.access import patient_refs, stored_patient_refs
+
+    assert stored_patient_refs(_stored(body)) == patient_refs(body)
+    spaced = orjson.dumps(body, option=orjson.OPT_INDENT_2)      # another writer's spacing
+    assert stored_patient_refs(_stored(body, spaced)) == patient_refs(body)
+
+
+def test_patients_of_stored_bytes_agree_on_synthea(shared_data):
+    import bz2
+
+    from server.access import patient_refs, stored_patient_refs
+
+    files = sorted((shared_data / "synthea-us-120").glob("*.json.bz2"))[:3]
+    n = 0
+    for f in files:
+        for e in orjson.loads(bz2.decompress(f.read_bytes()))["entry"]:
+            r = e["resource"]
+            assert stored_patient_refs(_stored(r)) == patient_refs(r), r.get("id")
+            n += 1
+    assert n > 100
