@@ -82,6 +82,7 @@ TARGETS = {
 
 # ------------------------------------------------------------------ small helpers
 AUTH_MODE = "required"     # --auth
+SERVER_ENV: dict[str, str] = {}   # --server-env
 
 
 def log(msg: str) -> None:
@@ -415,6 +416,7 @@ class Server:
         env = self.store.env()
         env["SYNTHPORT_DIMSE_PORT"] = str(free_port())
         env["SYNTHPORT_AUTH"] = AUTH_MODE
+        env.update(SERVER_ENV)
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(self.cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -1027,6 +1029,10 @@ def parse_args(argv=None):
     ap.add_argument("--auth", choices=["required", "off"], default="required",
                     help="the server's auth setting (default required: requests carry a token, "
                          "as in production; off = development mode, still audited)")
+    ap.add_argument("--server-env", action="append", default=[], metavar="SYNTHPORT_X=V",
+                    help="a setting for the servers (repeatable), e.g. SYNTHPORT_AUDIT=false to "
+                         "measure without the audit log, SYNTHPORT_AUDIT_SPOOL=false for an "
+                         "append per request")
     ap.add_argument("--threads", type=int, default=None, help="threads per worker (default: server's)")
     ap.add_argument("--load-jobs", type=int, default=None, help="synthport load --jobs (default: cores)")
     ap.add_argument("--post-clients", type=int, default=3, help="ingest B client threads (default 3)")
@@ -1065,6 +1071,11 @@ def main(argv=None) -> int:
     global AUTH_MODE
     args = parse_args(argv)
     AUTH_MODE = args.auth
+    for item in args.server_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("SYNTHPORT_"):
+            raise SystemExit(f"--server-env wants SYNTHPORT_NAME=VALUE, not {item!r}")
+        SERVER_ENV[key] = value
     if not args.data.is_dir():
         raise SystemExit(f"no data folder {args.data} (give --data)")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="synthport-bench-"))
