@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Entries per merge transaction: bounds how long the database's write lock is held.
 MERGE_BATCH = 500
+#: Seconds without appends after which a process's merge thread ends (restarted on demand).
+IDLE_EXIT = 60.0
 _SUFFIX = ".jsonl"
 _MERGE_LOCK = ".merge.lock"
 
@@ -154,6 +156,7 @@ class SpooledLog:
             if t is not None and t.is_alive() and getattr(t, "pid", None) == os.getpid():
                 return
             self._wake = threading.Event()
+            self._wake.set()                           # this append's entry
             t = threading.Thread(target=self._run, name="audit-spool-merger", daemon=True)
             t.pid = os.getpid()
             self._thread = t
@@ -162,7 +165,11 @@ class SpooledLog:
     def _run(self) -> None:
         wake = self._wake
         while True:
-            wake.wait()
+            if not wake.wait(IDLE_EXIT):
+                with self._starting:       # idle: the next append starts a new thread
+                    if not wake.is_set():
+                        self._thread = None
+                        return
             wake.clear()
             threading.Event().wait(self.interval)     # let a batch gather
             try:

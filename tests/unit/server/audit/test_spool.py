@@ -154,14 +154,29 @@ def test_entries_of_a_process_that_died_are_merged_by_another(sqlite_log, tmp_pa
     assert len(sp.search([("agent", "child")]).matches) == 7
 
 
-def test_the_background_merger_empties_the_spool(sqlite_log, tmp_path):
+def test_the_background_merger_empties_the_spool(sqlite_log, tmp_path, monkeypatch):
+    import server.audit.spool as spool
+
+    monkeypatch.setattr(spool, "IDLE_EXIT", 0.3)
     sp = _spool(sqlite_log, tmp_path, interval=0.05)
-    for i in range(4):
+
+    def merged(n: int) -> bool:
+        deadline = time.monotonic() + 10
+        while sqlite_log.tree_size() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sqlite_log.tree_size() == n
+
+    sp.append(make_event(0))                  # a single entry is merged too
+    assert merged(1)
+    for i in range(1, 4):
         sp.append(make_event(i))
-    deadline = time.monotonic() + 10
-    while sqlite_log.tree_size() < 4 and time.monotonic() < deadline:
+    assert merged(4)
+    deadline = time.monotonic() + 10          # idle: the thread ends ...
+    while sp._thread is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sqlite_log.tree_size() == 4
+    assert sp._thread is None
+    sp.append(make_event(4))                  # ... and the next append starts another
+    assert merged(5)
 
 
 def test_audit_writer_spools_only_on_a_sqlite_file(db_url, tmp_path):
