@@ -277,6 +277,8 @@ class GuardedSource:
 
     def __getattr__(self, name: str):
         # config, engine, terminology ... : what bundle processing and tools read.
+        if name == "compartments":   # unguarded bulk $everything: the store's own callers only
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def capabilities(self, *args) -> dict:

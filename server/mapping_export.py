@@ -4,8 +4,8 @@
 (``Patient``, paged by ``next`` links on a snapshot) and each record is that patient's
 ``Patient/$everything``, so consent filtering (``include_patient``, by default the
 store's research-consent rule) and the export audit entry apply to every snapshot. On
-the real store, :class:`CompartmentReader` reads the same ``$everything`` records in a
-few statements per patient on one snapshot, and :func:`export_tables` extracts their
+the real store, ``SqlStore.compartments`` (:class:`server.fhir.everything.CompartmentReader`)
+reads the same ``$everything`` records in a few statements per patient on one snapshot, and :func:`export_tables` extracts their
 events one resource at a time from the JSON bodies, in this process and ``jobs - 1``
 worker processes.
 """
@@ -96,7 +96,7 @@ def iter_source_records(source: Source, ctx: RequestContext | None = None, *,
     """Patient records read through the source protocol.
 
     Each record is what ``Patient/<id>/$everything`` returns (Patient first). The real
-    store (:class:`server.store.SqlStore`) is read by :class:`CompartmentReader`: the same
+    store (:class:`server.store.SqlStore`) is read by its ``compartments`` reader: the same
     resources in the same order, a few statements per patient on one snapshot instead of
     ``$everything``'s statement building per call (about 4x less CPU); any other source
     through ``Source.everything``.
@@ -110,7 +110,7 @@ def iter_source_records(source: Source, ctx: RequestContext | None = None, *,
     if include_patient is None:
         include_patient = research_consent(source)
     read: list[str] = []
-    reader = CompartmentReader(source.engine) if CompartmentReader.supports(source) else None
+    reader = source.compartments(ctx) if bulk_readable(source) else None
     try:
         for p in iter_patients(source, ctx, limit=limit):
             if include_patient is not None and not include_patient(p):
@@ -136,128 +136,18 @@ def iter_source_records(source: Source, ctx: RequestContext | None = None, *,
 
 
 def parse_record(bodies: list[bytes]) -> list[dict]:
-    """The JSON bodies of :meth:`CompartmentReader.bodies` -> a record."""
+    """The JSON bodies of :meth:`server.fhir.everything.CompartmentReader.bodies` -> a record."""
     return list(map(orjson.loads, bodies))
 
 
-class CompartmentReader:
-    """``Patient/<id>/$everything`` of the real store, many patients on one snapshot.
+def bulk_readable(source) -> bool:
+    """Whether ``source`` is the SQL store itself, whose ``compartments`` reads many
+    ``$everything`` records on one snapshot (not a wrapper such as the guarded source,
+    whose ``everything`` applies access rules; ``synthport map`` filters consent and
+    audits the export itself)."""
+    from server.store import SqlStore
 
-    Exactly the resources and order of :func:`server.fhir.everything.patient_everything`
-    without ``_count``/``_type``/``_since``: the Patient, every current resource with an
-    indexed reference to ``Patient/<id>`` (the compartment, ascending ``pk``), then the
-    current resources those reference other than Patients (ascending ``pk``). Instead of
-    SQLAlchemy statements with ``IN`` lists of up to 900 bound pks per chunk, each patient
-    costs three plain DBAPI statements whose compartment is a sub-select, and referenced
-    resources (practitioners, organizations, medications), shared by many patients, are
-    looked up once per export. The snapshot (by default the largest ``pk`` when the
-    reader opens) holds for the whole export: one export is one state of the store.
-
-    Args:
-        engine: the store's SQLAlchemy engine (``SqlStore.engine``).
-        snapshot: resources with a larger ``pk`` are not seen (a reader in another
-            process passes the parent's snapshot).
-    """
-
-    # Referenced resources kept across patients (a few KB each): (type, id) -> (pk, body).
-    CACHE_MAX = 100_000
-
-    def __init__(self, engine, snapshot: int | None = None):
-        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-        self.mark = mark
-        self.raw = engine.raw_connection()
-        self.cur = self.raw.cursor()
-        if snapshot is None:
-            self.cur.execute("SELECT COALESCE(MAX(pk), 0) FROM resource")
-            snapshot = int(self.cur.fetchone()[0])
-        self.snapshot = int(snapshot)
-        visible = f"pk <= {mark} AND (superseded_by IS NULL OR superseded_by > {mark})"
-        current = f"{visible} AND deleted = {mark}"
-        # server/fhir/everything.py: the compartment is "any indexed reference to Patient/<id>"
-        in_comp = (f"pk IN (SELECT res_pk FROM idx_reference WHERE target_type = 'Patient' "
-                   f"AND target_id = {mark}) AND {current}")
-        self.sql_patient = (f"SELECT pk, deleted, body FROM resource WHERE res_type = 'Patient' "
-                            f"AND res_id = {mark} AND {visible}")
-        self.sql_comp = f"SELECT pk, res_type, res_id, body FROM resource WHERE {in_comp}"
-        self.sql_targets = (f"SELECT DISTINCT target_type, target_id FROM idx_reference "
-                            f"WHERE res_pk IN (SELECT pk FROM resource WHERE {in_comp}) "
-                            f"AND res_pk <> {mark} AND target_type IS NOT NULL "
-                            f"AND target_type <> 'Patient'")
-        self.current = current
-        self.cache: dict[tuple[str, str], tuple[int, bytes] | None] = {}
-
-    @staticmethod
-    def supports(source) -> bool:
-        """Whether ``source`` is the SQL store itself (not a wrapper such as the guarded
-        source, whose ``everything`` applies access rules)."""
-        from server.store import SqlStore
-
-        return type(source) is SqlStore
-
-    def _vis(self) -> tuple:
-        return (self.snapshot, self.snapshot, False)
-
-    def bodies(self, patient_id: str) -> list[bytes] | None:
-        """The JSON bodies of the patient's record: ``$everything`` in its order, with the
-        Patient resources moved to the front as :func:`patient_record` does (None: no
-        current Patient with this id at the snapshot)."""
-        entries = self.entries(patient_id)
-        return None if entries is None else [e[2] for e in entries]
-
-    def entries(self, patient_id: str) -> list[tuple[str, str, bytes]] | None:
-        """``(resourceType, id, JSON body)`` of each resource of :meth:`bodies`, in its order
-        (type and id from the ``resource`` row, which are the body's own)."""
-        cur, snap = self.cur, self.snapshot
-        cur.execute(self.sql_patient, (patient_id, snap, snap))
-        prow = cur.fetchone()
-        if prow is None or prow[1]:
-            return None
-        ppk = prow[0]
-        cur.execute(self.sql_comp, (patient_id, *self._vis()))
-        comp = sorted((r for r in cur.fetchall() if r[0] != ppk), key=lambda r: r[0])
-        targets = []
-        if comp:
-            cur.execute(self.sql_targets, (patient_id, *self._vis(), ppk))
-            # a target inside the compartment is that compartment row (current at the snapshot)
-            inside = {(r[1], r[2]) for r in comp}
-            targets = [(t, i) for t, i in cur.fetchall() if (t, i) not in inside]
-        self._resolve(targets)
-        refs = {}
-        for key in targets:
-            hit = self.cache.get(key)
-            if hit is not None:
-                refs[hit[0]] = (key[0], key[1], hit[1])
-        # referenced resources are never Patients (target_type <> 'Patient' above)
-        out = ([("Patient", patient_id, prow[2])]
-               + [(r[1], r[2], r[3]) for r in comp if r[1] == "Patient"]
-               + [(r[1], r[2], r[3]) for r in comp if r[1] != "Patient"]
-               + [refs[k] for k in sorted(refs)])
-        return [e if isinstance(e[2], bytes) else (e[0], e[1], bytes(e[2])) for e in out if e[2]]
-
-    def _resolve(self, targets) -> None:
-        if len(self.cache) > self.CACHE_MAX:
-            self.cache.clear()
-        by_type: dict[str, list[str]] = {}
-        for t, i in targets:
-            if (t, i) not in self.cache:
-                by_type.setdefault(t, []).append(i)
-        for t, ids in by_type.items():
-            for n in range(0, len(ids), 500):
-                chunk = ids[n:n + 500]
-                for i in chunk:
-                    self.cache[(t, i)] = None
-                marks = ", ".join([self.mark] * len(chunk))
-                self.cur.execute(f"SELECT res_id, pk, body FROM resource WHERE res_type = {self.mark} "
-                                 f"AND res_id IN ({marks}) AND {self.current}",
-                                 (t, *chunk, *self._vis()))
-                for res_id, pk, body in self.cur.fetchall():
-                    self.cache[(t, res_id)] = (pk, body)
-
-    def close(self) -> None:
-        try:
-            self.cur.close()
-        finally:
-            self.raw.close()
+    return type(source) is SqlStore
 
 
 def research_consent(source) -> Callable[[dict], bool] | None:
@@ -309,7 +199,7 @@ def export_tables(source: Source, out_dir: str | Path, *, limit: int | None = No
     report = ExportReport()
     spec = resolve_spec(spec, **vocabulary)
     t0 = time.perf_counter()
-    if CompartmentReader.supports(source):
+    if bulk_readable(source):
         tables = _map_store(source, ctx, spec, limit, include_patient, report, jobs or 1)
     else:
         def timed(it):
@@ -358,7 +248,7 @@ def _claim(counter, n_chunks: int) -> int | None:
     return k
 
 
-def _extract_chunk(reader: CompartmentReader, ids: list[str], spec) -> dict:
+def _extract_chunk(reader, ids: list[str], spec) -> dict:
     """Read and extract some patients: the extractor's state, who was read, how much."""
     from mappings.events import EventExtractor
 
@@ -381,11 +271,12 @@ def _worker(url: str, snapshot: int, spec_json: str, ids: list[str], chunk: int,
     try:
         from mappings.spec import MappingSpec
         from mappings.tables import paused_gc
-        from server.db.engine import make_engine
+        from server.store import SqlStore
 
         spec = MappingSpec.model_validate_json(spec_json)
-        engine = make_engine(url)
-        reader = CompartmentReader(engine, snapshot)
+        store = SqlStore.from_url(url, auto_migrate=False)
+        engine = store.engine
+        reader = store.compartments(RequestContext(caller="synthport-map"), snapshot)
         try:
             with paused_gc():
                 while (k := _claim(counter, -(-len(ids) // chunk))) is not None:
@@ -427,7 +318,7 @@ def _map_store(store, ctx, spec, limit, include_patient, report: ExportReport, j
     n_workers = max(0, min(jobs - 1, n_chunks - 1)) if url else 0
     ex = EventExtractor(spec)
     read: list[str] = []
-    reader = CompartmentReader(store.engine)
+    reader = store.compartments(ctx)
     procs: list = []
     started: list = []
     try:

@@ -570,6 +570,15 @@ class SqlStore:
 
         return patient_everything(self, ctx, patient_id, params)
 
+    def compartments(self, ctx: RequestContext, snapshot: int | None = None):
+        """``$everything`` of many patients on one snapshot, a few statements each: a
+        :class:`server.fhir.everything.CompartmentReader` (close it). For ``synthport
+        map`` and training, which filter consent and audit the export themselves; not
+        part of the guarded protocol (server/access.py does not pass it through)."""
+        from server.fhir.everything import CompartmentReader
+
+        return CompartmentReader(self.engine, snapshot)
+
 
 def apply_json_patch(doc: dict, patch: list) -> dict:
     """Apply RFC 6902 JSON Patch (FHIR R4 http §3.1.0.7.1)."""

@@ -100,11 +100,11 @@ def _edge_cases(store: SqlStore) -> None:
 
 
 def test_compartment_reader_equals_everything(store):
-    from server.mapping_export import CompartmentReader, parse_record
+    from server.mapping_export import parse_record
 
     _edge_cases(store)
     ctx = RequestContext(caller="test")
-    reader = CompartmentReader(store.engine)
+    reader = store.compartments(RequestContext())
     try:
         for pid in ("p1", "p2", "p3", "p4", "p5"):
             fast = parse_record(reader.bodies(pid))
@@ -125,7 +125,7 @@ def test_compartment_reader_equals_everything(store):
         assert reader.bodies("nobody") is None
     finally:
         reader.close()
-    again = CompartmentReader(store.engine)
+    again = store.compartments(RequestContext())
     try:
         assert again.bodies("p5") is None                    # deleted before this snapshot
         assert "late" in {r["id"] for r in parse_record(again.bodies("p1"))}
@@ -178,3 +178,12 @@ def test_worker_failure_is_reported(store, tmp_path, monkeypatch):
                         lambda engine: "postgresql+psycopg://nobody@127.0.0.1:9/none")
     with pytest.raises(MappingError, match="worker process of the export failed"):
         export_tables(store, tmp_path / "x", min_count=1, jobs=2)
+
+
+def test_the_guarded_source_has_no_unguarded_bulk_reader(store):
+    from server.access import Policy, GuardedSource
+    from server.mapping_export import bulk_readable
+
+    guarded = GuardedSource(store, Policy(enforce=True))
+    assert not hasattr(guarded, "compartments") and not bulk_readable(guarded)
+    assert bulk_readable(store)
