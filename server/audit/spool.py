@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Entries per merge transaction: bounds how long the database's write lock is held.
 MERGE_BATCH = 500
+#: A segment this large is closed and a new one started (a closed segment is removed once
+#: merged).
+SEGMENT_BYTES = 4 << 20
 #: Seconds without appends after which a process's merge thread ends (restarted on demand).
 IDLE_EXIT = 60.0
 _SUFFIX = ".jsonl"
@@ -126,21 +129,26 @@ class SpooledLog:
             fd = self._fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                if os.fstat(fd).st_nlink == 0:       # merged and removed meanwhile
-                    continue
-                size = os.lseek(fd, 0, os.SEEK_END)
-                try:
-                    n = os.write(fd, line)
-                    if n != len(line):
-                        raise OSError(f"short write ({n} of {len(line)} bytes)")
-                except BaseException:
-                    os.ftruncate(fd, size)           # never leave half a line
-                    raise
-                return
+                st = os.fstat(fd)
+                gone = st.st_nlink == 0              # merged and removed meanwhile
+                if not gone:
+                    try:
+                        n = os.write(fd, line)       # O_APPEND: at the end
+                        if n != len(line):
+                            raise OSError(f"short write ({n} of {len(line)} bytes)")
+                    except BaseException:
+                        os.ftruncate(fd, st.st_size)  # never leave half a line
+                        raise
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-                if os.fstat(fd).st_nlink == 0 and fd == self._fd:
-                    self._open_segment()
+            if gone:
+                self._open_segment()
+                continue
+            if st.st_size + n >= SEGMENT_BYTES:
+                # Start a new segment, so that this one, once merged, can be removed (a
+                # segment still written to never is: it would grow for ever).
+                self._open_segment()
+            return
         raise InternalError("The audit spool segment kept disappearing")
 
     # ------------------------------------------------------------------ merge

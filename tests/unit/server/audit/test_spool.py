@@ -200,3 +200,17 @@ def test_audit_writer_spools_only_on_a_sqlite_file(db_url, tmp_path):
             assert isinstance(w, GroupCommit)
     finally:
         engine.dispose()
+
+
+def test_a_full_segment_is_closed_and_removed_once_merged(sqlite_log, tmp_path, monkeypatch):
+    import server.audit.spool as spool
+
+    monkeypatch.setattr(spool, "SEGMENT_BYTES", 3000)   # about two entries
+    sp = _spool(sqlite_log, tmp_path)
+    for i in range(7):
+        sp.append(make_event(i))
+    assert len(_segments(sp)) >= 3
+    assert sp.flush() == 7
+    assert len(_segments(sp)) <= 1                      # only the one still being written
+    sp.append(make_event(7))
+    assert sp.tree_size() == 8 and sp.verify().ok
