@@ -395,7 +395,54 @@ def test_deidentified_access_gets_annex_e_dicom(db_url, tmp_path):
     # the same caller without the flag sees the real header
     plain = client.get(f"/dicomweb/studies/{study}/metadata", headers=admin).get_json()
     assert "Secret" in orjson.dumps(plain).decode()
+    _c_get_as(app, "RESEARCH", study, sop, deidentified=True, expect_secret=False)
+    _c_get_as(app, "RADIOLOGY", study, sop, deidentified=False, expect_secret=True)
     app.extensions["synthport"]["store"].engine.dispose()
+
+
+def _c_get_as(app, ae_title: str, study: str, sop: str, *, deidentified: bool,
+              expect_secret: bool) -> None:
+    """C-GET a study over a real association as the DIMSE-only client ``ae_title``."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from server.auth.clients import Client
+    from server.dimse.server import start_dimse
+
+    ext = app.extensions["synthport"]
+    ext["clients"].add(Client(client_id=ae_title.lower(), name=ae_title, jwks=None, jwks_url=None,
+                              scopes="system/ImagingStudy.rs", ae_titles=[ae_title], purpose="",
+                              deidentified=deidentified, active=True))
+    cfg = dict(app.config["SYNTHPORT"], dimse_host="127.0.0.1")
+    server = start_dimse(cfg, ext["dicomweb"], port=0)
+    got: dict[str, pydicom.Dataset] = {}
+
+    def on_store(event):
+        got[event.request.AffectedSOPInstanceUID] = event.dataset
+        return 0x0000
+
+    try:
+        ae = AE(ae_title=ae_title)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title=cfg["ae_title"],
+                             ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        q = pydicom.Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = study
+        statuses = [st.Status for st, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)]
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses[-1] == 0x0000 and list(got) == [sop]
+    ds = got[sop]
+    assert ("Secret" in str(ds.PatientName)) is expect_secret
+    assert (ds.PatientID == "MRN-9") is expect_secret
+    # PS3.15 E.1.1: the de-identified copy says so; the plain one carries no such mark
+    assert (ds.get("PatientIdentityRemoved") == "YES") is not expect_secret
+    assert ds.SOPInstanceUID == sop
 
 
 # ------------------------------------------------------------------ $deidentify
