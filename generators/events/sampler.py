@@ -10,6 +10,7 @@ Coherence is enforced by masking before each draw (see docs/generators.md, "Even
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 
@@ -195,6 +196,13 @@ class Sampler:
         has_known = bool(np.isfinite(np.where(pend_any, T_known, np.inf)).any())
 
         steps = self.max_events + C + 2
+        if B == 1:
+            # One patient (a cold record of a cohort): the same draws without the batch's
+            # per-row arrays (tested equal to the batch in test_event_model).
+            seq = self._run_one(patient_stream(seed, keys[0], steps), h[0], Z[0], ref[0], bool(finite[0]),
+                                gi_const[0], allowed0[0], T[0], T_lo[0], T_dead[0], T_key[0],
+                                pend_any[0], T_known[0], has_flags, has_known)
+            return self._frame([seq], pids, ref_all)
         U = np.stack([patient_stream(seed, k, steps) for k in keys])  # [B, steps, N_DRAWS]
 
         tok = np.full(B, BOS)
@@ -347,6 +355,149 @@ class Sampler:
                     t, tok, vb = t_new, new_tok, vbin
         return self._frame(out, pids, ref_all)
 
+    def _run_one(self, U, h, Z, ref, finite, gi_const, allowed0, T, T_lo, T_dead, T_key, pend_any,
+                 T_known, has_flags, has_known) -> list[tuple]:
+        """:meth:`sample`'s loop for one patient: scalars for its per-row values, 1-D arrays
+        for its vectors, and what depends only on the set of pending conditions computed
+        when that set changes. Every float operation is the batch's, in the batch's order
+        (numpy's elementwise kernels give an element the same result whatever the array's
+        length), so a patient's events do not depend on the path."""
+        H, C = self.H, self.C
+        steps = len(U)
+        U = U.tolist()
+        edges = self.edges
+        n_gap = self._n_gap
+        edges_lo, edges_hi = edges[:n_gap], edges[1:]
+        edge_list = edges.tolist()
+        ab_tok, ab_c = self.ab_tok, self.abate_c[self.ab_tok]
+        dep_tok, req_T = self.dep_tok, self.req_T
+        on_tok, on_c = self.on_tok, self.tok_c[self.on_tok]
+        no_reonset_on = self.no_reonset[on_c]
+        tok_c, abate_c, nbins, c_tok = (self.tok_c.tolist(), self.abate_c.tolist(), self.nbins.tolist(),
+                                        self.c_tok.tolist())
+        T_list = T.tolist()
+        T_lo_on = T_lo[on_c]
+        W_cat, b_cat = self.W_cat, self.b_cat
+        EI, GI, VI = self.EI, self.GI, self.VI
+        W_age, W_left, W_has, W_next, W_before = (self.cont_W[0] / 36525.0, self.cont_W[1], self.cont_W[3],
+                                                  self.cont_W[4], self.cont_W[5])
+        tok_end, gap_lo, gap_hi = self.s_tok.stop, self.s_gap.start, self.s_gap.stop
+        val_lo, val_hi, hh_lo = self.s_val.start, self.s_val.stop, self.s_hh.start
+        gap_U, gap_W2, gap_b2 = self.gap_U, self.gap_W2, self.gap_b2
+        val_U, val_W2, val_b2, val_range = self.val_U, self.val_W2, self.val_b2, self._val_range
+        max_events = self.max_events
+        H2 = 2 * H
+        log, exp = np.log, np.exp
+        tok, gb, vb, t = BOS, 0, 0, 0.0
+        seen = np.zeros(C, bool)
+        active = np.zeros(C, bool)
+        out: list[tuple] = []
+        step = 0
+        dirty = True
+        never = np.zeros(len(edges_lo), bool)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            while True:
+                left = min(max((ref - t) / 36525.0, -0.1), 1.5) if finite else 1.5
+                gi = EI[tok] + GI[gb] + VI[vb] + gi_const
+                gi += t * W_age + left * W_left
+                if dirty:
+                    state_ok = allowed0.copy()
+                    if len(ab_tok):
+                        state_ok[ab_tok] &= active[ab_c]
+                    if len(dep_tok):
+                        state_ok[dep_tok] &= ((~seen) @ req_T) < 0.5
+                    if len(on_tok):
+                        state_ok[on_tok] &= ~(active[on_c] & no_reonset_on)
+                    pending = pend_any & ~seen if has_flags else None
+                    any_pending = has_flags and bool(pending.any())
+                    if any_pending:
+                        # functions of the pending set alone
+                        t_next = float(np.where(pending, T_known, np.inf).min())
+                        dl = float(np.where(pending, T_dead, np.inf).min())
+                        first_c = int(np.argmin(np.where(pending, T_key, np.inf)))
+                        not_pending_on = ~pending[on_c]
+                        pending_l = pending.tolist()
+                    dirty = False
+                if any_pending and has_known:
+                    has = t_next != math.inf
+                    d = min(max((t_next - t) / 365.25, -2.0), 10.0) / 10.0 if has else 0.0
+                    e = (ref - t_next) / 36525.0 if has and finite else 0.0
+                    gi += float(has) * W_has + d * W_next + e * W_before
+                gh = Z[hh_lo:]
+                rz = 0.5 + 0.5 * np.tanh(0.5 * (gi[:H2] + gh[:H2]))  # sigmoid
+                n = np.tanh(gi[H2:] + rz[:H] * gh[H2:])
+                h = n + rz[H:] * (h - n)
+                Z = h @ W_cat + b_cat
+                u0, u1, u2, u3, u4, u5 = U[min(step, steps - 1)]
+
+                if step >= max_events:
+                    new_tok = EOS
+                else:
+                    allowed = state_ok.copy()
+                    if any_pending and len(on_tok):
+                        allowed[on_tok] &= not_pending_on | (t >= T_lo_on)
+                    allowed[EOS] = True
+                    new_tok = _draw_one(Z[:tok_end], allowed, u0)
+                is_eos = new_tok == EOS
+
+                t_max = ref
+                if any_pending:
+                    c = tok_c[new_tok]
+                    if c >= 0 and pending_l[c]:
+                        t_max = min(ref, float(T_dead[c]))
+                gmax = max(t_max - t, 0.0)
+                xmax = max(ref - t, 0.0) if finite else 0.0
+                xmin = max(ref - t_max, 0.0) if finite else 0.0
+                gl = np.maximum(Z[gap_lo:gap_hi] + gap_U[new_tok], 0.0) @ gap_W2 + gap_b2
+                fwd_ok = never if step == 0 and finite else edges_lo <= gmax
+                back_ok = (edges_lo <= xmax) & (edges_hi >= xmin) if finite else never
+                cls = _draw_one(gl, np.concatenate([fwd_ok, back_ok]), u1)
+                is_b = cls >= n_gap
+                k = cls - n_gap if is_b else cls
+                lo = max(edge_list[k], xmin) if is_b else edge_list[k]
+                hi = max(min(edge_list[k + 1], xmax if is_b else gmax), lo)
+                if k <= 1:
+                    v = 0.0 if k == 0 and not is_b else lo + u2 * (hi - lo)
+                else:
+                    lo_l = log(lo)
+                    v = float(exp(lo_l + u2 * (log(hi) - lo_l)))
+                t_new = ref - v if is_b else t + v
+                t_new = math.inf if is_eos else min(max(t_new, t), t_max)
+
+                forced = -1
+                if any_pending and (t_new > dl or is_eos):
+                    forced = first_c
+                    new_tok = c_tok[first_c]
+                    tc = T_list[first_c]
+                    t_new = t if tc != tc else max(t, tc)
+                    is_eos = new_tok == EOS
+
+                nbv = 0 if forced >= 0 else nbins[new_tok]
+                if nbv > 0:
+                    vl = np.maximum(Z[val_lo:val_hi] + val_U[new_tok], 0.0) @ val_W2 + val_b2
+                    vbin = _draw_one(vl, val_range <= nbv, u3)
+                else:
+                    vbin = 0
+                if not is_eos:
+                    out.append((int(new_tok), float(t_new), int(vbin), u4, u5, int(forced)))
+                c_new = forced if forced >= 0 else tok_c[new_tok]
+                if c_new >= 0:
+                    seen[c_new] = active[c_new] = True
+                    dirty = True
+                a = abate_c[new_tok]
+                if a >= 0:
+                    active[a] = False
+                    dirty = True
+                step += 1
+                if is_eos:
+                    return out
+                # the time class fed back (_input_bin for one row)
+                g, x = t_new - t, ref - t_new
+                back = (x < g or step == 1) and x != math.inf if step == 1 else x < g
+                b = min(bisect.bisect_right(edge_list, x if back else g) - 1, n_gap - 1)
+                gb = b + n_gap if back else b
+                t, tok, vb = t_new, new_tok, vbin
+
     def _input_bin(self, t_new, t, ref, first):
         """Time class fed back as the next input: ``encoding.gap_class``, inlined for speed."""
         g = t_new - t
@@ -439,6 +590,14 @@ class Sampler:
         elif slot == SLOT_DUR:
             end = rec["t_days"] + max(v, 0.0)
             rec["end_t_days"] = min(end, bound) if math.isfinite(bound) else end
+
+
+def _draw_one(logits: np.ndarray, allowed: np.ndarray, u: float) -> int:
+    """:func:`_draw` for one row: the same operations on 1-D arrays."""
+    lg = np.where(allowed, logits, NEG)
+    cdf = np.cumsum(np.exp(lg - lg.max()))
+    k = int(np.searchsorted(cdf, max(u, 1e-12) * cdf[-1], side="left"))
+    return min(k, len(logits) - 1)
 
 
 def _draw(logits: np.ndarray, allowed: np.ndarray, u: np.ndarray) -> np.ndarray:

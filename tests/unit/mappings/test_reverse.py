@@ -145,3 +145,30 @@ def test_tables_to_fhir_and_dicom_uid(mapped):
     u = dicom_uid("a", 1)
     assert u == dicom_uid("a", 1) != dicom_uid("a", 2)
     assert u.startswith("2.25.") and len(u) <= 64
+
+
+def test_event_rows_by_column_equal_cell_by_cell():
+    """The column-wise conversion of an event frame gives what ``_v`` of each cell gives."""
+    import numpy as np
+
+    from mappings.reverse import _ordered_events, _v
+
+    frame = pd.DataFrame({
+        "event_id": ["e2", "e1", None, "e3"],
+        "t_days": [3.5, np.nan, 1.0, 2.0],
+        "value_num": pd.array([1.5, None, 2.0, None], dtype="Float64"),
+        "code": pd.Series(["a", pd.NA, np.nan, "d"], dtype=object),
+        "count": np.array([1, 2, 3, 4], dtype=np.int64),
+        "flag": [True, False, True, False],
+        "mixed": pd.Series([np.int64(7), np.float64(2.5), None, "x"], dtype=object),
+        "when": pd.to_datetime(["2020-01-01", None, "2021-05-06", "2022-02-02"]),
+        "label": pd.array(["p", None, "r", "s"], dtype="string"),
+    })
+    got = _ordered_events(frame)
+    want = [{k: _v(v) for k, v in r.items()} for r in frame.to_dict("records")]
+    want.sort(key=lambda r: (r["t_days"] if r["t_days"] is not None else float("inf"),
+                             str(r["event_id"] or "")))
+    assert got == want
+    assert [r["mixed"] for r in got] == [None, "x", 7, 2.5]
+    assert [type(r["mixed"]) for r in got] == [type(None), str, int, float]   # no numpy scalars
+    assert got[-1]["t_days"] is None and got[-1]["code"] is None
