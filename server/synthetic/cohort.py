@@ -149,13 +149,13 @@ def _sample_chunk(args: tuple[str, int, int, int, int]) -> pd.DataFrame:
     """Rows ``start .. start+n-1`` in a worker process (the model loaded once per process)."""
     import torch
 
-    from generators.tabular import PatientModel
+    from generators.tabular import load_patient_model
 
     path, start, n, seed, batch = args
     torch.set_num_threads(1)
     pm = _WORKER_MODEL.get(path)
     if pm is None:
-        pm = _WORKER_MODEL[path] = PatientModel.load(path)
+        pm = _WORKER_MODEL[path] = load_patient_model(path)
     return pm.sample(n, seed=seed, start=start, batch_size=batch)
 
 
@@ -217,7 +217,7 @@ def create_cohort(registry: Registry, name: str, model: str, size: int, seed: in
         InvalidRequest: bad name, size or seed. NotFound: unknown model.
         Conflict: the name (or its AE title) is taken.
     """
-    from generators.tabular import PatientModel
+    from generators.tabular import load_patient_model
 
     check_cohort_name(name)
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_COHORT_SIZE:
@@ -235,7 +235,7 @@ def create_cohort(registry: Registry, name: str, model: str, size: int, seed: in
     tmp = folder.with_name(f".tmp-{name}")
     try:
         t0 = time.perf_counter()
-        pm = PatientModel.load(Path(m.path) / "patients")
+        pm = load_patient_model(Path(m.path) / "patients")   # argn or ctgan, by model.json
         index = build_index(pm, size, seed, dt.date.fromisoformat(info.settings["anchor"]),
                             workers=min(8, os.cpu_count() or 1), model_path=Path(m.path) / "patients")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -176,7 +176,7 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
     from generators.baselines import BASELINES
     from generators.evaluation.report import clean, event_section, table_section
     from generators.events import EventModel
-    from generators.tabular import PatientModel
+    from generators.tabular import load_patient_model
     from server.synthetic.report_html import render_html
     from server.synthetic.training import (TrainSettings, _fingerprint, map_store, read_holdout,
                                            subset_tables)
@@ -229,7 +229,7 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
     # 2. synthetic rows
     n = int(settings.n or len(train_df))
     t = time.perf_counter()
-    pm = PatientModel.load(path / "patients")
+    pm = load_patient_model(path / "patients")
     syn = pm.sample(n, seed=settings.seed)
     timings["sample_patients_seconds"] = round(time.perf_counter() - t, 3)
     target = settings.target

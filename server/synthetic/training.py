@@ -2,7 +2,8 @@
 
 Steps: records of the real store are read through the source protocol
 (:func:`server.mapping_export.iter_source_records`) and mapped with ``mappings.map_records``; the patient model
-(``generators.tabular.PatientModel``), the event model (``generators.events.EventModel``)
+(``generators.tabular.PatientModel``; with ``--backend ctgan`` the optional
+``generators.tabular.ctgan_backend.CtganPatientModel``, BUSL-1.1), the event model (``generators.events.EventModel``)
 and the image model (``generators.images.ImageModel``: on the stored DICOM pixel data,
 else on the sample files shipped with pydicom, see docs/synthetic.md) are fitted and
 saved into a temporary folder that is renamed to ``models/<name>/v<version>`` at the
@@ -25,18 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from generators.tabular import CTGAN_LICENCE  # printed and stored with every CTGAN model
 from server.errors import InvalidRequest, Unprocessable
 from server.source import RequestContext
 from server.synthetic.registry import MODEL_NAME, ModelInfo, Registry, now
 
 log = logging.getLogger("synthport.train")
 
-#: Printed (and stored with the model) whenever CTGAN is the patient-level backend.
-CTGAN_LICENCE = (
-    "CTGAN (the ctgan package) is licensed under the Business Source License 1.1: its "
-    "use grant excludes offering 'a Synthetic Data Creation Service' (a commercial service "
-    "that lets third parties benefit from synthetic data features). Check that your use "
-    "is allowed before serving cohorts from this model commercially.")
 DEFAULT_LICENCE = ("synthport's own models (Apache-2.0-compatible dependencies only: torch, "
                    "numpy, pandas, pydicom)")
 
@@ -237,11 +233,23 @@ def fit_models(tables, folder: Path, settings: TrainSettings, *, dicom=None,
         dp = {"epsilon": settings.dp_epsilon, "clip": settings.dp_clip}
         if settings.dp_delta is not None:
             dp["delta"] = settings.dp_delta
-    pm = PatientModel(hidden=settings.hidden, dp=dp).fit(
-        patients, pmeta, epochs=settings.epochs, device=settings.device, progress=settings.progress)
+    if settings.backend == "ctgan":
+        from generators.tabular.ctgan_backend import CtganPatientModel
+
+        if dp:
+            raise InvalidRequest("--dp-epsilon needs the default patient backend (argn)")
+        pm = CtganPatientModel(generator_dim=[settings.hidden] * 2,
+                               discriminator_dim=[settings.hidden] * 2).fit(
+            patients, pmeta, epochs=settings.epochs, device=settings.device,
+            progress=settings.progress)
+    else:
+        pm = PatientModel(hidden=settings.hidden, dp=dp).fit(
+            patients, pmeta, epochs=settings.epochs, device=settings.device,
+            progress=settings.progress)
     pm.save(folder / "patients")
     timings["patients_seconds"] = round(time.perf_counter() - t, 3)
-    echo(f"patient model: {len(pm.columns)} columns, {timings['patients_seconds']:.1f} s")
+    echo(f"patient model ({settings.backend}): {len(pm.columns)} columns, "
+         f"{timings['patients_seconds']:.1f} s")
     if dp:
         g = pm.training["dp"]
         echo(f"patient model is ({g['epsilon']:.3g}, {g['delta']:.3g})-DP: noise multiplier "
@@ -300,8 +308,9 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
         except ImportError:
             raise InvalidRequest("the ctgan backend needs the optional extra: "
                                  "pip install 'synthport[ctgan]'") from None
-        raise InvalidRequest("the ctgan backend is not wired into synthport train yet; "
-                             "use the default backend (argn)")
+        if settings.dp_epsilon is not None:
+            raise InvalidRequest("--dp-epsilon needs the default patient backend (argn): "
+                                 "the ctgan backend has no differentially private training")
     if settings.device.startswith("cuda"):
         import torch
 
@@ -352,9 +361,14 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     origin = json.loads((final / "tables.json").read_text()).get("image_origin")
+    pjson = json.loads((final / "patients" / "model.json").read_text())
+    patient_model = {"backend": settings.backend, "format": pjson.get("format")}
+    if settings.backend == "ctgan":
+        patient_model["packages"] = pjson.get("training", {}).get("packages", {})
+        patient_model["licence"] = "BUSL-1.1 (ctgan); see the licence field"
     dp_info = None
     if settings.dp_epsilon is not None:
-        g = json.loads((final / "patients" / "model.json").read_text())["training"]["dp"]
+        g = pjson["training"]["dp"]
         dp_info = {"patients": g, "epsilon": g["epsilon"], "delta": g["delta"],
                    "scope": NON_DP_SCOPE,
                    "events": "not differentially private",
@@ -366,7 +380,8 @@ def train(registry: Registry, store, dicom, name: str, settings: TrainSettings,
                                "n_patients": int(len(tables.patients)),
                                "n_events": int(len(tables.events)),
                                "n_train_events": int(len(train_tables.events)),
-                               "holdout": holdout, "dp": dp_info},
+                               "holdout": holdout, "dp": dp_info,
+                               "patient_model": patient_model},
                      timings=timings, evaluation=None, licence=licence, created=now())
     registry.register_model(info)
     echo(f"registered model {name} v{version} ({timings['total_seconds']:.1f} s) at {final}")
