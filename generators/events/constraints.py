@@ -40,7 +40,7 @@ _COND_SUFFIXES = ("_onset_age", "_onset_days", "_abatement_age", "_age", "_count
 def sort_events(events: pd.DataFrame) -> pd.DataFrame:
     """Events in sequence order: patient, time, kind rank, then code (stable)."""
     ev = events.copy()
-    ev["_rank"] = ev["kind"].map(KIND_RANK).fillna(len(KINDS)).astype(int)
+    ev["_rank"] = ev["kind"].astype(object).map(KIND_RANK).fillna(len(KINDS)).astype(int)
     ev["_code"] = ev["code"].astype("string").fillna("")
     ev = ev.sort_values(["patient_id", "t_days", "_rank", "_code"], kind="mergesort")
     return ev.drop(columns=["_rank", "_code"]).reset_index(drop=True)
