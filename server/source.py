@@ -5,6 +5,7 @@ kind of source they hold. Access control and audit hook in at this boundary.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -120,3 +121,22 @@ class Source(Protocol):
         ``$validate-code``, ``$subsumes``, ``$expand``, ``$translate``) with a Parameters
         body or the query's pairs; returns the output resource (Parameters, ValueSet)."""
         ...
+
+
+_REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def patients_in_json(res_type: str, res_id: str | None, body: bytes) -> set[str] | None:
+    """Ids of the patients a resource's JSON bytes are about, without parsing them: itself
+    if a Patient, and every ``Patient/<id>`` reference (the Patient compartment as
+    ``$everything`` takes it). None when a reference string holds a JSON escape: the
+    caller parses the body instead."""
+    out: set[str] = {res_id} if res_type == "Patient" and res_id else set()
+    for raw in _REFERENCE.findall(body):
+        if b"\\" in raw:
+            return None
+        if b"Patient/" in raw:
+            pid = raw.rsplit(b"Patient/", 1)[1].split(b"/")[0]
+            if pid:
+                out.add(pid.decode())
+    return out

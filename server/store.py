@@ -28,7 +28,7 @@ from server.fhir import search as fsearch
 from server.fhir.extract import extract
 from server.fhir.timeutil import instant, now, parse_instant
 from server.fhir.validation import check_type, valid_id, validate
-from server.source import RequestContext, SearchResult, StoredResource, WriteResult
+from server.source import RequestContext, SearchResult, StoredResource, WriteResult, patients_in_json
 
 R = S.resource
 # Called inside the transaction of every write, with the connection and what was written:
@@ -60,6 +60,7 @@ class PendingWrite:
     rest: bytes | None = None  # body minus resourceType/id/meta, serialised
     meta: dict | None = None   # meta minus versionId/lastUpdated
     index: dict | None = None  # extract() rows
+    patients: set[str] | None = None   # patients_in_json, when a write hook (audit) wants them
 
     @property
     def deleted(self) -> bool:
@@ -76,6 +77,12 @@ class PendingWrite:
             self.rest = orjson.dumps({k: v for k, v in body.items()
                                       if k not in ("resourceType", "id", "meta")})
             self.index = extract(body)
+            if WRITE_HOOK.get() is not None:
+                found = patients_in_json(self.res_type, self.res_id, self.rest)
+                if found is not None and meta.get("extension"):     # a valueReference in meta
+                    extra = patients_in_json("", None, orjson.dumps(meta))
+                    found = None if extra is None else found | extra
+                self.patients = found
         return self
 
     def render(self, version: int, stamp: str) -> bytes:
@@ -242,7 +249,7 @@ class SqlStore:
             conn.exec_driver_sql(self._index_sql(kind), bucket)
         hook = WRITE_HOOK.get()
         if hook is not None:
-            hook(conn, stored)
+            hook(conn, stored, items)
         return stored
 
     def _insert_rows(self, conn: Connection, rows: list[dict]) -> list[int]:
