@@ -39,7 +39,7 @@ def tv_complement(p: pd.Series, q: pd.Series) -> float:
 
 def events_per_patient(events: pd.DataFrame, patients: pd.Series | None = None) -> pd.Series:
     """Number of events of each patient (0 for listed patients without events)."""
-    n = events.groupby(events["patient_id"].astype(str)).size()
+    n = events.groupby(events["patient_id"].astype(str), observed=True).size()
     if patients is not None:
         n = n.reindex(pd.Index(patients.astype(str)), fill_value=0)
     return n
@@ -108,7 +108,7 @@ def event_statistics(real: pd.DataFrame, synthetic: pd.DataFrame,
                         suffixes=("_real", "_synthetic")).fillna({"prevalence_real": 0.0,
                                                                   "prevalence_synthetic": 0.0})
     prevalence = {}
-    for kind, g in prev.groupby("kind"):
+    for kind, g in prev.groupby("kind", observed=True):
         d = (g["prevalence_real"] - g["prevalence_synthetic"]).abs()
         corr = (float(np.corrcoef(g["prevalence_real"], g["prevalence_synthetic"])[0, 1])
                 if len(g) > 1 and g["prevalence_real"].std() > 0 and g["prevalence_synthetic"].std() > 0

@@ -171,21 +171,25 @@ def learn_dependencies(events: pd.DataFrame, min_support: int = 3,
     ev = sort_events(events)
     ev["_pos"] = np.arange(len(ev))
     onsets = ev[ev["kind"] == "condition_onset"]
-    first_on = onsets.groupby(["patient_id", "system", "code"], dropna=False)["_pos"].min()
+    first_on = onsets.groupby(["patient_id", "system", "code"], dropna=False,
+                              observed=True)["_pos"].min()
     first_on = first_on.reset_index().rename(columns={"system": "cond_system", "code": "cond_code"})
     dep = ev[ev["kind"].isin(DEPENDENT_KINDS)]
     if dep.empty or first_on.empty:
         return []
     k = list(keys)
-    first_a = dep.groupby(["patient_id", *k], dropna=False)["_pos"].min().reset_index()
-    support = first_a.groupby(k, dropna=False)["patient_id"].nunique().rename("support").reset_index()
+    first_a = (dep.groupby(["patient_id", *k], dropna=False, observed=True)["_pos"].min()
+               .reset_index())
+    support = (first_a.groupby(k, dropna=False, observed=True)["patient_id"].nunique()
+               .rename("support").reset_index())
     support = support[support["support"] >= min_support]
     if support.empty:
         return []
     first_a = first_a.merge(support, on=k)
     pairs = first_a.merge(first_on, on="patient_id", suffixes=("", "_c"))
     pairs = pairs[pairs["_pos_c"] < pairs["_pos"]]
-    cnt = pairs.groupby([*k, "cond_system", "cond_code", "support"], dropna=False)["patient_id"].nunique()
+    cnt = pairs.groupby([*k, "cond_system", "cond_code", "support"], dropna=False,
+                        observed=True)["patient_id"].nunique()
     cnt = cnt.rename("n").reset_index()
     rules = cnt[cnt["n"] == cnt["support"]]
     out = []
@@ -257,7 +261,8 @@ def order_violations(events: pd.DataFrame, patients: pd.DataFrame | None = None,
     on = srt[srt["kind"] == "condition_onset"]
     ab = srt[srt["kind"] == "condition_abatement"]
     if len(ab):
-        first_on = on.groupby(["patient_id", "system", "code"], dropna=False)["_pos"].min()
+        first_on = on.groupby(["patient_id", "system", "code"], dropna=False,
+                              observed=True)["_pos"].min()
         m = ab.join(first_on.rename("_on"), on=["patient_id", "system", "code"])
         # An abatement at the very time of its onset still sorts after it (kind rank).
         out["abatement_without_onset"] = int(np.sum(~(m["_on"] < m["_pos"])))
@@ -278,7 +283,8 @@ def order_violations(events: pd.DataFrame, patients: pd.DataFrame | None = None,
 
     if dependencies:
         k = list(keys)
-        first_on = on.groupby(["patient_id", "system", "code"], dropna=False)["_pos"].min()
+        first_on = on.groupby(["patient_id", "system", "code"], dropna=False,
+                              observed=True)["_pos"].min()
         first_on = first_on.rename("_on").reset_index().rename(
             columns={"system": "cond_system", "code": "cond_code"})
         rules = pd.DataFrame(dependencies)
@@ -305,7 +311,8 @@ def patient_consistency(patients: pd.DataFrame, events: pd.DataFrame) -> dict[st
     pids = patient_ids(patients)
     on = events[events["kind"] == "condition_onset"]
     f = on.groupby([on["patient_id"].astype(str), on["system"].astype(object).fillna(""),
-                    on["code"].astype(object).fillna("")], sort=False)["t_days"].min()
+                    on["code"].astype(object).fillna("")], sort=False,
+                   observed=True)["t_days"].min()
     match: dict[tuple, list[str]] = {}
     first: dict[tuple, float] = {}
     for (pid, system, code), t in f.items():

@@ -196,13 +196,13 @@ class Vocabulary:
         """
         tokens: list[dict] = [{"special": "PAD"}, {"special": "BOS"}, {"special": "EOS"}]
         df = pd.DataFrame({"key": keys, "patient_id": events["patient_id"].to_numpy()})
-        npat = df.groupby("key", sort=False)["patient_id"].nunique()
-        nev = df.groupby("key", sort=False).size()
+        npat = df.groupby("key", sort=False, observed=True)["patient_id"].nunique()
+        nev = df.groupby("key", sort=False, observed=True).size()
         by_kind: dict[str, list] = {}
         for key, n in npat.items():
             if n >= min_patients:
                 by_kind.setdefault(key[0], []).append((-int(n), -int(nev[key]), key))
-        groups = events.groupby(keys, sort=False).indices
+        groups = events.groupby(keys, sort=False, observed=True).indices
         for kind in KINDS + sorted(set(by_kind) - set(KINDS)):
             if kind not in set(events["kind"].astype(str)):
                 continue
@@ -301,7 +301,8 @@ def _token_info(kind: str, key: tuple, sub: pd.DataFrame, nb: int) -> dict:
             t["nbins"] = len(t["cats"])
             for extra in ("value_system", "value_display"):
                 if extra in sub.columns:
-                    m = sub.assign(_v=sub["value_code"].astype(str)).groupby("_v")[extra].agg(_mode)
+                    m = (sub.assign(_v=sub["value_code"].astype(str))
+                         .groupby("_v", observed=True)[extra].agg(_mode))
                     t[extra + "s"] = [_jsonable(m.get(c)) for c in t["cats"]]
     elif kind != "condition_abatement" and len(dur) >= 0.05 * n and len(dur):
         t["slot"] = SLOT_DUR

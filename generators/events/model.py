@@ -110,7 +110,7 @@ class EventModel:
         edges = gap_edges(cfg["n_gap_bins"])
 
         t = events["t_days"].to_numpy(float)
-        grp = events.groupby("patient_id", sort=False).indices
+        grp = events.groupby("patient_id", sort=False, observed=True).indices
         seqs = []
         for i, p in enumerate(pids):
             idx = grp.get(p)
@@ -201,7 +201,7 @@ class EventModel:
 
         self.params = {k: v.detach().cpu().float().numpy() for k, v in net.state_dict().items()}
         enc_share = (events.assign(_m=events["encounter_id"].notna())
-                     .groupby("kind")["_m"].mean().to_dict())
+                     .groupby("kind", observed=True)["_m"].mean().to_dict())
         self.meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "config": cfg,
             "n_cond": int(cond_x.shape[1]), "n_val": n_val,
@@ -350,12 +350,13 @@ def _flagged_onsets(patients: pd.DataFrame, events: pd.DataFrame, conds: list[di
     if not conds:
         return out
     pids = patient_ids(patients)
-    pos = events.groupby("patient_id", sort=False).cumcount().to_numpy()
+    pos = events.groupby("patient_id", sort=False, observed=True).cumcount().to_numpy()
     on = events[events["kind"] == "condition_onset"]
     # First position of each (patient, system, code) onset, then matched to the flags.
     fp = pd.DataFrame({"p": on["patient_id"].to_numpy(), "s": on["system"].astype(object).to_numpy(),
                        "c": on["code"].astype(object).to_numpy(), "pos": pos[on.index]})
-    fp = fp.groupby(["p", "s", "c"], sort=False, dropna=False)["pos"].min().reset_index()
+    fp = (fp.groupby(["p", "s", "c"], sort=False, dropna=False, observed=True)["pos"].min()
+          .reset_index())
     for cd in conds:
         if not cd["onset_age"] or cd["column"] not in patients.columns:
             continue
@@ -364,7 +365,7 @@ def _flagged_onsets(patients: pd.DataFrame, events: pd.DataFrame, conds: list[di
         pairs = fp[["s", "c"]].drop_duplicates()
         ok = {(a, b) for a, b in zip(pairs["s"], pairs["c"]) if code_matches(cd["code"], a, b)}
         sel = fp[[(a, b) in ok for a, b in zip(fp["s"], fp["c"])]] if ok else fp.iloc[:0]
-        first = sel.groupby("p")["pos"].min()
+        first = sel.groupby("p", observed=True)["pos"].min()
         for i, p in enumerate(pids):
             if flag[i] >= 0.5 and not np.isnan(age[i]):
                 T = float(np.clip(age[i] * 365.25, 0.0, ref[i]))
