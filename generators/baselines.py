@@ -11,7 +11,11 @@ All share one shape: ``Baseline(**options).fit(df, metadata)`` then ``.sample(n,
 
 The last three are optional and never dependencies: :func:`make_baseline` raises
 :class:`BaselineUnavailable` when the package is missing, and the evaluation reports
-"skipped: package not installed".
+"skipped: package not installed". They run on the CPU with their package's defaults
+(CTGAN 300 epochs, TabularARGN at most 100 epochs with early stopping) unless ``epochs``
+is given; TabularARGN's training time is capped at :data:`ARGN_MAX_TRAINING_MINUTES`.
+Checked against sdv 2.0.0, ctgan 0.12.1 and mostlyai-engine 2.7.3 (docs/synthetic.md
+says how to install them in an environment of their own).
 
 **Gaussian copula** (as in SDV's GaussianCopula, written here from the method): every
 column is mapped to a standard normal score; numbers (datetimes as nanoseconds) through
@@ -28,6 +32,8 @@ that holds the normal CDF of the score.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
@@ -235,7 +241,19 @@ def _cast_num(x: np.ndarray, na: np.ndarray, p: _Num) -> pd.Series:
 
 
 # ----------------------------------------------------------------------- optional packages
+#: TabularARGN's bound on training time, in minutes (the package's default is 14,400: ten
+#: days). Its other defaults stand (model MOSTLY_AI/Medium, at most 100 epochs with early
+#: stopping on a validation split, value protection on).
+ARGN_MAX_TRAINING_MINUTES = 10.0
+
+
+def _isna(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA or v is pd.NaT
+
+
 def _prepare(df: pd.DataFrame, metadata: Mapping | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The modelled columns as plain values: categories as ``str`` (missing: None),
+    numbers as float (missing: NaN), datetimes as ``datetime64[ns]``."""
     sd = sdtypes_from_metadata(df, metadata)
     cols = [c for c in df.columns if sd.get(c) in ("numerical", "datetime", "categorical", "boolean")]
     plain = {}
@@ -247,29 +265,71 @@ def _prepare(df: pd.DataFrame, metadata: Mapping | None) -> tuple[pd.DataFrame, 
         elif sd[c] == "numerical":
             plain[c] = pd.to_numeric(s, errors="coerce").astype(float)
         else:
-            plain[c] = s
+            plain[c] = pd.to_datetime(s, errors="coerce").astype("datetime64[ns]")
     return pd.DataFrame(plain).reset_index(drop=True), {c: sd[c] for c in cols}
 
 
 def _restore(syn: pd.DataFrame, like: pd.DataFrame) -> pd.DataFrame:
-    """Back to ``like``'s dtypes where the values allow it (baselines return str/float)."""
+    """Back to ``like``'s columns and dtypes (the packages return str/float/datetime).
+
+    Integers become the training dtype when no value is missing, else ``Int64``; booleans
+    ``bool`` (object with None when missing); pandas categoricals their categorical dtype.
+
+    Raises:
+        ValueError: a column of ``like`` is missing from ``syn``.
+    """
+    missing = [c for c in like.columns if c not in syn.columns]
+    if missing:
+        raise ValueError(f"the baseline returned no column {', '.join(missing[:5])}")
     out = {}
     for c in like.columns:
-        if c not in syn.columns:
-            continue
-        s, dt = syn[c], like[c].dtype
-        try:
-            if pd.api.types.is_bool_dtype(dt):
-                s = s.map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
-                          else str(v).lower() in ("true", "1", "1.0"))
-            elif pd.api.types.is_numeric_dtype(dt):
-                s = pd.to_numeric(s, errors="coerce")
-                if pd.api.types.is_integer_dtype(dt):
-                    s = s.round().astype("Int64")
-        except (TypeError, ValueError):
-            pass
-        out[c] = s.reset_index(drop=True)
+        s, dt = syn[c].reset_index(drop=True), like[c].dtype
+        if pd.api.types.is_bool_dtype(dt):
+            s = s.astype(object).map(lambda v: None if _isna(v)
+                                     else str(v).strip().lower() in ("true", "1", "1.0"))
+            if not s.isna().any():
+                s = s.astype(bool)
+        elif isinstance(dt, pd.CategoricalDtype):
+            back = {str(v): v for v in dt.categories}
+            s = pd.Series(pd.Categorical(
+                s.astype(object).map(lambda v: None if _isna(v) else back.get(str(v), v)),
+                dtype=dt))
+        elif pd.api.types.is_datetime64_any_dtype(dt):
+            if pd.api.types.is_numeric_dtype(s):      # nanoseconds (CTGAN)
+                x = pd.to_numeric(s, errors="coerce")
+                s = pd.to_datetime(x.round().astype("Int64"), unit="ns")
+            s = pd.to_datetime(s, errors="coerce").astype(dt)
+        elif pd.api.types.is_numeric_dtype(dt):
+            s = pd.to_numeric(s, errors="coerce")
+            if pd.api.types.is_integer_dtype(dt):
+                s = s.round()
+                s = s.astype("Int64" if s.isna().any() or str(dt) == "Int64" else dt)
+            else:
+                s = s.astype(float)
+        elif isinstance(dt, pd.StringDtype):
+            s = s.astype(object).where(s.notna(), None).astype(dt)
+        elif dt == object:                            # plain objects, None when missing
+            s = s.astype(object).where(s.notna(), None)
+        out[c] = s
     return pd.DataFrame(out)
+
+
+#: Loggers of the optional packages that log every column at INFO (SDV/RDT: several
+#: hundred lines on a 400-column table); kept at WARNING while they fit and sample.
+_CHATTY_LOGGERS = ("rdt", "sdv", "copulas", "SingleTableSynthesizer", "ctgan", "mostlyai")
+
+
+@contextlib.contextmanager
+def _quiet_packages():
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 class _External:
@@ -279,71 +339,144 @@ class _External:
 
     def __init__(self, epochs: int | None = None, seed: int = 0):
         self.epochs = epochs
-        self.seed = seed
+        self.seed = int(seed)
         self._like: pd.DataFrame | None = None
 
     def fit(self, df: pd.DataFrame, metadata: Mapping | None = None):
         plain, sd = _prepare(df, metadata)
-        self._like = df[list(plain.columns)]
-        self._fit(plain, sd)
+        if plain.shape[1] == 0:
+            raise ValueError("no column to model")
+        self._like = df[list(plain.columns)].iloc[:0]
+        with _quiet_packages():
+            self._fit(plain, sd)
         return self
 
     def sample(self, n: int, seed: int = 0) -> pd.DataFrame:
-        return _restore(self._sample(n, seed), self._like)
+        """``n`` rows (index 0..n-1) with the training table's modelled columns and dtypes."""
+        if self._like is None:
+            raise RuntimeError(f"the {type(self).__name__} baseline is not fitted")
+        with _quiet_packages():
+            raw = self._sample(int(n), int(seed))
+        return _restore(raw, self._like)
 
 
 class SdvGaussianCopula(_External):
+    """SDV's ``GaussianCopulaSynthesizer`` with the package defaults (beta marginals,
+    min/max and rounding enforced), through the 2.x API (``Metadata``, data as
+    ``{table: DataFrame}``) or the 1.x one. Seeded per sample through the synthesizer's
+    own random state (reset to the post-fit state, then set to ``seed``)."""
+
     package = "sdv"
 
     def _fit(self, df, sd):
-        from sdv.metadata import SingleTableMetadata
         from sdv.single_table import GaussianCopulaSynthesizer
 
-        meta = SingleTableMetadata.load_from_dict({"columns": {
-            c: {"sdtype": "categorical" if t == "boolean" else t} for c, t in sd.items()}})
+        cols = {c: {"sdtype": "categorical" if t == "boolean" else t} for c, t in sd.items()}
+        try:                          # sdv >= 1.15 (the only metadata class of sdv 2.x)
+            from sdv.metadata import Metadata
+
+            meta = Metadata.load_from_dict({"tables": {"patients": {"columns": cols}}})
+        except ImportError:           # older sdv 1.x
+            from sdv.metadata import SingleTableMetadata
+
+            meta = SingleTableMetadata.load_from_dict({"columns": cols})
         self.model = GaussianCopulaSynthesizer(meta)
-        self.model.fit(df)
+        import sdv
+
+        # sdv 2.x fits on {table name: DataFrame} and samples such a dict; 1.x on the frame
+        self._dict_api = int(str(sdv.__version__).split(".")[0]) >= 2
+        self.model.fit({"patients": df} if self._dict_api else df)
 
     def _sample(self, n, seed):
-        import numpy as _np
-
-        _np.random.seed(seed)   # SDV samples with numpy's global RNG
-        return self.model.sample(num_rows=n)
+        self.model.reset_sampling()
+        if hasattr(self.model, "_set_random_state"):
+            self.model._set_random_state(seed)
+        out = self.model.sample(num_rows=n)
+        return next(iter(out.values())) if isinstance(out, dict) else out
 
 
 class Ctgan(_External):
+    """Plain CTGAN (``ctgan`` package) on the CPU, package defaults (300 epochs unless
+    ``epochs``; batch 500, pac 10). CTGAN refuses missing values in continuous columns:
+    as SDV's ``CTGANSynthesizer`` does (RDT ``missing_value_replacement='mean'``,
+    ``missing_value_generation='from_column'``), each such column is filled with its mean
+    and gets a discrete 0/1 "missing" column that is learned with it and decides which
+    sampled values are blanked. Datetimes are modelled as nanoseconds."""
+
     package = "ctgan"
 
     def _fit(self, df, sd):
         from ctgan import CTGAN
 
-        self.model = CTGAN(epochs=self.epochs or 300)
+        discrete = [c for c, t in sd.items() if t in ("categorical", "boolean")]
+        cols: dict[str, Any] = {c: df[c].to_numpy() for c in df.columns}
+        flags: dict[str, np.ndarray] = {}
+        self._missing: dict[str, str] = {}
+        for c, t in sd.items():
+            if c in discrete:
+                continue
+            x = pd.Series(numeric_array(df[c]))
+            na = x.isna()
+            if na.any():
+                flag = f"{c}__missing"
+                while flag in cols or flag in flags:
+                    flag += "_"
+                flags[flag] = np.where(na, "1", "0")
+                discrete.append(flag)
+                self._missing[c] = flag
+                x = x.fillna(x.mean() if not na.all() else 0.0)
+            cols[c] = x.to_numpy()
+        data = pd.DataFrame({**cols, **flags})
+        try:
+            self.model = CTGAN(epochs=self.epochs or 300, enable_gpu=False)
+        except TypeError:             # ctgan < 0.11: `cuda`
+            self.model = CTGAN(epochs=self.epochs or 300, cuda=False)
         self.model.set_random_state(self.seed)
-        self.model.fit(df, discrete_columns=[c for c, t in sd.items() if t in ("categorical", "boolean")])
+        self.model.fit(data, discrete_columns=discrete)
 
     def _sample(self, n, seed):
         self.model.set_random_state(seed)
-        return self.model.sample(n)
+        s = self.model.sample(n).reset_index(drop=True)
+        for c, flag in self._missing.items():
+            s[c] = s[c].where(s[flag].astype(str) != "1")
+        return s.drop(columns=list(self._missing.values()))
 
 
 class TabularArgn(_External):
+    """MOSTLY AI's TabularARGN (``mostlyai-engine`` 2.x) on the CPU with its defaults
+    (model MOSTLY_AI/Medium, at most 100 epochs with early stopping, value protection),
+    training bounded by :data:`ARGN_MAX_TRAINING_MINUTES` (``epochs`` caps the epochs).
+    The encodings are given from the metadata (categorical, numeric auto, datetime), not
+    guessed; rare categories that value protection hides are sampled from the non-rare
+    ones (``rare_category_replacement_method='sample'``) rather than written as
+    ``_RARE_``. The engine works in a temporary folder, removed with the object. Seeded
+    by ``random_state`` for training and the engine's global seed before each sample."""
+
     package = "mostlyai.engine"
 
     def _fit(self, df, sd):
+        import shutil
+        import weakref
+
         from mostlyai.engine import TabularARGN
 
         self._dir = tempfile.mkdtemp(prefix="synthport-argn-")
-        kw: dict[str, Any] = {"workspace_dir": self._dir}
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
+        enc = {c: {"datetime": "TABULAR_DATETIME", "numerical": "TABULAR_NUMERIC_AUTO"}
+               .get(t, "TABULAR_CATEGORICAL") for c, t in sd.items()}
+        kw: dict[str, Any] = {"workspace_dir": self._dir, "device": "cpu", "random_state": self.seed,
+                              "max_training_time": ARGN_MAX_TRAINING_MINUTES,
+                              "tgt_encoding_types": enc, "verbose": 0}
         if self.epochs:
             kw["max_epochs"] = self.epochs
-        try:
-            self.model = TabularARGN(**kw)
-        except TypeError:          # older engines: no such options
-            self.model = TabularARGN()
+        self.model = TabularARGN(**kw)
         self.model.fit(df)
 
     def _sample(self, n, seed):
-        return self.model.sample(n_samples=n)
+        from mostlyai.engine import set_random_state
+
+        set_random_state(seed)
+        return self.model.sample(n_samples=n, device="cpu", rare_category_replacement_method="sample")
 
 
 _CLASSES = {"gaussian_copula": GaussianCopula, "sdv_gaussian_copula": SdvGaussianCopula,
