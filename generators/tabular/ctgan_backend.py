@@ -61,7 +61,6 @@ import inspect
 import json
 import logging
 import time
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -75,6 +74,7 @@ from generators.tabular import CTGAN_LICENCE
 from generators.tabular.encoding import (ID_COLUMNS, ColumnCodec, Constraint, check_constraints,
                                          infer_constraints, infer_kind, parse_constraints)
 from generators.tabular.errors import ModelFileError, TabularModelError
+from generators.tabular.model import _version, fingerprint  # one table fingerprint for both backends
 
 FORMAT = "synthport-tabular-ctgan"
 FORMAT_VERSION = 1
@@ -103,18 +103,6 @@ DEFAULTS: dict[str, Any] = {
     "block_size": None,        # rows per sampling block (batch-norm statistics); None: batch_size
     "max_tries": 100,          # rejection tries of conditional sampling
 }
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def fingerprint(df: pd.DataFrame) -> str:
-    """SHA-256 of the training table as CSV (columns, index and values)."""
-    return hashlib.sha256(df.to_csv(index=True).encode("utf-8")).hexdigest()
 
 
 def _stream_seed(seed: int, attempt: int, block: int) -> int:
