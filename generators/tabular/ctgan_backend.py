@@ -74,7 +74,7 @@ from generators.tabular import CTGAN_LICENCE
 from generators.tabular.encoding import (ID_COLUMNS, ColumnCodec, Constraint, check_constraints,
                                          infer_constraints, infer_kind, parse_constraints)
 from generators.tabular.errors import ModelFileError, TabularModelError
-from generators.tabular.model import _version, fingerprint  # one table fingerprint for both backends
+from generators.tabular.model import fingerprint, package_version  # shared by both backends
 
 FORMAT = "synthport-tabular-ctgan"
 FORMAT_VERSION = 1
@@ -253,7 +253,7 @@ class CtganPatientModel:
             "epochs": int(epochs),
             "seconds": round(time.perf_counter() - t0, 3),
             "last_losses": {str(k): float(v) for k, v in last.items() if k != "Epoch"},
-            "packages": {p: _version(p) for p in ("ctgan", "rdt", "torch", "scikit-learn")},
+            "packages": {p: package_version(p) for p in ("ctgan", "rdt", "torch", "scikit-learn")},
             "licence": CTGAN_LICENCE,
         }
         return self
@@ -315,7 +315,7 @@ class CtganPatientModel:
             "format_version": FORMAT_VERSION,
             "backend": "ctgan",
             "licence": self.licence,
-            "synthport_version": _version("synthport"),
+            "synthport_version": package_version("synthport"),
             "torch_version": torch.__version__,
             "hyper": self.hyper,
             "columns": [c.to_json() for c in self.codecs],

@@ -77,7 +77,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
+    """Installed version of a distribution, or "unknown" (recorded in model metadata)."""
     try:
         return importlib_metadata.version(dist)
     except importlib_metadata.PackageNotFoundError:
@@ -403,7 +404,7 @@ class PatientModel:
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "synthport_version": _version("synthport"),
+            "synthport_version": package_version("synthport"),
             "torch_version": torch.__version__,
             "hyper": self.hyper,
             "columns": [c.to_json() for c in self.codecs],
