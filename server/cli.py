@@ -57,6 +57,8 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
     for key in ("http_port", "workers", "threads"):
         os.environ[f"SYNTHPORT_{key.upper()}"] = str(cfg[key])
 
+    from server.http.balance import close_after_large_body
+
     class _App(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"{cfg.http_host}:{cfg.http_port}")
@@ -67,6 +69,7 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
             self.cfg.set("keepalive", 30)
             self.cfg.set("accesslog", os.environ.get("SYNTHPORT_ACCESS_LOG") or None)
             self.cfg.set("limit_request_line", 16384)
+            self.cfg.set("pre_request", close_after_large_body(cfg.http_close_after_bytes))
 
         def load(self):
             from server.app import create_app

@@ -35,6 +35,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_port", 8080, "HTTP port.", int),
     Setting("workers", 2, "gunicorn worker processes.", int),
     Setting("threads", 4, "Threads per gunicorn worker (gthread).", int),
+    Setting("http_close_after_bytes", 256 * 1024, "After a request whose body is at least this "
+            "large (a transaction Bundle, a STOW-RS upload), close the client's connection, so "
+            "that its next request goes to the least busy worker instead of the one its "
+            "keep-alive connection is pinned to; 0 keeps every connection open.", int),
     Setting("public_base_url", "", "Base URL put in links (e.g. https://fhir.example.org); "
             "empty means taken from the request's Host header."),
     Setting("default_count", 50, "Default _count of a search page.", int),

@@ -241,10 +241,10 @@ class SqlStore:
         for it, pk in zip(items, pks):
             if it.index is None:
                 continue
-            key = (pk, it.res_type)
+            prepend = (pk, it.res_type).__add__    # under the write lock: C-level concatenation
             for kind, tuples in it.index.items():
                 if tuples:
-                    index_rows.setdefault(kind, []).extend(key + t for t in tuples)
+                    index_rows.setdefault(kind, []).extend(map(prepend, tuples))
         for kind, bucket in index_rows.items():
             conn.exec_driver_sql(self._index_sql(kind), bucket)
         hook = WRITE_HOOK.get()

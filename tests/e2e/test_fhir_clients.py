@@ -80,3 +80,22 @@ def test_errors_are_operation_outcomes_over_http(base):
     assert r.status_code == 404 and r.json()["resourceType"] == "OperationOutcome"
     r = requests.post(f"{base}/Patient", data=b"[1,", headers={"Content-Type": "application/fhir+json"})
     assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
+
+
+def test_large_upload_gets_connection_close_small_requests_keep_alive(base):
+    # server/http/balance.py: a body of http_close_after_bytes (256 KiB) or more ends the
+    # keep-alive connection, so the client's next bundle goes to the least busy worker.
+    entries = [{"resource": {"resourceType": "Basic", "code": {"text": "x" * 200}},
+                "request": {"method": "POST", "url": "Basic"}} for _ in range(1500)]
+    body = {"resourceType": "Bundle", "type": "batch", "entry": entries}
+    with requests.Session() as s:
+        small = s.get(f"{base}/metadata")
+        assert small.status_code == 200
+        assert small.headers.get("Connection", "keep-alive").lower() != "close"
+        r = s.post(base, json=body, headers={"Content-Type": "application/fhir+json",
+                                             "Prefer": "return=minimal"})
+        assert len(r.request.body) >= 256 * 1024
+        assert r.status_code == 200, r.text[:300]
+        assert r.headers.get("Connection", "").lower() == "close"
+        assert len(r.json()["entry"]) == 1500
+        assert s.get(f"{base}/metadata").status_code == 200      # the client reconnects
