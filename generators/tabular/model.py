@@ -327,7 +327,12 @@ class PatientModel:
             self.constraints += infer_constraints(data, by_name, self.constraints)
         self.order = self._topological_order()
         tokens = np.stack([c.encode(data[c.name]) for c in self.codecs], 1)
-        stats = self._train(tokens, epochs=epochs, device=device, progress=progress)
+        # Dropout draws from torch's global generator: seed it (and restore it after), so
+        # that a fit depends on the training seed only, not on what the process drew before.
+        devs = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devs):
+            torch.manual_seed(int(h["seed"]) + 1)
+            stats = self._train(tokens, epochs=epochs, device=device, progress=progress)
         if h["calibrate"]:
             stats.update(self._calibrate(tokens))
         self.training = {
@@ -817,6 +822,12 @@ class PatientModel:
                     present[c.present_tokens] = True
                     restrict(kn & ~is_na, present, True)
                     restrict(is_na, ~present, True)
+                    # Look ahead: a child that is still to be drawn and whose bounds leave
+                    # it no value (an adult-onset condition of a 4-year-old) rules out the
+                    # "present" tokens now, instead of clipping the child's value later.
+                    if not kn.all():
+                        dead = ~kn & ~self._child_feasible(o, sel, val, known)
+                        restrict(dead, ~present)
                 continue
             ov = val[sel, o]
             have = kn & ~np.isnan(ov)
@@ -841,6 +852,35 @@ class PatientModel:
                 dead = ~allowed.any(1)
                 allowed[dead] = True
         return allowed, lower, upper
+
+    def _child_feasible(self, o: int, sel, val: np.ndarray, known: np.ndarray) -> np.ndarray:
+        """Rows (of ``sel``) where column o's ``upper`` / ``lower`` bounds, given the columns
+        known so far, leave it at least one non-missing token."""
+        codec = self.codecs[o]
+        lo_t, hi_t = codec.token_bounds()
+        live = np.ones(codec.n_tokens, bool)
+        if codec.na_token >= 0:
+            live[codec.na_token] = False
+        m = len(known) if isinstance(sel, slice) else len(sel)
+        ok = np.ones(m, bool)
+        if codec.kind == "categorical" or np.isnan(lo_t[live]).all():
+            return ok
+        lo_min = float(np.nanmin(lo_t[live]))
+        hi_max = float(np.nanmax(hi_t[live]))
+        for c, ci, oi in self._constraints_of(o):
+            if c.kind not in ("upper", "lower"):
+                continue
+            b = oi if ci == o else ci
+            ov = val[sel, b]
+            have = known[sel, b] & ~np.isnan(ov)
+            if not have.any():
+                continue
+            at_most = (c.kind == "upper") == (ci == o)
+            if at_most:
+                ok &= ~(have & (lo_min > np.where(have, ov, np.inf)))
+            else:
+                ok &= ~(have & (hi_max < np.where(have, ov, -np.inf)))
+        return ok
 
     def _derived(self, j: int, t: np.ndarray, v: np.ndarray, sel, val: np.ndarray,
                  known: np.ndarray) -> bool:

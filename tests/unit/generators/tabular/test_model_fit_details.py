@@ -1,5 +1,5 @@
 """PatientModel: calibration, per-block snapshots, stratified draws, within-bin curves,
-older model files."""
+older model files, the look-ahead on bounded children, seeded training."""
 from __future__ import annotations
 
 import json
@@ -126,3 +126,35 @@ def test_within_bin_curve_follows_clusters():
     assert (codec.numeric_values(np.zeros(2000, dtype=np.int64), u, upper=upper) <= 11.0).all()
     flat = ColumnCodec.fit(x, "numerical", max_bins=1, knots=0)
     assert flat.knots == [] and np.median(flat.numeric_values(np.zeros(2000, dtype=np.int64), u)) > 25
+
+
+def test_flag_whose_onset_cannot_fit_under_age_is_not_drawn():
+    # an adult-onset condition: onset in [18, age]; a barely trained network does not know
+    # that children never have it, the look-ahead on the onset's bound does
+    r = np.random.default_rng(5)
+    n = 200
+    age = r.uniform(0, 90, n).round(2)
+    flag = ((age >= 18) & (r.random(n) < 0.6)).astype(int)
+    onset = np.where(flag == 1, 18 + (age - 18) * r.random(n), np.nan).round(2)
+    df = pd.DataFrame({"age": age, "cond_1": flag, "cond_1_onset_age": onset})
+    m = PatientModel(hidden=16, val_share=0.0).fit(df, epochs=2, progress=False)
+    assert {(c.kind, c.column) for c in m.constraints} >= {("present_if", "cond_1_onset_age"),
+                                                           ("upper", "cond_1_onset_age")}
+    s = m.sample(2000, seed=2)
+    has = s["cond_1"] == 1
+    assert has.sum() > 200
+    assert (s.loc[has, "age"] >= df["cond_1_onset_age"].min()).all()
+    assert (s["cond_1_onset_age"].dropna() >= df["cond_1_onset_age"].min()).all()   # never clipped
+    # conditioning on the flag still returns it as given (the onset then clipped to age)
+    c = m.sample(50, seed=2, conditions={"cond_1": 1, "age": 5.0})
+    assert (c["cond_1"] == 1).all() and (c["cond_1_onset_age"] <= 5.0).all()
+
+
+def test_fit_does_not_depend_on_the_global_torch_generator(table):
+    fits = []
+    for draw in (0, 1000):
+        torch.rand(draw)              # another state of torch's global generator
+        m = PatientModel(hidden=24, dropout=0.3, patience=2).fit(table, epochs=4, progress=False)
+        fits.append(m)
+    assert fits[0].training["val_loss"] == fits[1].training["val_loss"]
+    pd.testing.assert_frame_equal(fits[0].sample(50, seed=1), fits[1].sample(50, seed=1))
