@@ -9,7 +9,7 @@ work it does (the C-FIND benchmark against Orthanc showed it: association set-up
 
 Here the two threads block instead and are woken by what they wait for:
 
-* the DUL thread waits in ``select`` on its socket and on a wake-up socket pair,
+* the DUL thread waits in ``poll`` on its socket and on a wake-up socket pair,
   which every put on its event and provider queues signals (a primitive to send,
   an event from the association thread, a stop);
 * the association thread waits on an :class:`threading.Event` that every put on its
@@ -78,18 +78,25 @@ class EventDUL(DULServiceProvider):
 
     def _wait(self) -> None:
         """Block until the socket is readable, a queue was fed, or the timer tick."""
-        fds: list[Any] = [self._wake_r]
+        # poll, not select: a listener with many associations has descriptors above
+        # select's FD_SETSIZE (1024)
+        poller = select.poll()
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, select.POLLIN)
         sock = getattr(self.socket, "socket", None)
         if sock is not None and getattr(self.socket, "_is_connected", False):
             pending = getattr(sock, "pending", None)     # TLS may hold decoded bytes
             if pending is not None and pending():
                 return
-            fds.append(sock)
+            fd = sock.fileno()
+            if fd < 0:      # closed under us: let the loop see it now
+                return
+            poller.register(fd, select.POLLIN)
         try:
-            ready = select.select(fds, [], [], TIMER_CHECK_S)[0]
-        except (OSError, ValueError):    # the socket was closed under us: check now
+            ready = poller.poll(TIMER_CHECK_S * 1000)
+        except OSError:
             return
-        if self._wake_r in ready:
+        if any(fd == wake_fd for fd, _ in ready):
             with self._wake_lock:
                 self._wake_pending = False
                 try:
