@@ -168,10 +168,12 @@ def test_identifying_attributes_are_gone_or_replaced():
                               ("DeviceSerialNumber", "SN-22-99871"), ("StudyID", "ST4471"),
                               ("OperatorsName", "Tanaka^Hiro")):
         assert str(out.get(keyword, "")) != original, keyword
-    # Nothing identifying is left anywhere in the file, nested sequences included.
+    # Nothing identifying is left anywhere in the file, nested sequences included. (The
+    # phone number is looked for whole: "555" alone turns up by chance in the new UIDs,
+    # derived from random ones, in about one run of ten.)
     for needle in (b"Smithson", b"Johanna", b"7730012", b"4481920", b"9434765919", b"Mercy",
                    b"Riverside", b"Okafor", b"Lindqvist", b"Tanaka", b"ACC88231", b"ST4471",
-                   b"CTROOM7", b"99871", b"55120", b"Harbour", b"555", b"19610514",
+                   b"CTROOM7", b"99871", b"55120", b"Harbour", b"201 4433", b"201-4433", b"19610514",
                    ds.StudyInstanceUID.encode(), ds.SOPInstanceUID.encode()):
         assert needle not in out_bytes, needle
 
