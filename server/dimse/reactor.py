@@ -31,7 +31,7 @@ from copy import deepcopy
 from typing import Any, Callable
 
 from pynetdicom import evt
-from pynetdicom.association import Association
+from pynetdicom.association import LOGGER as ASSOC_LOGGER, Association
 from pynetdicom.dul import DULServiceProvider, LOGGER as DUL_LOGGER
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -225,6 +225,7 @@ class EventAssociation(Association):
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
+                ASSOC_LOGGER.info("Association Released")
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
@@ -232,6 +233,8 @@ class EventAssociation(Association):
                 return
 
             if self.acse.is_aborted():
+                ASSOC_LOGGER.info("Association Aborted"
+                                  + (" (A-P-ABORT)" if self.acse.is_aborted("a-p-abort") else ""))
                 self.dul.receive_pdu(wait=False)     # so EVT_ACSE_RECV fires
                 self.is_aborted = True
                 self.is_established = False
