@@ -2,8 +2,8 @@
 
 Usage (from the repository root, after ``pip install -e '.[test]'``)::
 
-    python benchmarks/fhir_bench.py --workers 2
-    python benchmarks/fhir_bench.py --workers 2 \\
+    python benchmarks/fhir_bench.py
+    python benchmarks/fhir_bench.py \\
         --db-url postgresql+psycopg://postgres@127.0.0.1:5432/test
 
 Phases (``--phases``, default all, always in this order):
@@ -404,8 +404,9 @@ class Server:
         self.store = store
         self.port = free_port()
         self.cmd = synthport_command() + ["serve", "--data-dir", str(store.data_dir),
-                                          "--http-port", str(self.port), "--http-host", "127.0.0.1",
-                                          "--workers", str(workers)]
+                                          "--http-port", str(self.port), "--http-host", "127.0.0.1"]
+        if workers:
+            self.cmd += ["--workers", str(workers)]
         if threads:
             self.cmd += ["--threads", str(threads)]
         self.log_path = log_dir / f"serve-{store.label}-{self.port}.log"
@@ -1025,7 +1026,8 @@ def parse_args(argv=None):
     ap.add_argument("--db-url", default=None,
                     help=f"empty: SQLite in a fresh data dir; a PostgreSQL URL (e.g. {PG_EXAMPLE}): "
                          "a fresh schema per store, dropped at the end")
-    ap.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="gunicorn workers (default: the server's, twice the cores)")
     ap.add_argument("--auth", choices=["required", "off"], default="required",
                     help="the server's auth setting (default required: requests carry a token, "
                          "as in production; off = development mode, still audited)")
@@ -1147,7 +1149,9 @@ def main(argv=None) -> int:
         f"git {git_rev()}; Python {platform.python_version()}; {platform.platform()}",
         f"machine: {cores} cores, {mem:.0f} GiB; load average at start {load_start}, at end {loadavg()}",
         f"store: {store_desc}",
-        f"server: synthport serve --workers {args.workers}"
+        "server: synthport serve "
+        + (f"--workers {args.workers}" if args.workers
+           else f"(workers: server default, 2 x {cores} cores)")
         + (f" --threads {args.threads}" if args.threads else " (threads: server default)")
         + "; client and server share the machine",
         f"data: {args.data}",

@@ -57,14 +57,15 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
     for key in ("http_port", "workers", "threads"):
         os.environ[f"SYNTHPORT_{key.upper()}"] = str(cfg[key])
 
-    from server.http.balance import close_after_large_body
+    from server.http.balance import close_after_large_body, spreading_worker
 
     class _App(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"{cfg.http_host}:{cfg.http_port}")
-            self.cfg.set("workers", cfg.workers)
+            self.cfg.set("workers", cfg.resolved_workers)
             self.cfg.set("threads", cfg.threads)
-            self.cfg.set("worker_class", "gthread" if cfg.threads > 1 else "sync")
+            self.cfg.set("worker_class", spreading_worker(cfg.http_close_after_bytes)
+                         if cfg.threads > 1 else "sync")
             self.cfg.set("timeout", 300)
             self.cfg.set("keepalive", 30)
             self.cfg.set("accesslog", os.environ.get("SYNTHPORT_ACCESS_LOG") or None)
@@ -80,7 +81,7 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
             return app
 
     click.echo(f"synthport: FHIR at http://{cfg.http_host}:{cfg.http_port}/fhir "
-               f"({cfg.workers} workers, database {_redact(cfg.resolved_database_url)})", err=True)
+               f"({cfg.resolved_workers} workers, database {_redact(cfg.resolved_database_url)})", err=True)
     merger = _spawn_audit_merger(cfg)
     from server.dimse.server import stop_dimse
 

@@ -33,12 +33,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Example: postgresql+psycopg://postgres@127.0.0.1:5432/test"),
     Setting("http_host", "0.0.0.0", "Address the HTTP server binds to."),
     Setting("http_port", 8080, "HTTP port.", int),
-    Setting("workers", 2, "gunicorn worker processes.", int),
+    Setting("workers", 0, "gunicorn worker processes; 0 means twice the CPU cores (at least 2). "
+            "More processes than cores keep both the write lock and the cores busy while "
+            "transaction Bundles are posted (docs/architecture.md).", int),
     Setting("threads", 4, "Threads per gunicorn worker (gthread).", int),
     Setting("http_close_after_bytes", 256 * 1024, "After a request whose body is at least this "
             "large (a transaction Bundle, a STOW-RS upload), close the client's connection, so "
-            "that its next request goes to the least busy worker instead of the one its "
-            "keep-alive connection is pinned to; 0 keeps every connection open.", int),
+            "that its next request goes to a worker not already running such an upload instead "
+            "of the one its keep-alive connection is pinned to; 0 keeps every connection open.", int),
     Setting("public_base_url", "", "Base URL put in links (e.g. https://fhir.example.org); "
             "empty means taken from the request's Host header."),
     Setting("default_count", 50, "Default _count of a search page.", int),
@@ -127,6 +129,12 @@ class Config(dict):
             return self[name]
         except KeyError as e:
             raise AttributeError(name) from e
+
+    @property
+    def resolved_workers(self) -> int:
+        """``workers``, with 0 (the default) resolved to twice the CPU cores, at least 2."""
+        n = int(self["workers"])
+        return n if n > 0 else max(2, 2 * (os.cpu_count() or 1))
 
     @property
     def resolved_database_url(self) -> str:

@@ -28,3 +28,11 @@ def test_every_setting_is_documented():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert settings_markdown() in doc
     assert all(s.help for s in SETTINGS)
+
+
+def test_workers_zero_means_twice_the_cores(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert load_config(environ={}).resolved_workers == 6
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert load_config(environ={}).resolved_workers == 2      # never fewer than 2
+    assert load_config({"workers": 5}, environ={}).resolved_workers == 5
