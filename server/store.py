@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterable
@@ -26,6 +25,7 @@ from server.errors import (Gone, InvalidRequest, MultipleMatches, NotFound, Prec
                            Unprocessable)
 from server.fhir import search as fsearch
 from server.fhir.extract import extract
+from server.fhir.ids import new_id
 from server.fhir.timeutil import instant, now, parse_instant
 from server.fhir.validation import check_type, valid_id, validate
 from server.source import RequestContext, SearchResult, StoredResource, WriteResult, patients_in_json
@@ -413,7 +413,7 @@ class SqlStore:
                if_none_exist: str | None = None) -> WriteResult:
         check_type(res_type)
         validate(body, res_type)
-        item = PendingWrite(res_type, str(uuid.uuid4()), body, "POST").prepare()
+        item = PendingWrite(res_type, new_id(), body, "POST").prepare()
         conn = begin_write(self.engine)
         try:
             with conn.begin():
@@ -481,7 +481,7 @@ class SqlStore:
                         raise InvalidRequest(f"Body id '{body.get('id')}' differs from the matched "
                                              f"resource {res_type}/{res_id}")
                 else:
-                    res_id = body.get("id") or str(uuid.uuid4())
+                    res_id = body.get("id") or new_id()
                 body["id"] = res_id
                 return self._update_locked(conn, res_type, res_id, body)
         finally:

@@ -32,7 +32,6 @@ import os
 import re
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,6 +51,7 @@ from server.dicom import attributes as A
 from server.dicom import fhirlink
 from server.dicom.dicomjson import from_stored, json_text, stored_json_obj
 from server.fhir.extract import extract
+from server.fhir.ids import new_id
 from server.dicom.matching import Criterion, fold, name_tokens, parse, sql_condition, time_key
 from server.dicom.source import LEVELS, FindResult, InstanceRef, StoreOutcome
 from server.errors import (InsufficientStorage, InstanceRefused, InvalidRequest, InvalidResource,
@@ -686,7 +686,7 @@ class DicomStore:
         found = self.sql.match(conn, "Endpoint", [("identifier", query)])
         if found:
             return found[0][1]
-        res_id = str(uuid.uuid4())
+        res_id = new_id()
         body = fhirlink.endpoint_resource(res_id, self._dicomweb_base(ctx))
         self.sql.write_versions(conn, [PendingWrite("Endpoint", res_id, body, "POST")])
         return res_id
@@ -700,7 +700,7 @@ class DicomStore:
         if found:
             res_id = found[0][1]
         else:
-            res_id = str(uuid.uuid4())
+            res_id = new_id()
             body = fhirlink.patient_resource(res_id, self.patient_system, prow.patient_id,
                                              prow.patient_name, prow.birth_date, prow.sex, study_uid)
             self.sql.write_versions(conn, [PendingWrite("Patient", res_id, body, "POST")])
@@ -731,7 +731,7 @@ class DicomStore:
             found = self.sql.match(conn, "ImagingStudy", [("identifier", query)])
             if found:
                 cur = self._current(conn, "ImagingStudy", found[0][1])
-        res_id = cur.res_id if cur is not None else str(uuid.uuid4())
+        res_id = cur.res_id if cur is not None else new_id()
         self.sql.lock_condition(conn, f"ImagingStudy/{res_id}")
         old = orjson.loads(cur.body) if cur is not None else None
         items = None

@@ -19,6 +19,7 @@ import orjson
 from server.db.engine import begin_write
 from server.errors import (InvalidRequest, MultipleMatches, NotImplementedYet, PreconditionFailed,
                            SynthportError, TooLarge, outcome_for)
+from server.fhir.ids import new_id
 from server.fhir.searchparams import RESOURCE_TYPES
 from server.fhir.timeutil import instant
 from server.fhir.validation import valid_id, validate
@@ -211,7 +212,7 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
             if e.if_none_exist:
                 late.update(u for u in (e.full_url,) if u)
                 continue
-            e.res_id = str(uuid.uuid4())
+            e.res_id = new_id()
         elif e.method in ("PUT", "PATCH") and not e.res_id:
             late.update(u for u in (e.full_url,) if u)
             continue
@@ -272,7 +273,7 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
                     e.res_id = existing.res_id
                     e.result = _response(200, existing, with_body)
                 else:
-                    e.res_id = str(uuid.uuid4())
+                    e.res_id = new_id()
                 creates[cond] = e.res_id
                 _map(mapping, e, f"{e.res_type}/{e.res_id}")
                 # A conditional reference with the same criteria names this entry's target
@@ -286,7 +287,7 @@ def _transaction(store, ctx: RequestContext, raw_entries: list) -> dict:
                 if found:
                     e.res_id = found[0][1]
                 elif e.method == "PUT":
-                    e.res_id = (e.resource or {}).get("id") or str(uuid.uuid4())
+                    e.res_id = (e.resource or {}).get("id") or new_id()
                 else:
                     raise PreconditionFailed(f"Bundle.entry[{e.index}]: conditional PATCH matched nothing")
                 if e.method == "PUT":
