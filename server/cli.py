@@ -286,10 +286,13 @@ def train(data_dir, config_file, name, device, epochs, event_epochs, image_epoch
 @click.option("--target", default=None, help="Binary column for TSTR (default: a condition flag).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-images", is_flag=True, help="Skip the image model's metric.")
+@click.option("--privacy-folds", type=int, default=0, show_default=True,
+              help="Also cross-fitted privacy risks: refit the patient model on K-1 of K parts of "
+                   "the real patients, K times, each part the control set once (0: off).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Also write report.json and report.html here.")
 def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_epochs,
-             event_patients, target, seed, no_images, out_dir):
+             event_patients, target, seed, no_images, privacy_folds, out_dir):
     """Evaluate model NAME against the real store (fidelity, privacy, utility, baselines);
     the report is stored with the model and written as report.json + report.html."""
     from server.errors import SynthportError
@@ -298,7 +301,10 @@ def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_
     cfg, store, dicom, reg = _synthetic_env(data_dir, config_file)
     names = [b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"]
     settings = EvaluateSettings(n=n, seed=seed, baselines=names, baseline_epochs=baseline_epochs,
-                                event_patients=event_patients, target=target, images=not no_images)
+                                event_patients=event_patients, target=target, images=not no_images,
+                                privacy_folds=privacy_folds)
+    if privacy_folds == 1 or privacy_folds < 0:
+        raise click.ClickException("--privacy-folds must be 0 (off) or at least 2")
     try:
         report = evaluate_model(reg, store, dicom, name, model_version, settings, out_dir,
                                 echo=click.echo)
@@ -313,6 +319,12 @@ def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_
                    f"DCR<p5 {_fmt(row['dcr_share_closer_than_holdout_p5'])}  singling-out "
                    f"{_fmt(row['singling_out_risk'])}  linkability {_fmt(row['linkability_risk'])}  "
                    f"inference {_fmt(row['inference_risk_max'])}  TSTR/TRTR {_fmt(row['tstr_trtr_ratio'])}")
+    m = s["model"]
+    if m.get("crossfit_inference_risk_max") is not None:
+        click.echo(f"  cross-fitted ({privacy_folds} folds): singling-out "
+                   f"{_fmt(m['crossfit_singling_out_risk'])}  linkability "
+                   f"{_fmt(m['crossfit_linkability_risk'])}  inference "
+                   f"{_fmt(m['crossfit_inference_risk_max'])}")
     click.echo(f"  event order violations {s['order_violations']}")
 
 

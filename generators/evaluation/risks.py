@@ -89,7 +89,8 @@ def _result(n_train: int, k_train: int, n_control: int, k_control: int, n_base: 
     out = residual_risk(att, ctl)
     out.update({"attack_rate": att[0], "control_rate": ctl[0], "baseline_rate": base[0],
                 "n_attacks": int(n_train), "n_control_attacks": int(n_control),
-                "successes": int(k_train), "control_successes": int(k_control), **extra})
+                "successes": int(k_train), "control_successes": int(k_control),
+                "n_baseline_attacks": int(n_base), "baseline_successes": int(k_base), **extra})
     return out
 
 
@@ -201,18 +202,20 @@ def singling_out(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.DataF
 
 
 def linkability(train_enc, control_enc, syn_enc, n_neighbors: int, seed: int,
-                confidence: float, part_a: np.ndarray, part_b: np.ndarray) -> dict[str, Any]:
-    """Linkability risk from encoded tables; ``part_a``/``part_b`` select encoded columns."""
+                confidence: float, part_a: np.ndarray, part_b: np.ndarray,
+                outcomes: dict | None = None) -> dict[str, Any]:
+    """Linkability risk from encoded tables; ``part_a``/``part_b`` select encoded columns.
+    ``outcomes``, when given, receives each target's success (``train``, ``control``)."""
     rs = np.random.default_rng(seed)
 
     def split(enc, sel):
         num_sel, cat_sel = sel
         return enc[0][:, num_sel], enc[1][:, cat_sel]
 
-    def links(target) -> int:
+    def links(target) -> np.ndarray:
         a = _nearest(split(target, part_a), split(syn_enc, part_a), n_neighbors)
         b = _nearest(split(target, part_b), split(syn_enc, part_b), n_neighbors)
-        return sum(int(len(np.intersect1d(x, y)) > 0) for x, y in zip(a, b))
+        return np.array([len(np.intersect1d(x, y)) > 0 for x, y in zip(a, b)], dtype=bool)
 
     n_syn = len(syn_enc[0])
     k = max(1, min(n_neighbors, n_syn))
@@ -220,13 +223,18 @@ def linkability(train_enc, control_enc, syn_enc, n_neighbors: int, seed: int,
     k_base = sum(int(len(np.intersect1d(rs.choice(n_syn, k, replace=False),
                                         rs.choice(n_syn, k, replace=False))) > 0)
                  for _ in range(n_t))
-    return _result(n_t, links(train_enc), len(control_enc[0]), links(control_enc), n_t, k_base,
+    l_tr, l_ct = links(train_enc), links(control_enc)
+    if outcomes is not None:
+        outcomes.update(train=l_tr, control=l_ct)
+    return _result(n_t, int(l_tr.sum()), len(control_enc[0]), int(l_ct.sum()), n_t, k_base,
                    confidence, n_neighbors=int(k))
 
 
 def inference(train_enc, control_enc, syn_enc, secret_train, secret_control, secret_syn,
-              numeric: bool, seed: int, confidence: float) -> dict[str, Any]:
-    """Inference risk: nearest synthetic row on the aux columns gives the guess."""
+              numeric: bool, seed: int, confidence: float, outcomes: dict | None = None
+              ) -> dict[str, Any]:
+    """Inference risk: nearest synthetic row on the aux columns gives the guess.
+    ``outcomes``, when given, receives each target's success (``train``, ``control``)."""
     rs = np.random.default_rng(seed)
 
     def right(guess, truth) -> np.ndarray:
@@ -237,15 +245,17 @@ def inference(train_enc, control_enc, syn_enc, secret_train, secret_control, sec
                 return both_na | (np.abs(g - t) <= NUMERIC_TOLERANCE * np.abs(t))
         return np.asarray([a == b for a, b in zip(guess, truth)])
 
-    def attack(enc, truth) -> int:
+    def attack(enc, truth) -> np.ndarray:
         nn = _nearest(enc, syn_enc, 1)[:, 0]
-        return int(right(secret_syn[nn], truth).sum())
+        return np.asarray(right(secret_syn[nn], truth), dtype=bool)
 
     n_t = len(train_enc[0])
     base = secret_syn[rs.integers(len(secret_syn), size=n_t)]
-    return _result(n_t, attack(train_enc, secret_train), len(control_enc[0]),
-                   attack(control_enc, secret_control), n_t, int(right(base, secret_train).sum()),
-                   confidence)
+    a_tr, a_ct = attack(train_enc, secret_train), attack(control_enc, secret_control)
+    if outcomes is not None:
+        outcomes.update(train=a_tr, control=a_ct)
+    return _result(n_t, int(a_tr.sum()), len(control_enc[0]), int(a_ct.sum()), n_t,
+                   int(right(base, secret_train).sum()), confidence)
 
 
 def default_columns(train: pd.DataFrame, columns: Sequence[str], n_flags: int = 10
@@ -264,7 +274,8 @@ def default_columns(train: pd.DataFrame, columns: Sequence[str], n_flags: int = 
 def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.DataFrame,
                   metadata=None, *, n_attacks: int | None = None,
                   aux_columns: Sequence[str] | None = None, secrets: Sequence[str] | None = None,
-                  n_neighbors: int = 10, confidence: float = 0.95, seed: int = 0) -> dict:
+                  n_neighbors: int = 10, confidence: float = 0.95, seed: int = 0,
+                  keep_outcomes: bool = False) -> dict:
     """Singling-out, linkability and inference risks with ``control`` as the control set.
 
     Args:
@@ -281,6 +292,9 @@ def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.Data
         n_neighbors: linkability's neighbour sets.
         confidence: level of the intervals.
         seed: target sampling and baselines.
+        keep_outcomes: also return each target's success under ``"outcomes"``
+            (``train_index``/``control_index``: the targets' index labels; per attack
+            boolean arrays ``train``/``control``), for paired estimates (crossfit.py).
 
     Returns:
         ``{"status": "ok", "method", "n_attacks", "aux_columns", "secrets",
@@ -309,6 +323,10 @@ def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.Data
     out["singling_out"] = singling_out(train, synthetic, control, columns=cols, sdtypes=sdtypes,
                                        n_attacks=n, seed=seed, confidence=confidence)
     out["targets"] = {"train": len(tr_t), "control": len(ct_t)}
+    kept: dict[str, Any] = {"train_index": list(tr_t.index), "control_index": list(ct_t.index),
+                            "inference": {}}
+    if keep_outcomes:
+        out["outcomes"] = kept
     if aux:
         space = _Space([train, synthetic, control], aux, sdtypes)
         enc = {k: space.encode(d[aux]) for k, d in (("tr", tr_t), ("ct", ct_t), ("sy", synthetic))}
@@ -322,8 +340,9 @@ def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.Data
             return (np.array([space.num.index(c) for c in names if c in space.num], dtype=np.int64),
                     np.array([space.cat.index(c) for c in names if c in space.cat], dtype=np.int64))
 
+        kept["linkability"] = {}
         link = linkability(enc["tr"], enc["ct"], enc["sy"], n_neighbors, seed, confidence,
-                           sel(a_cols), sel(b_cols))
+                           sel(a_cols), sel(b_cols), outcomes=kept["linkability"])
         link["aux_columns"] = [a_cols, b_cols]
         out["linkability"] = link
         inf = {}
@@ -341,8 +360,9 @@ def privacy_risks(train: pd.DataFrame, synthetic: pd.DataFrame, control: pd.Data
                 return np.asarray(df[s].astype(object).where(df[s].notna(), None).map(
                     lambda v: None if v is None else str(v)).tolist(), dtype=object)
 
+            kept["inference"][s] = {}
             inf[s] = inference(e["tr"], e["ct"], e["sy"], vals(tr_t), vals(ct_t), vals(synthetic),
-                               numeric, seed, confidence)
+                               numeric, seed, confidence, outcomes=kept["inference"][s])
         out["inference"] = inf
         vals_ = [v["value"] for v in inf.values() if not math.isnan(v["value"])]
         out["inference_max"] = max(vals_) if vals_ else math.nan

@@ -51,6 +51,7 @@ class EvaluateSettings:
     images: bool = True
     images_per_class: int = 16
     risks: bool = True
+    privacy_folds: int = 0      # >= 2: also cross-fitted risks (generators/evaluation/crossfit.py)
 
 
 def _patient_table(tables):
@@ -59,6 +60,46 @@ def _patient_table(tables):
     df = tables.patients.drop(columns=[c for c in IDENTIFYING if c in tables.patients.columns])
     meta = {k: v for k, v in tables.patient_meta["columns"].items() if k in df.columns}
     return df, meta
+
+
+def _refit_sampler(train_settings: dict, meta: dict) -> Callable:
+    """``fit_sample(train, n, seed)``: a new patient model with the stored model's backend and
+    settings, fitted on ``train`` and sampled (for cross-fitted risks)."""
+    def fit_sample(train, n: int, seed: int):
+        import torch
+
+        from generators.tabular import PatientModel
+
+        torch.manual_seed(seed)
+        backend = train_settings.get("backend", "argn")
+        hidden = int(train_settings.get("hidden", 256))
+        epochs = int(train_settings.get("epochs", 200))
+        if backend == "ctgan":
+            from generators.tabular.ctgan_backend import CtganPatientModel
+
+            pm = CtganPatientModel(generator_dim=[hidden] * 2, discriminator_dim=[hidden] * 2)
+        else:
+            dp = None
+            if train_settings.get("dp_epsilon") is not None:
+                dp = {"epsilon": train_settings["dp_epsilon"], "clip": train_settings.get("dp_clip", 1.0)}
+                if train_settings.get("dp_delta") is not None:
+                    dp["delta"] = train_settings["dp_delta"]
+            pm = PatientModel(hidden=hidden, dp=dp)
+        pm.fit(train, meta, epochs=epochs, device=train_settings.get("device") or "cpu",
+               progress=False)
+        return pm.sample(n, seed=seed)
+
+    return fit_sample
+
+
+def _crossfit_section(train_df, hold_df, meta, train_settings: dict, settings: EvaluateSettings,
+                      echo) -> dict:
+    import pandas as pd
+
+    from generators.evaluation.crossfit import crossfit_risks
+
+    return crossfit_risks(pd.concat([train_df, hold_df]), _refit_sampler(train_settings, meta),
+                          meta, folds=settings.privacy_folds, seed=settings.seed, progress=echo)
 
 
 def _image_section(model_path: Path, dicom, holdout_ids: set[str], origin: str | None,
@@ -148,6 +189,9 @@ def summary(report: dict) -> dict:
             "singling_out_risk": get(sec, "privacy", "risks", "singling_out", "value"),
             "linkability_risk": get(sec, "privacy", "risks", "linkability", "value"),
             "inference_risk_max": get(sec, "privacy", "risks", "inference_max"),
+            "crossfit_singling_out_risk": get(sec, "privacy", "crossfit", "singling_out", "value"),
+            "crossfit_linkability_risk": get(sec, "privacy", "crossfit", "linkability", "value"),
+            "crossfit_inference_risk_max": get(sec, "privacy", "crossfit", "inference_max"),
             "tstr_auc": get(u, "gbm", "tstr_auc"), "trtr_auc": get(u, "gbm", "trtr_auc"),
             "tstr_trtr_ratio": get(u, "gbm", "ratio"),
             "status": "ok",
@@ -251,6 +295,11 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
     p = report["patients"]
     echo(f"patient table: quality {p['fidelity']['quality']:.3f}, exact copies "
          f"{p['privacy']['exact_copies']} ({timings['patients_seconds']:.1f} s)")
+    if settings.risks and settings.privacy_folds >= 2 and hold_df is not None and len(hold_df):
+        t = time.perf_counter()
+        p["privacy"]["crossfit"] = _crossfit_section(train_df, hold_df, meta, info.settings,
+                                                     settings, echo)
+        timings["privacy_crossfit_seconds"] = round(time.perf_counter() - t, 3)
 
     # 3. events
     t = time.perf_counter()

@@ -336,6 +336,29 @@ def _privacy(report: dict) -> str:
         out.append(f'<p class="note">Attacker knowledge: {_e(", ".join(r.get("aux_columns") or []))}. '
                    f"Method: {_e(r.get('method'))}; risk = (training success - control success) / "
                    f"(1 - control success), the control set being the real hold-out.</p>")
+    cf = priv.get("crossfit") or {}
+    if cf.get("status") == "ok":
+        pr = cf.get("paired") or {}
+
+        def ci(c):
+            return ("[" + ", ".join(_f(x) for x in c) + "]" if c else "–", "")
+
+        rows = [["singling out", _get(cf, "singling_out", "value"), ci(_get(cf, "singling_out", "ci")),
+                 ("–", ""), ("–", "")],
+                ["linkability", _get(cf, "linkability", "value"), ci(_get(cf, "linkability", "ci")),
+                 _get(pr, "linkability", "value"), ci(_get(pr, "linkability", "ci"))]]
+        for s, v in (cf.get("inference") or {}).items():
+            p = (pr.get("inference") or {}).get(s) or {}
+            rows.append([f"inference of {s}", v.get("value"), ci(v.get("ci")), p.get("value"),
+                         ci(p.get("ci"))])
+        out.append(f"<h3>Cross-fitted risks ({cf.get('folds')} folds, {cf.get('rows')} real patients)</h3>")
+        out.append(_table(["attack", "pooled risk", "95 % CI", "paired risk", "95 % CI (bootstrap)"],
+                          rows))
+        out.append('<p class="note">The patient model was refitted on each fold\'s other parts with '
+                   "the stored settings; every real patient was a control once. Pooled: the folds' "
+                   "successes summed, then the risk as above. Paired: each patient's success as a "
+                   "training target against its success as a control (generators/evaluation/"
+                   "crossfit.py).</p>")
     a = priv.get("anonymeter") or {}
     if a:
         out.append(f'<p class="note">anonymeter package: {_e(a.get("status"))}.</p>')
