@@ -18,9 +18,16 @@ from .conftest import AE_TITLE, make_config, scu
 from .test_dimse import _NoData, _echo
 
 
-def _acceptors() -> list[threading.Thread]:
+def _acceptors(port: int | None = None) -> list[threading.Thread]:
+    """Live reactor threads, of the listener on ``port`` only when given (another test's
+    association may still be open until its own timeout)."""
+    def ours(t) -> bool:
+        assoc = t if isinstance(t, EventAssociation) else getattr(t, "assoc", None)
+        server = getattr(assoc, "_server", None)
+        return port is None or (server is not None and server.server_address[1] == port)
+
     return [t for t in threading.enumerate()
-            if isinstance(t, (EventAssociation, EventDUL)) and t.is_alive()]
+            if isinstance(t, (EventAssociation, EventDUL)) and t.is_alive() and ours(t)]
 
 
 def _wait_for(cond, timeout: float = 10.0) -> bool:
@@ -43,15 +50,15 @@ def test_served_by_event_association_and_no_thread_left(listener):
     held = scu("TESTSCU", [Verification]).associate("127.0.0.1", listener, ae_title=AE_TITLE)
     assert held.is_established
     # the acceptor side of this association runs our reactor, with its DUL
-    assert any(isinstance(t, EventAssociation) and t.is_acceptor for t in _acceptors())
-    assert any(isinstance(t, EventDUL) for t in _acceptors())
+    assert any(isinstance(t, EventAssociation) and t.is_acceptor for t in _acceptors(listener))
+    assert any(isinstance(t, EventDUL) for t in _acceptors(listener))
     assert held.send_c_echo().Status == E.DIMSE_SUCCESS
     held.release()
     for _ in range(20):
         assert _echo(listener) == E.DIMSE_SUCCESS
     # released associations end both their threads (kill() waits for the DUL's Sta1
     # on an event now, not on 10 ms polls)
-    assert _wait_for(lambda: not _acceptors(), 10), _acceptors()
+    assert _wait_for(lambda: not _acceptors(listener), 10), _acceptors(listener)
 
 
 def test_silent_established_peer_hits_the_network_timeout(listener):
@@ -75,7 +82,7 @@ def test_silent_connection_is_closed_after_the_acse_timeout(listener):
         except ConnectionResetError:
             data = b""
         assert data == b"" and time.monotonic() - start < 9
-    assert _wait_for(lambda: not _acceptors(), 10)
+    assert _wait_for(lambda: not _acceptors(listener), 10)
     assert _echo(listener) == E.DIMSE_SUCCESS
 
 
