@@ -78,6 +78,8 @@ def serve(data_dir, config_file, http_port, http_host, dimse_port, workers, thre
 
             app = create_app()
             tune_gc()   # in each worker: FHIR writes validate many short-lived models
+            if cfg.switch_interval_ms > 0:
+                sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)
             return app
 
     click.echo(f"synthport: FHIR at http://{cfg.http_host}:{cfg.http_port}/fhir "

@@ -37,6 +37,11 @@ SETTINGS: tuple[Setting, ...] = (
             "More processes than cores keep both the write lock and the cores busy while "
             "transaction Bundles are posted (docs/architecture.md).", int),
     Setting("threads", 4, "Threads per gunicorn worker (gthread).", int),
+    Setting("switch_interval_ms", 1.0, "Python's thread switch interval in each worker "
+            "(sys.setswitchinterval; Python's default is 5 ms). A request thread returning "
+            "from a socket or SQLite call waits up to this long for the GIL while another "
+            "thread of its worker computes; 1 ms gave reads by id 2,620 against 2,330 "
+            "requests/s (benchmarks/README.md).", float),
     Setting("http_close_after_bytes", 256 * 1024, "After a request whose body is at least this "
             "large (a transaction Bundle, a STOW-RS upload), close the client's connection, so "
             "that its next request goes to a worker not already running such an upload instead "
