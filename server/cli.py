@@ -305,8 +305,6 @@ def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_
     settings = EvaluateSettings(n=n, seed=seed, baselines=names, baseline_epochs=baseline_epochs,
                                 event_patients=event_patients, target=target, images=not no_images,
                                 privacy_folds=privacy_folds)
-    if privacy_folds == 1 or privacy_folds < 0:
-        raise click.ClickException("--privacy-folds must be 0 (off) or at least 2")
     try:
         report = evaluate_model(reg, store, dicom, name, model_version, settings, out_dir,
                                 echo=click.echo)

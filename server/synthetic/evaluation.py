@@ -62,43 +62,29 @@ def _patient_table(tables):
     return df, meta
 
 
-def _refit_sampler(train_settings: dict, meta: dict) -> Callable:
-    """``fit_sample(train, n, seed)``: a new patient model with the stored model's backend and
-    settings, fitted on ``train`` and sampled (for cross-fitted risks)."""
+def _refit_sampler(model, train_settings: dict, meta: dict) -> Callable:
+    """``fit_sample(train, n, seed)``: a new patient model of the stored one's class and
+    hyper-parameters (``model.hyper``: backend, dropout, DP …), fitted on ``train`` with
+    the stored training settings and sampled (for cross-fitted risks)."""
     def fit_sample(train, n: int, seed: int):
         import torch
 
-        from generators.tabular import PatientModel
-
         torch.manual_seed(seed)
-        backend = train_settings.get("backend", "argn")
-        hidden = int(train_settings.get("hidden", 256))
-        epochs = int(train_settings.get("epochs", 200))
-        if backend == "ctgan":
-            from generators.tabular.ctgan_backend import CtganPatientModel
-
-            pm = CtganPatientModel(generator_dim=[hidden] * 2, discriminator_dim=[hidden] * 2)
-        else:
-            dp = None
-            if train_settings.get("dp_epsilon") is not None:
-                dp = {"epsilon": train_settings["dp_epsilon"], "clip": train_settings.get("dp_clip", 1.0)}
-                if train_settings.get("dp_delta") is not None:
-                    dp["delta"] = train_settings["dp_delta"]
-            pm = PatientModel(hidden=hidden, dp=dp)
-        pm.fit(train, meta, epochs=epochs, device=train_settings.get("device") or "cpu",
-               progress=False)
-        return pm.sample(n, seed=seed)
+        fresh = type(model)(**model.hyper)
+        fresh.fit(train, meta, epochs=int(train_settings.get("epochs", 200)),
+                  device=train_settings.get("device") or "cpu", progress=False)
+        return fresh.sample(n, seed=seed)
 
     return fit_sample
 
 
-def _crossfit_section(train_df, hold_df, meta, train_settings: dict, settings: EvaluateSettings,
-                      echo) -> dict:
+def _crossfit_section(model, train_df, hold_df, meta, train_settings: dict,
+                      settings: EvaluateSettings, echo) -> dict:
     import pandas as pd
 
     from generators.evaluation.crossfit import crossfit_risks
 
-    return crossfit_risks(pd.concat([train_df, hold_df]), _refit_sampler(train_settings, meta),
+    return crossfit_risks(pd.concat([train_df, hold_df]), _refit_sampler(model, train_settings, meta),
                           meta, folds=settings.privacy_folds, seed=settings.seed, progress=echo)
 
 
@@ -232,6 +218,8 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
                              f"choose from {', '.join(BASELINES)}")
     if settings.n is not None and settings.n < 2:
         raise InvalidRequest("--n must be at least 2")
+    if settings.privacy_folds == 1 or settings.privacy_folds < 0:
+        raise InvalidRequest("--privacy-folds must be 0 (off) or at least 2")
     info = registry.model(name, version)
     path = Path(info.path)
     if not (path / "patients").is_dir():
@@ -297,7 +285,7 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
          f"{p['privacy']['exact_copies']} ({timings['patients_seconds']:.1f} s)")
     if settings.risks and settings.privacy_folds >= 2 and hold_df is not None and len(hold_df):
         t = time.perf_counter()
-        p["privacy"]["crossfit"] = _crossfit_section(train_df, hold_df, meta, info.settings,
+        p["privacy"]["crossfit"] = _crossfit_section(pm, train_df, hold_df, meta, info.settings,
                                                      settings, echo)
         timings["privacy_crossfit_seconds"] = round(time.perf_counter() - t, 3)
 

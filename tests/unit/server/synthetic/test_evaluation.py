@@ -161,3 +161,30 @@ def test_holdout_evaluate_store_and_serve(env, tmp_path, monkeypatch):
                                     str(cfg.data_dir)],
                              env={"SYNTHPORT_DATABASE_URL": cfg.resolved_database_url})
     assert res.exit_code != 0 and "--privacy-folds" in res.output
+
+
+def test_crossfit_refits_with_the_stored_models_class_and_hyper_parameters():
+    import pandas as pd
+
+    from server.synthetic.evaluation import _refit_sampler
+
+    made = []
+
+    class Stored:
+        def __init__(self, **hyper):
+            self.hyper = hyper
+            made.append(self)
+
+        def fit(self, df, meta, *, epochs, device, progress):
+            self.fitted = (len(df), meta, epochs, device, progress)
+            return self
+
+        def sample(self, n, seed):
+            return pd.DataFrame({"x": range(n)})
+
+    stored = Stored(dropout=0.42, hidden=8)
+    fit_sample = _refit_sampler(stored, {"epochs": 7, "device": None}, {"x": {"kind": "numerical"}})
+    out = fit_sample(pd.DataFrame({"x": [1, 2, 3]}), 5, 1)
+    fresh = made[-1]
+    assert fresh is not stored and fresh.hyper == {"dropout": 0.42, "hidden": 8}
+    assert fresh.fitted == (3, {"x": {"kind": "numerical"}}, 7, "cpu", False) and len(out) == 5
