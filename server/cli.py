@@ -291,10 +291,13 @@ def train(data_dir, config_file, name, device, epochs, event_epochs, image_epoch
 @click.option("--privacy-folds", type=int, default=0, show_default=True,
               help="Also cross-fitted privacy risks: refit the patient model on K-1 of K parts of "
                    "the real patients, K times, each part the control set once (0: off).")
+@click.option("--privacy-repeats", type=int, default=1, show_default=True,
+              help="Passes of the cross-fit, each with its own random split (R x K refits): "
+                   "averages the refitted generators' randomness out of the risks.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Also write report.json and report.html here.")
 def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_epochs,
-             event_patients, target, seed, no_images, privacy_folds, out_dir):
+             event_patients, target, seed, no_images, privacy_folds, privacy_repeats, out_dir):
     """Evaluate model NAME against the real store (fidelity, privacy, utility, baselines);
     the report is stored with the model and written as report.json + report.html."""
     from server.errors import SynthportError
@@ -304,7 +307,7 @@ def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_
     names = [b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"]
     settings = EvaluateSettings(n=n, seed=seed, baselines=names, baseline_epochs=baseline_epochs,
                                 event_patients=event_patients, target=target, images=not no_images,
-                                privacy_folds=privacy_folds)
+                                privacy_folds=privacy_folds, privacy_repeats=privacy_repeats)
     try:
         report = evaluate_model(reg, store, dicom, name, model_version, settings, out_dir,
                                 echo=click.echo)
@@ -321,7 +324,8 @@ def evaluate(data_dir, config_file, name, model_version, n, baselines, baseline_
                    f"inference {_fmt(row['inference_risk_max'])}  TSTR/TRTR {_fmt(row['tstr_trtr_ratio'])}")
     m = s["model"]
     if m.get("crossfit_inference_risk_max") is not None:
-        click.echo(f"  cross-fitted ({privacy_folds} folds): singling-out "
+        rep = f" x {privacy_repeats}" if privacy_repeats > 1 else ""
+        click.echo(f"  cross-fitted ({privacy_folds} folds{rep}): singling-out "
                    f"{_fmt(m['crossfit_singling_out_risk'])}  linkability "
                    f"{_fmt(m['crossfit_linkability_risk'])}  inference "
                    f"{_fmt(m['crossfit_inference_risk_max'])}")

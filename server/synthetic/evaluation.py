@@ -52,6 +52,7 @@ class EvaluateSettings:
     images_per_class: int = 16
     risks: bool = True
     privacy_folds: int = 0      # >= 2: also cross-fitted risks (generators/evaluation/crossfit.py)
+    privacy_repeats: int = 1    # passes of the cross-fit, each with its own split
 
 
 def _patient_table(tables):
@@ -85,7 +86,8 @@ def _crossfit_section(model, train_df, hold_df, meta, train_settings: dict,
     from generators.evaluation.crossfit import crossfit_risks
 
     return crossfit_risks(pd.concat([train_df, hold_df]), _refit_sampler(model, train_settings, meta),
-                          meta, folds=settings.privacy_folds, seed=settings.seed, progress=echo)
+                          meta, folds=settings.privacy_folds, repeats=settings.privacy_repeats,
+                          seed=settings.seed, progress=echo)
 
 
 def _image_section(model_path: Path, dicom, holdout_ids: set[str], origin: str | None,
@@ -220,6 +222,8 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
         raise InvalidRequest("--n must be at least 2")
     if settings.privacy_folds == 1 or settings.privacy_folds < 0:
         raise InvalidRequest("--privacy-folds must be 0 (off) or at least 2")
+    if settings.privacy_repeats < 1:
+        raise InvalidRequest("--privacy-repeats must be at least 1")
     info = registry.model(name, version)
     path = Path(info.path)
     if not (path / "patients").is_dir():

@@ -351,12 +351,15 @@ def _privacy(report: dict) -> str:
             p = (pr.get("inference") or {}).get(s) or {}
             rows.append([f"inference of {s}", v.get("value"), ci(v.get("ci")), p.get("value"),
                          ci(p.get("ci"))])
-        out.append(f"<h3>Cross-fitted risks ({cf.get('folds')} folds, {cf.get('rows')} real patients)</h3>")
+        rep = (f" x {cf.get('repeats')} repeated splits" if (cf.get("repeats") or 1) > 1 else "")
+        out.append(f"<h3>Cross-fitted risks ({cf.get('folds')} folds{rep}, {cf.get('rows')} real "
+                   "patients)</h3>")
         out.append(_table(["attack", "pooled risk", "95 % CI", "paired risk", "95 % CI (bootstrap)"],
                           rows))
         out.append('<p class="note">The patient model was refitted on each fold\'s other parts with '
-                   "the stored settings; every real patient was a control once. Pooled: the folds' "
-                   "successes summed, then the risk as above. Paired: each patient's success as a "
+                   "the stored settings; every real patient was a control once per pass. Pooled: "
+                   "the folds' successes summed, then the risk as above (with repeated splits, the "
+                   "interval of one pass's counts). Paired: each patient's success as a "
                    "training target against its success as a control (generators/evaluation/"
                    "crossfit.py).</p>")
     a = priv.get("anonymeter") or {}

@@ -86,3 +86,51 @@ def test_paired_estimates_compare_each_patient_with_itself(population):
     assert p["n_patients"] == 2 and p["target_rate"] == 0.5 and p["control_rate"] == 0.5
     assert p["value"] == 0.0
     assert math.isnan(paired(runs, "linkability")["value"])
+
+
+def test_repeated_splits_make_each_row_a_control_once_per_pass(population):
+    from generators.evaluation.risks import residual_risk, success_rate
+
+    real = population.iloc[:120].reset_index(drop=True)
+    fresh = population.iloc[200:].reset_index(drop=True)
+    controls: list[frozenset] = []
+
+    def independent(train, n, seed):
+        controls.append(frozenset(set(real.index) - set(train.index)))
+        return fresh.sample(n, random_state=seed).reset_index(drop=True)
+
+    one = crossfit_risks(real, independent, folds=3, seed=4)
+    controls.clear()
+    rep = crossfit_risks(real, independent, folds=3, repeats=2, seed=4)
+    assert rep["repeats"] == 2 and len(rep["per_fold"]) == 6
+    assert [(p["repeat"], p["fold"]) for p in rep["per_fold"]] == [(r, k) for r in (0, 1) for k in range(3)]
+    # the first pass is the single cross-fit; the second draws another split
+    assert [p["inference_max"] for p in rep["per_fold"][:3]] == [p["inference_max"] for p in one["per_fold"]]
+    first, second = controls[:3], controls[3:]
+    for passed in (first, second):
+        assert sorted(i for c in passed for i in c) == list(range(120))
+    assert set(first) != set(second)
+    for s, v in rep["inference"].items():
+        assert v["n_control_attacks"] == 240 and v["repeats"] == 2
+        # the interval is that of one pass's counts (the sample is not twice as large)
+        want = residual_risk(success_rate(v["successes"] / 2, v["n_attacks"] / 2),
+                             success_rate(v["control_successes"] / 2, v["n_control_attacks"] / 2))
+        assert v["ci"] == pytest.approx(want["ci"]) and v["value"] == pytest.approx(want["value"])
+        assert rep["paired"]["inference"][s]["n_patients"] == 120
+    with pytest.raises(ValueError):
+        crossfit_risks(real, independent, folds=3, repeats=0)
+
+
+def test_paired_averages_a_patients_controls_over_the_passes():
+    from generators.evaluation.crossfit import paired
+
+    runs = [{"outcomes": {"train_index": ["a"], "control_index": ["b"],
+                          "inference": {"x": {"train": [True], "control": [True]}}}},
+            {"outcomes": {"train_index": ["b"], "control_index": ["a"],
+                          "inference": {"x": {"train": [True], "control": [False]}}}},
+            {"outcomes": {"train_index": ["a"], "control_index": ["b"],   # second pass
+                          "inference": {"x": {"train": [True], "control": [False]}}}}]
+    r = paired(runs, "inference", "x", n_boot=50)
+    # targets a: 1, 1; b: 1 -> 1.0; controls a: 0; b: (1 + 0) / 2 -> mean 0.25
+    assert r["n_patients"] == 2 and r["target_rate"] == 1.0 and r["control_rate"] == 0.25
+    assert r["value"] == pytest.approx(1.0)

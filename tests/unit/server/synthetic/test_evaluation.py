@@ -146,21 +146,28 @@ def test_holdout_evaluate_store_and_serve(env, tmp_path, monkeypatch):
 
     # cross-fitted risks: the patient model refitted per fold with the stored settings
     res = CliRunner().invoke(main, [
-        "evaluate", "ev", "--privacy-folds", "2", "--baselines", "none", "--event-patients", "4",
+        "evaluate", "ev", "--privacy-folds", "2", "--privacy-repeats", "2", "--baselines", "none",
+        "--event-patients", "4",
         "--no-images", "--out", str(out), "--data-dir", str(cfg.data_dir)],
         env={"SYNTHPORT_DATABASE_URL": cfg.resolved_database_url})
     assert res.exit_code == 0, res.output
-    assert "cross-fitted (2 folds): singling-out" in res.output
+    assert "cross-fitted (2 folds x 2): singling-out" in res.output
     cf = json.loads((out / "report.json").read_text())["patients"]["privacy"]["crossfit"]
-    assert cf["status"] == "ok" and cf["folds"] == 2 and cf["rows"] == 40
-    assert all(v["n_control_attacks"] == 40 for v in cf["inference"].values())
+    assert cf["status"] == "ok" and cf["folds"] == 2 and cf["repeats"] == 2 and cf["rows"] == 40
+    assert len(cf["per_fold"]) == 4
+    assert all(v["n_control_attacks"] == 80 for v in cf["inference"].values())   # twice each
     assert set(cf["paired"]["inference"]) == set(cf["inference"])
     assert all(v["n_patients"] == 40 for v in cf["paired"]["inference"].values())
-    assert "Cross-fitted risks (2 folds, 40 real patients)" in (out / "report.html").read_text()
+    assert ("Cross-fitted risks (2 folds x 2 repeated splits, 40 real patients)"
+            in (out / "report.html").read_text())
     res = CliRunner().invoke(main, ["evaluate", "ev", "--privacy-folds", "1", "--data-dir",
                                     str(cfg.data_dir)],
                              env={"SYNTHPORT_DATABASE_URL": cfg.resolved_database_url})
     assert res.exit_code != 0 and "--privacy-folds" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "ev", "--privacy-folds", "2", "--privacy-repeats",
+                                    "0", "--data-dir", str(cfg.data_dir)],
+                             env={"SYNTHPORT_DATABASE_URL": cfg.resolved_database_url})
+    assert res.exit_code != 0 and "--privacy-repeats must be at least 1" in res.output
 
 
 def test_crossfit_refits_with_the_stored_models_class_and_hyper_parameters():
