@@ -12,6 +12,7 @@ answers ``ERROR_TABLE[type(err)].dimse_status`` with the message as *Error Comme
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import socket
@@ -255,18 +256,24 @@ def prefer_requestor_syntaxes(assoc) -> None:
     stored as sent (not decompressed by the sender because we listed implicit VR first,
     nor lossily compressed because we listed JPEG first). For an abstract syntax
     proposed in several contexts, the first context's order is used.
+
+    The acceptor's list is replaced by copies of the proposed abstract syntaxes' contexts
+    only (the listener's ~180 are shared by every association, never changed): the
+    others play no part in the negotiation (PS3.8 §9.3.2.2: the acceptor answers the
+    proposed contexts).
     """
     ours = {cx.abstract_syntax: cx for cx in assoc.acceptor.supported_contexts}
-    done: set[str] = set()
+    mine: dict[str, PresentationContext] = {}
     for rq in assoc.requestor.primitive.presentation_context_definition_list or []:
         cx = ours.get(rq.abstract_syntax)
-        if cx is None or rq.abstract_syntax in done:
+        if cx is None or rq.abstract_syntax in mine:
             continue
-        done.add(rq.abstract_syntax)
+        mine[rq.abstract_syntax] = cx = copy.deepcopy(cx)
         supported = cx.transfer_syntax
         first = [ts for ts in rq.transfer_syntax if ts in supported]
         if first and supported[:len(first)] != first:
             cx.transfer_syntax = first + [ts for ts in supported if ts not in first]
+    assoc.acceptor.supported_contexts = list(mine.values())
 
 
 # --------------------------------------------------------------------------- identifiers

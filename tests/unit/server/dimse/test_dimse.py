@@ -315,3 +315,37 @@ def test_peers_from_toml_table(tmp_path):
     assert handlers.parse_peers(cfg.dimse_peers) == {"ORTHANC": ("127.0.0.1", 4242)}
     cfg = load_config(environ={"SYNTHPORT_DIMSE_PEERS": "X=h:1"})
     assert handlers.parse_peers(cfg.dimse_peers) == {"X": ("h", 1)}
+
+
+def test_requestors_syntax_order_wins_without_touching_the_listeners_contexts(dimse):
+    from pydicom.uid import JPEG2000Lossless
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+    def order(uid):
+        return [list(cx.transfer_syntax) for cx in dimse.server.contexts if cx.abstract_syntax == uid]
+
+    before = order(CTImageStorage)
+    assert before[0][0] != JPEG2000Lossless          # ours lists it later
+    seen = {}
+
+    def spy(event):
+        seen["supported"] = [cx.abstract_syntax for cx in event.assoc.acceptor.supported_contexts]
+
+    for assoc in list(dimse.server.active_associations):
+        assoc.release()
+    dimse.server.bind(evt.EVT_ACCEPTED, spy)
+    try:
+        ae = scu(contexts=[(CTImageStorage, [JPEG2000Lossless, ExplicitVRLittleEndian]),
+                           (Verification, [ImplicitVRLittleEndian])])
+        assoc = ae.associate("127.0.0.1", dimse.port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+        assoc.release()
+    finally:
+        dimse.server.unbind(evt.EVT_ACCEPTED, spy)
+    assert accepted == {CTImageStorage: JPEG2000Lossless, Verification: ImplicitVRLittleEndian}
+    # the association negotiated on copies of the proposed contexts only ...
+    assert sorted(seen["supported"]) == sorted([CTImageStorage, Verification])
+    # ... and the listener's shared list, used by the next association, is unchanged
+    assert order(CTImageStorage) == before and MRImageStorage in [
+        cx.abstract_syntax for cx in dimse.server.contexts]
