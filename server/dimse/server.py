@@ -99,7 +99,8 @@ class _Context(PresentationContext):
 
     pynetdicom deep-copies every supported context for every association; with ~170
     storage SOP classes times ~35 transfer syntaxes that is 60+ ms per association.
-    UIDs are immutable strings, so copying the list is enough.
+    UIDs are immutable strings, so copying the list is enough. synthport copies only
+    the contexts an association proposes (handlers.prefer_requestor_syntaxes).
     """
 
     def __deepcopy__(self, memo):
