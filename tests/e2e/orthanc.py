@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -30,9 +31,11 @@ def dicomweb_plugin() -> str:
 
 
 @contextlib.contextmanager
-def run_orthanc(folder: Path, **config: Any) -> Iterator[tuple[str, int]]:
+def run_orthanc(folder: Path, env: dict[str, str] | None = None,
+                **config: Any) -> Iterator[tuple[str, int]]:
     """Start Orthanc (AE title ORTHANC, no authentication, loopback only) with ``config``
     merged into its configuration; yield (HTTP base URL, DICOM port); stop it after.
+    ``env``: more environment variables for its process.
 
     Raises:
         OrthancMissing: no ``Orthanc`` executable.
@@ -51,7 +54,7 @@ def run_orthanc(folder: Path, **config: Any) -> Iterator[tuple[str, int]]:
     (folder / "orthanc.json").write_text(json.dumps(settings))
     log = open(folder / "orthanc.log", "wb")
     proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=folder)
+                            stderr=subprocess.STDOUT, cwd=folder, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{http}"
     try:
         deadline = time.monotonic() + 60
