@@ -25,7 +25,9 @@ pytestmark = pytest.mark.e2e
 def orthanc(folder: Path, synthport_port: int):
     """Orthanc on free ports (HTTP, DICOM), AE title ORTHANC, synthport as a modality."""
     try:
-        with run_orthanc(folder, DicomModalities={"synthport": ["SYNTHPORT", "127.0.0.1", synthport_port]},
+        # TCP_NODELAY: Orthanc's dcmtk sockets keep Nagle on otherwise (docs/dimse.md)
+        with run_orthanc(folder, env={"TCP_NODELAY": "1"},
+                         DicomModalities={"synthport": ["SYNTHPORT", "127.0.0.1", synthport_port]},
                          DicomScuTimeout=30, ConcurrentJobs=1) as running:
             yield running
     except OrthancMissing as exc:
