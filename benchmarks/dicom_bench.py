@@ -263,7 +263,8 @@ def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str
             dt = time.perf_counter() - start
             res[t.name]["C-STORE inst/s"] = args.n / dt
             say(t, f"C-STORE   {args.n} instances, one association: {dt:.2f} s = {args.n / dt:.1f}/s"
-                + ("" if proc.returncode == 0 else f" rc={proc.returncode} {proc.stderr[-300:]}"))
+                + ("" if proc.returncode == 0 and "E:" not in proc.stdout + proc.stderr
+                   else f" FAILED rc={proc.returncode} {(proc.stdout + proc.stderr)[-300:]}"))
             print(f"(servers idle after {settle():.1f} s)", flush=True)
     else:
         for t in targets:
