@@ -140,7 +140,8 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 def listener_pid(port: int) -> int | None:
     """The process listening on ``port`` (the DIMSE child of ``synthport serve``)."""
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                         text=True).stdout
     for part in out.split("pid=")[1:]:
         return int(part.split(",", 1)[0])
     return None

@@ -104,10 +104,12 @@ def main() -> None:
         util = sec.get("utility") or {}
         for seed in seeds:
             cf = crossfit(_refit_sampler(model, info.settings, meta), seed)
-            print(json.dumps({"run": spec, "seed": seed, "quality": round(sec["fidelity"]["quality"], 4),
-                              "tstr_trtr": {m: round(util[m]["ratio"], 3) for m in ("gbm", "logistic")
-                                            if isinstance(util.get(m), dict) and "ratio" in util[m]},
-                              **_summary(cf), "seconds": round(time.perf_counter() - t)}), flush=True)
+            tstr = {m: round(util[m]["ratio"], 3) for m in ("gbm", "logistic")
+                    if isinstance(util.get(m), dict) and "ratio" in util[m]}
+            print(json.dumps({"run": spec, "seed": seed,
+                              "quality": round(sec["fidelity"]["quality"], 4), "tstr_trtr": tstr,
+                              **_summary(cf), "seconds": round(time.perf_counter() - t)}),
+                  flush=True)
 
     def marginals(train, n, seed):
         rs = np.random.default_rng(seed)

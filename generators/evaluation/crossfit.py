@@ -157,8 +157,8 @@ def crossfit_risks(real: pd.DataFrame, fit_sample: FitSample, metadata=None, *, 
         ``{"status": "ok", "method", "folds", "rows", "aux_columns", "secrets",
         "singling_out", "linkability", "inference": {secret: {...}}, "inference_max",
         "paired": {"linkability", "inference": {secret: {...}}, "inference_max"},
-        "per_fold": [{"repeat", "fold", "inference_max", "singling_out", "linkability"}, ...]}``, every
-        pooled risk with ``value``, ``ci`` and the summed counts; or
+        "per_fold": [{"repeat", "fold", "inference_max", "singling_out", "linkability"},
+        ...]}``, every pooled risk with ``value``, ``ci`` and the summed counts; or
         ``{"status": "skipped", "reason"}``.
     """
     folds, repeats = int(folds), int(repeats)
