@@ -42,7 +42,7 @@ from pydicom.dataelem import DataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
-from sqlalchemy import exists, func, insert, literal, select, update
+from sqlalchemy import bindparam, exists, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from server.db import schema as S
@@ -176,6 +176,30 @@ def _uid(ds: Dataset, keyword: str, what: str) -> str:
     if not _UID_RE.match(value):
         raise InvalidResource(f"{keyword} '{value[:80]}' is not a valid UID")
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def _stmt(kind: str, table=None, key: str | None = None):
+    """The statements of the one-instance write path (C-STORE), built once with bound
+    parameters: building them per instance (SQLAlchemy's construction, coercion and
+    cache key) cost about as much as running them on SQLite."""
+    if kind == "old_instance":
+        return (select(I.c.pk, I.c.series_pk, I.c.study_pk, I.c.sop_class_uid)
+                .where(I.c.sop_uid == bindparam("b_uid")))
+    if kind == "row_by":
+        return select(table).where(table.c[key] == bindparam("b_key"))
+    if kind == "insert":
+        return insert(table)
+    if kind == "insert_pk":
+        return insert(table).returning(table.c.pk)
+    if kind == "add_series":
+        return (update(SE).where(SE.c.pk == bindparam("b_pk"))
+                .values(num_instances=SE.c.num_instances + bindparam("b_k")))
+    if kind == "add_study":
+        return (update(ST).where(ST.c.pk == bindparam("b_pk"))
+                .values(num_instances=ST.c.num_instances + bindparam("b_k"),
+                        updated=bindparam("b_now"), fhir_pending=bindparam("b_pending")))
+    raise ValueError(kind)
 
 
 def parse_instance(data: bytes) -> ParsedInstance:
@@ -492,8 +516,7 @@ class DicomStore:
         """Upsert the patient, study, series and instance rows of one instance (the
         caller holds its locks). Returns (the previous instance row or None, series pk,
         study pk, whether the series row was created)."""
-        old = conn.execute(select(I.c.pk, I.c.series_pk, I.c.study_pk, I.c.sop_class_uid)
-                           .where(I.c.sop_uid == parsed.sop_uid)).first()
+        old = conn.execute(_stmt("old_instance"), {"b_uid": parsed.sop_uid}).first()
         if old is not None and old.sop_class_uid != parsed.sop_class_uid:
             raise SopClassMismatch(
                 f"SOP Instance {parsed.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
@@ -506,7 +529,7 @@ class DicomStore:
         row = {**parsed.instance, "series_pk": series_pk, "study_pk": study_pk,
                "blob_key": blob_key(parsed.sop_uid), "metadata": parsed.metadata}
         if old is None:
-            conn.execute(insert(I).values(**row, updated=now))
+            conn.execute(_stmt("insert", I), {**row, "updated": now})
         else:
             conn.execute(update(I).where(I.c.pk == old.pk).values(**row, updated=now))
         return old, series_pk, study_pk, new_series
@@ -586,10 +609,9 @@ class DicomStore:
         """Insert a row, or update the existing one with the values that are not empty
         (an instance that lacks an attribute does not blank what its siblings gave).
         Returns (pk, whether the row was created)."""
-        row = conn.execute(select(table).where(table.c[key] == values[key])).mappings().first()
+        row = conn.execute(_stmt("row_by", table, key), {"b_key": values[key]}).mappings().first()
         if row is None:
-            return conn.execute(insert(table).values(**values, updated=now)
-                                .returning(table.c.pk)).scalar_one(), True
+            return conn.execute(_stmt("insert_pk", table), {**values, "updated": now}).scalar_one(), True
         # Most instances repeat their series' values: write only what changed.
         changes = {k: v for k, v in values.items() if v not in ("", None) and row[k] != v}
         if changes:
@@ -601,10 +623,10 @@ class DicomStore:
         """Counts after adding instances to series that existed before this transaction
         (modalities and the number of series cannot have changed)."""
         for pk, k in new_per_series.items():
-            conn.execute(update(SE).where(SE.c.pk == pk).values(num_instances=SE.c.num_instances + k))
+            conn.execute(_stmt("add_series"), {"b_pk": pk, "b_k": k})
         for pk, k in new_per_study.items():
-            conn.execute(update(ST).where(ST.c.pk == pk).values(
-                num_instances=ST.c.num_instances + k, updated=now, fhir_pending=pending))
+            conn.execute(_stmt("add_study"), {"b_pk": pk, "b_k": k, "b_now": now,
+                                              "b_pending": pending})
 
     def _refresh_counts(self, conn, series_pks: set[int], study_pks: list[int], now: float,
                         pending: bool = False) -> None:
