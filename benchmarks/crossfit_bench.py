@@ -64,22 +64,18 @@ def main() -> None:
     from generators.evaluation.report import table_section
     from generators.tabular import load_patient_model
     from server.cli import _synthetic_env
-    from server.source import RequestContext
-    from server.synthetic.evaluation import _patient_table, _refit_sampler
-    from server.synthetic.training import TrainSettings, map_store, read_holdout, subset_tables
+    from server.synthetic.evaluation import _patient_table, _refit_sampler, real_tables, split_keys
+    from server.synthetic.training import read_holdout, subset_tables
 
     _cfg, store, _dicom, reg = _synthetic_env(args.data_dir, None)
     info = reg.model(args.model, None)
     path = Path(info.path)
-    tables = map_store(store, TrainSettings(limit=info.settings.get("limit"),
-                                            min_count=info.settings.get("min_count")),
-                       RequestContext(caller="crossfit-bench"), {})
-    hold = read_holdout(path)
-    if hold is None:
-        raise SystemExit(f"model {args.model} has no hold-out split")
-    keys = set(tables.patients.index.astype(str))
-    train_df, meta = _patient_table(subset_tables(tables, sorted(keys & set(hold["train"]))))
-    hold_df = _patient_table(subset_tables(tables, sorted(keys & set(hold["holdout"]))))[0]
+    tables = real_tables(store, info)
+    train_keys, hold_keys, notes = split_keys(tables, read_holdout(path))
+    if not hold_keys:
+        raise SystemExit(f"model {args.model}: no held-out patients ({'; '.join(notes)})")
+    train_df, meta = _patient_table(subset_tables(tables, train_keys))
+    hold_df = _patient_table(subset_tables(tables, hold_keys))[0]
     real = pd.concat([train_df, hold_df])
     stored = load_patient_model(path / "patients")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -94,7 +90,11 @@ def main() -> None:
             k, v = kv.split("=", 1)
             if k not in hyper:
                 raise SystemExit(f"unknown hyper-parameter {k}")
-            hyper[k] = type(hyper[k])(v) if hyper[k] is not None else float(v)
+            old = hyper[k]
+            if isinstance(old, bool):
+                hyper[k] = v.lower() in ("1", "true", "yes")
+            else:
+                hyper[k] = type(old)(v) if old is not None else float(v)
         t = time.perf_counter()
         torch.manual_seed(0)
         model = type(stored)(**hyper)

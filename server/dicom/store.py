@@ -611,7 +611,8 @@ class DicomStore:
         Returns (pk, whether the row was created)."""
         row = conn.execute(_stmt("row_by", table, key), {"b_key": values[key]}).mappings().first()
         if row is None:
-            return conn.execute(_stmt("insert_pk", table), {**values, "updated": now}).scalar_one(), True
+            pk = conn.execute(_stmt("insert_pk", table), {**values, "updated": now}).scalar_one()
+            return pk, True
         # Most instances repeat their series' values: write only what changed.
         changes = {k: v for k, v in values.items() if v not in ("", None) and row[k] != v}
         if changes:

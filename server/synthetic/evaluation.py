@@ -63,6 +63,37 @@ def _patient_table(tables):
     return df, meta
 
 
+def real_tables(store, info, identifiers: dict[str, set[str]] | None = None):
+    """The real patient and event tables, mapped as model ``info`` was trained (its
+    ``limit`` and ``min_count``); ``identifiers`` collects each patient's identifiers
+    (``map_store``)."""
+    from server.synthetic.training import TrainSettings, map_store
+
+    ts = TrainSettings(limit=info.settings.get("limit"), min_count=info.settings.get("min_count"))
+    return map_store(store, ts, RequestContext(caller="synthport-evaluate"),
+                     {} if identifiers is None else identifiers)
+
+
+def split_keys(tables, hold: dict | None) -> tuple[list[str], list[str], list[str]]:
+    """(training keys, hold-out keys, notes): the model's split (``read_holdout``) over
+    the patients in ``tables`` now; patients added or removed since are noted."""
+    keys = set(tables.patients.index.astype(str))
+    notes: list[str] = []
+    if hold is None:
+        notes.append("the model was trained before hold-outs existed: no real patient is "
+                     "unseen, so DCR, attack risks and TSTR are skipped")
+        return sorted(keys), [], notes
+    train_keys = sorted(keys & set(hold["train"]))
+    hold_keys = sorted(keys & set(hold["holdout"]))
+    new = len(keys) - len(train_keys) - len(hold_keys)
+    if new:
+        notes.append(f"{new} patients were added to the store after training: left out")
+    missing = len(hold["train"]) + len(hold["holdout"]) - len(train_keys) - len(hold_keys)
+    if missing:
+        notes.append(f"{missing} training or held-out patients are no longer in the store")
+    return train_keys, hold_keys, notes
+
+
 def _refit_sampler(model, train_settings: dict, meta: dict) -> Callable:
     """``fit_sample(train, n, seed)``: a new patient model of the stored one's class and
     hyper-parameters (``model.hyper``: backend, dropout, DP …), fitted on ``train`` with
@@ -85,7 +116,8 @@ def _crossfit_section(model, train_df, hold_df, meta, train_settings: dict,
 
     from generators.evaluation.crossfit import crossfit_risks
 
-    return crossfit_risks(pd.concat([train_df, hold_df]), _refit_sampler(model, train_settings, meta),
+    return crossfit_risks(pd.concat([train_df, hold_df]),
+                          _refit_sampler(model, train_settings, meta),
                           meta, folds=settings.privacy_folds, repeats=settings.privacy_repeats,
                           seed=settings.seed, progress=echo)
 
@@ -210,8 +242,7 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
     from generators.events import EventModel
     from generators.tabular import load_patient_model
     from server.synthetic.report_html import render_html
-    from server.synthetic.training import (TrainSettings, _fingerprint, map_store, read_holdout,
-                                           subset_tables)
+    from server.synthetic.training import _fingerprint, read_holdout, subset_tables
 
     settings = settings or EvaluateSettings()
     unknown = [b for b in settings.baselines if b not in BASELINES]
@@ -232,26 +263,12 @@ def evaluate_model(registry: Registry, store, dicom, name: str, version: int | N
     timings: dict[str, float] = {}
 
     # 1. the real tables, mapped as training mapped them, split as training split them
-    ts = TrainSettings(limit=info.settings.get("limit"), min_count=info.settings.get("min_count"))
     identifiers: dict[str, set[str]] = {}
-    tables = map_store(store, ts, RequestContext(caller="synthport-evaluate"), identifiers)
+    tables = real_tables(store, info, identifiers)
     timings["map_seconds"] = round(time.perf_counter() - t0, 3)
     keys = set(tables.patients.index.astype(str))
     hold = read_holdout(path)
-    notes: list[str] = []
-    if hold is None:
-        train_keys, hold_keys = sorted(keys), []
-        notes.append("the model was trained before hold-outs existed: no real patient is "
-                     "unseen, so DCR, attack risks and TSTR are skipped")
-    else:
-        train_keys = sorted(keys & set(hold["train"]))
-        hold_keys = sorted(keys & set(hold["holdout"]))
-        new = len(keys) - len(train_keys) - len(hold_keys)
-        if new:
-            notes.append(f"{new} patients were added to the store after training: left out")
-        missing = len(hold["train"]) + len(hold["holdout"]) - len(train_keys) - len(hold_keys)
-        if missing:
-            notes.append(f"{missing} training or held-out patients are no longer in the store")
+    train_keys, hold_keys, notes = split_keys(tables, hold)
     if len(train_keys) < 2:
         raise InvalidRequest("fewer than 2 of the model's training patients are in the store")
     fp_now = _fingerprint(tables)
