@@ -224,6 +224,37 @@ def settle(limit: float = 90.0) -> float:
     return time.perf_counter() - start
 
 
+def inode_settle(folder: Path, limit: float = 330.0, threshold_us: float = 80.0) -> str:
+    """Wait until creating a file under ``folder`` is cheap again; returns what it saw.
+
+    On an ext4 file system without a journal (this project's CI and session machines:
+    ``/proc/fs/jbd2`` is empty), the inode allocator skips every inode freed in the last
+    60-300 s (``recently_deleted`` in fs/ext4/ialloc.c, reading its inode table block),
+    so after a run deleted thousands of files each new file costs 0.1-1 ms of kernel CPU
+    in the process that creates it: for a few minutes the store phases time the previous
+    run's clean-up, not the servers (seen here: 20 us a create when settled, 300-1,000 us
+    after a clean-up; ``perf`` shows ``find_inode_bit`` -> ``recently_deleted``). The
+    probe files are kept (deleting them would start the clock again) and go with
+    ``folder``.
+    """
+    probe = folder / ".inode-probe"
+    probe.mkdir(parents=True, exist_ok=True)
+    start, seen = time.perf_counter(), []
+    while True:
+        t = time.perf_counter()
+        for _ in range(50):
+            fd, _name = tempfile.mkstemp(dir=probe)
+            os.close(fd)
+        per = (time.perf_counter() - t) / 50 * 1e6
+        seen.append(per)
+        if per < threshold_us or time.perf_counter() - start > limit:
+            break
+        time.sleep(10)
+    waited = time.perf_counter() - start
+    return (f"file create {seen[-1]:.0f} us" + (f" after {waited:.0f} s (first {seen[0]:.0f} us)"
+                                                if len(seen) > 1 else ""))
+
+
 def side_by_side(targets: list[Target], count: int, call, rounds: int = 4) -> dict[str, list[float]]:
     """``count`` calls of ``call(target, i)`` per target, in ``rounds`` rounds; each round
     gives every target one block of consecutive calls, in ABBA order (AB, BA, AB, BA),
@@ -257,6 +288,7 @@ def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str
         # One association of N instances per server cannot be interleaved: the servers
         # take turns, in the order of the target list.
         for t in targets:
+            print(f"(inodes: {inode_settle(files1[0].parent.parent)})", flush=True)
             start = time.perf_counter()
             proc = subprocess.run([storescu, "-aec", t.aet, "127.0.0.1", str(t.dimse_port),
                                    *map(str, files1)], env=nodelay, capture_output=True, text=True)
@@ -271,6 +303,7 @@ def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str
             stow(t.session, t.web, files1, args.batch)   # the read phases need study a
         settle()
     if "stow" in phases:
+        print(f"(inodes: {inode_settle(files1[0].parent.parent)})", flush=True)
         batches = [files2[i:i + args.batch] for i in range(0, len(files2), args.batch)]
         bad = {t.name: 0 for t in targets}
 

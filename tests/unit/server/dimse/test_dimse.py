@@ -349,3 +349,29 @@ def test_requestors_syntax_order_wins_without_touching_the_listeners_contexts(di
     # ... and the listener's shared list, used by the next association, is unchanged
     assert order(CTImageStorage) == before and MRImageStorage in [
         cx.abstract_syntax for cx in dimse.server.contexts]
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", "1.2.840.10008.5.1.4.1.1.2." + "9" * 38])
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"])
+@pytest.mark.parametrize("aet", ["", "STORESCU", "ODD"])
+def test_file_meta_encoding_is_pydicoms(sop_instance, ts, aet):
+    """encode_file_meta writes exactly what pydicom's writer writes for pynetdicom's
+    event.file_meta (plus the Source AE Title), odd and even value lengths alike."""
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                            transfer_syntax=ts)
+    if aet:
+        meta.SourceApplicationEntityTitle = aet
+    expected = BytesIO()
+    write_file_meta_info(expected, meta, enforce_standard=True)
+    got = handlers.encode_file_meta(sop_class, sop_instance, ts, aet)
+    assert got == expected.getvalue()
+    back = dcmread(BytesIO(b"\0" * 128 + b"DICM" + got))
+    assert back.file_meta.MediaStorageSOPInstanceUID == sop_instance
+    assert back.file_meta.TransferSyntaxUID == ts
+    assert back.file_meta.get("SourceApplicationEntityTitle", "") == aet
