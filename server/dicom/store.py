@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import orjson
 from pydicom import Dataset, config as pydicom_config, dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
@@ -169,8 +169,27 @@ def _clip(value: str, n: int) -> str:
     return value[:n]
 
 
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """:func:`_text` of a UID element, from its bytes as read while pydicom has not
+    converted it: the conversion (value validation, a ``UID`` object) cost about 15 us
+    an element, six per stored instance. UIDs are ASCII in every character set
+    (PS3.5 §9.1), so no decoding rule is skipped; what is not a UID fails ``_UID_RE``."""
+    try:
+        elem = ds.get_item(_KEYWORD_TAG[keyword])
+    except Exception:  # noqa: BLE001 - malformed value
+        return ""
+    if type(elem) is RawDataElement and elem.value is not None:
+        return elem.value.split(b"\\", 1)[0].decode("ascii", "replace").strip().strip("\x00").strip()
+    return _text(ds, keyword)
+
+
+_KEYWORD_TAG = {k: tag_for_keyword(k) for k in (
+    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")}
+
+
 def _uid(ds: Dataset, keyword: str, what: str) -> str:
-    value = _text(ds, keyword)
+    value = _raw_text(ds, keyword)
     if not value:
         raise InvalidResource(f"The instance has no {what} ({keyword})")
     if not _UID_RE.match(value):
@@ -179,13 +198,19 @@ def _uid(ds: Dataset, keyword: str, what: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _stmt(kind: str, table=None, key: str | None = None):
+def _stmt(kind: str, table=None, key: Any = None):
     """The statements of the one-instance write path (C-STORE), built once with bound
     parameters: building them per instance (SQLAlchemy's construction, coercion and
     cache key) cost about as much as running them on SQLite."""
     if kind == "old_instance":
         return (select(I.c.pk, I.c.series_pk, I.c.study_pk, I.c.sop_class_uid)
                 .where(I.c.sop_uid == bindparam("b_uid")))
+    if kind == "hierarchy":       # key: the columns wanted of (series, study, patient)
+        cols = [t.c[name].label(f"{prefix}{name}") for t, prefix, names in
+                zip((SE, ST, P), ("se_", "st_", "p_"), key) for name in ("pk", *names)]
+        return (select(*cols)
+                .select_from(SE.join(ST, ST.c.pk == SE.c.study_pk).join(P, P.c.pk == ST.c.patient_pk))
+                .where(SE.c.series_uid == bindparam("b_key")))
     if kind == "row_by":
         return select(table).where(table.c[key] == bindparam("b_key"))
     if kind == "insert":
@@ -225,8 +250,8 @@ def parse_instance(data: bytes) -> ParsedInstance:
         raise InvalidResource("The file meta information has no Transfer Syntax UID")
     sop_uid = _uid(ds, "SOPInstanceUID", "SOP Instance UID")
     sop_class = _uid(ds, "SOPClassUID", "SOP Class UID")
-    meta_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
-    meta_inst = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+    meta_class = _raw_text(meta, "MediaStorageSOPClassUID")
+    meta_inst = _raw_text(meta, "MediaStorageSOPInstanceUID")
     if meta_class and meta_class != sop_class:
         raise SopClassMismatch(f"Media Storage SOP Class UID {meta_class} differs from the data "
                                f"set's SOP Class UID {sop_class}")
@@ -466,7 +491,7 @@ class DicomStore:
                 for key in sorted(skeys):
                     self.sql.lock_condition(conn, f"ImagingStudy?identifier={key}")
                 replaced: list[bool] = []
-                created_series = False
+                created_series = moved = False
                 new_per_series: dict[int, int] = {}
                 new_per_study: dict[int, int] = {}
                 series_pks: set[int] = set()
@@ -474,9 +499,18 @@ class DicomStore:
                 # study pk -> the instances new to it, or None: rebuild from the rows
                 added: dict[int, list[dict] | None] = {}
                 rows = self._instance_rows_many(conn, [p for p, _, _ in batch], now)
-                for (parsed, _tmp, _final), (old, series_pk, study_pk, new_series) in zip(batch, rows):
+                for (parsed, _tmp, _final), (old, series_pk, study_pk, new_series,
+                                             moved_from) in zip(batch, rows):
                     created_series |= new_series
                     replaced.append(old is not None)
+                    if moved_from is not None:
+                        # The series was filed under another study: both studies' counts
+                        # and ImagingStudy are rebuilt from the rows.
+                        moved = True
+                        for pk in (moved_from, study_pk):
+                            if pk not in study_pks:
+                                study_pks.append(pk)
+                            added[pk] = None
                     if old is None:
                         new_per_series[series_pk] = new_per_series.get(series_pk, 0) + 1
                         new_per_study[study_pk] = new_per_study.get(study_pk, 0) + 1
@@ -490,13 +524,13 @@ class DicomStore:
                         if pk not in study_pks:
                             study_pks.append(pk)
                             added[pk] = []
-                        if old is not None:
+                        if old is not None or moved_from is not None:
                             added[pk] = None
                         elif added[pk] is not None:
                             added[pk].append({"series_pk": series_pk, "sop_uid": parsed.sop_uid,
                                               "sop_class_uid": parsed.sop_class_uid,
                                               "instance_number": parsed.instance["instance_number"]})
-                if any(replaced) or created_series:
+                if any(replaced) or created_series or moved:
                     self._refresh_counts(conn, series_pks, study_pks, now, pending=defer_link)
                 else:
                     # Only new instances in existing series: the counts move by what
@@ -515,24 +549,50 @@ class DicomStore:
     def _instance_rows(self, conn, parsed: ParsedInstance, now: float):
         """Upsert the patient, study, series and instance rows of one instance (the
         caller holds its locks). Returns (the previous instance row or None, series pk,
-        study pk, whether the series row was created)."""
+        study pk, whether the series row was created, the pk of the study the series
+        was filed under before when this instance moved it, else None)."""
         old = conn.execute(_stmt("old_instance"), {"b_uid": parsed.sop_uid}).first()
         if old is not None and old.sop_class_uid != parsed.sop_class_uid:
             raise SopClassMismatch(
                 f"SOP Instance {parsed.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
                 f"not {parsed.sop_class_uid}")
-        patient_pk, _ = self._upsert(conn, P, "patient_id", parsed.patient, now)
-        study_pk, _ = self._upsert(conn, ST, "study_uid",
-                                   {**parsed.study, "patient_pk": patient_pk}, now)
-        series_pk, new_series = self._upsert(conn, SE, "series_uid",
-                                             {**parsed.series, "study_pk": study_pk}, now)
+        # The usual case, an instance of a series already stored: its series, study and
+        # patient rows in one statement instead of three (the same rows _upsert finds:
+        # each key is unique).
+        wanted = ((*parsed.series, "study_pk"), (*parsed.study, "patient_pk"), tuple(parsed.patient))
+        known = conn.execute(_stmt("hierarchy", None, wanted),
+                             {"b_key": parsed.series_uid}).mappings().first()
+        if (known is not None and known["st_study_uid"] == parsed.study_uid
+                and known["p_patient_id"] == parsed.patient["patient_id"]):
+            patient_pk = self._update_changed(conn, P, known, parsed.patient, now, "p_")
+            study_pk = self._update_changed(conn, ST, known,
+                                            {**parsed.study, "patient_pk": patient_pk}, now, "st_")
+            series_pk = self._update_changed(conn, SE, known,
+                                             {**parsed.series, "study_pk": study_pk}, now, "se_")
+            new_series, moved_from = False, None
+        else:
+            patient_pk, _ = self._upsert(conn, P, "patient_id", parsed.patient, now)
+            study_pk, _ = self._upsert(conn, ST, "study_uid",
+                                       {**parsed.study, "patient_pk": patient_pk}, now)
+            series_pk, new_series = self._upsert(conn, SE, "series_uid",
+                                                 {**parsed.series, "study_pk": study_pk}, now)
+            moved_from = self._moved_series(conn, series_pk, study_pk, known and known["se_study_pk"])
         row = {**parsed.instance, "series_pk": series_pk, "study_pk": study_pk,
                "blob_key": blob_key(parsed.sop_uid), "metadata": parsed.metadata}
         if old is None:
             conn.execute(_stmt("insert", I), {**row, "updated": now})
         else:
             conn.execute(update(I).where(I.c.pk == old.pk).values(**row, updated=now))
-        return old, series_pk, study_pk, new_series
+        return old, series_pk, study_pk, new_series, moved_from
+
+    @staticmethod
+    def _moved_series(conn, series_pk: int, study_pk: int, before: int | None) -> int | None:
+        """When an instance filed its (stored) series under another study, move the
+        series' other instances with it (their ``study_pk``); returns the study it left."""
+        if before is None or before == study_pk:
+            return None
+        conn.execute(update(I).where(I.c.series_pk == series_pk).values(study_pk=study_pk))
+        return before
 
     def _instance_rows_many(self, conn, batch: list[ParsedInstance], now: float) -> list[tuple]:
         """:meth:`_instance_rows` for several instances with a few statements: one read of
@@ -541,9 +601,12 @@ class DicomStore:
         one multi-row insert of the new instances. Same result, per instance, as
         calling :meth:`_instance_rows` in order."""
         uids = [p.sop_uid for p in batch]
-        if len(batch) < 2 or len(set(uids)) != len(uids):
-            # One instance, or a SOP Instance UID twice in one request: the second
-            # replaces the first, which only the one-by-one path sees.
+        series_uids = {p.series_uid for p in batch}
+        if (len(batch) < 2 or len(set(uids)) != len(uids)
+                or len({(p.series_uid, p.study_uid) for p in batch}) != len(series_uids)):
+            # One instance, or a SOP Instance UID twice in one request (the second
+            # replaces the first), or a series under two studies (the later one moves
+            # it, with the earlier instances): only the one-by-one path sees the order.
             return [self._instance_rows(conn, p, now) for p in batch]
         olds = {}
         for i in range(0, len(uids), 500):
@@ -556,6 +619,9 @@ class DicomStore:
                 raise SopClassMismatch(
                     f"SOP Instance {p.sop_uid} is stored with SOP Class {old.sop_class_uid}, "
                     f"not {p.sop_class_uid}")
+        series_study = {r.series_uid: r.study_pk for r in conn.execute(
+            select(SE.c.series_uid, SE.c.study_pk).where(
+                SE.c.series_uid.in_(sorted(series_uids))))}
         patients = self._upsert_many(conn, P, "patient_id", [p.patient for p in batch], now)
         studies = self._upsert_many(conn, ST, "study_uid", [
             {**p.study, "patient_pk": patients[p.patient["patient_id"]][0]} for p in batch], now)
@@ -573,8 +639,12 @@ class DicomStore:
             else:
                 conn.execute(update(I).where(I.c.pk == old.pk).values(**row))
             new_series = created and series_pk not in first_of_series
+            moved_from = None
+            if series_pk not in first_of_series:
+                moved_from = self._moved_series(conn, series_pk, study_pk,
+                                                series_study.get(p.series_uid))
             first_of_series.add(series_pk)
-            out.append((old, series_pk, study_pk, new_series))
+            out.append((old, series_pk, study_pk, new_series, moved_from))
         if new_rows:
             conn.execute(insert(I), new_rows)
         return out
@@ -613,11 +683,19 @@ class DicomStore:
         if row is None:
             pk = conn.execute(_stmt("insert_pk", table), {**values, "updated": now}).scalar_one()
             return pk, True
+        return self._update_changed(conn, table, row, values, now), False
+
+    @staticmethod
+    def _update_changed(conn, table, row: Mapping[str, Any], values: dict, now: float,
+                        prefix: str = "") -> int:
+        """Update the row of ``table`` read as ``row`` (its columns labelled ``prefix`` +
+        name) with the values that are not empty and differ; returns its pk."""
         # Most instances repeat their series' values: write only what changed.
-        changes = {k: v for k, v in values.items() if v not in ("", None) and row[k] != v}
+        changes = {k: v for k, v in values.items() if v not in ("", None) and row[prefix + k] != v}
+        pk = row[prefix + "pk"]
         if changes:
-            conn.execute(update(table).where(table.c.pk == row["pk"]).values(**changes, updated=now))
-        return row["pk"], False
+            conn.execute(update(table).where(table.c.pk == pk).values(**changes, updated=now))
+        return pk
 
     def _add_counts(self, conn, new_per_series: dict[int, int], new_per_study: dict[int, int],
                     now: float, pending: bool) -> None:

@@ -112,6 +112,33 @@ def test_tag_values_never_become_paths(stores, tmp_path):
     assert pat.PatientID == "../../../../tmp/evil"
 
 
+
+def test_uids_read_from_the_bytes_as_pydicom_would_give_them():
+    """parse_instance reads the UIDs from the bytes as read (no pydicom conversion): padding
+    stripped, the first of several values, implicit VR alike; a non-ASCII byte is not a UID."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from server.dicom.store import parse_instance
+
+    ds = dataset(series="1.2.3")           # odd length: written as "1.2.3\\0"
+    parsed = parse_instance(part10(ds))
+    assert (parsed.sop_uid, parsed.study_uid, parsed.series_uid) == (
+        ds.SOPInstanceUID, ds.StudyInstanceUID, "1.2.3")
+    assert part10(ds).count(b"UI\x06\x001.2.3\x00") == 1
+    spaced = parse_instance(part10(ds).replace(b"UI\x06\x001.2.3\x00", b"UI\x06\x001.2.3 "))
+    assert spaced.series_uid == "1.2.3"
+    multi = dataset(study="1.2.3.4")
+    multi.StudyInstanceUID = ["1.2.3.4", "1.2.3.5"]
+    assert parse_instance(part10(multi)).study_uid == "1.2.3.4"
+    implicit = dataset()
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    parsed = parse_instance(part10(implicit))
+    assert (parsed.sop_uid, parsed.series_uid) == (implicit.SOPInstanceUID, implicit.SeriesInstanceUID)
+    data = part10(dataset(sop="1.2.34"))
+    bad = data.replace(b"1.2.34", b"1.2.\xe94", 2)
+    with pytest.raises(InvalidResource, match="not a valid UID"):
+        parse_instance(bad)
+
 # --------------------------------------------------------------------------- FHIR link
 def test_fhir_patient_and_one_imaging_study_per_study(stores):
     sql, dicom = stores
@@ -392,5 +419,61 @@ def test_store_many_rows_equal_one_by_one(db_url, tmp_path):
                 for t in (S.dicom_instance, S.dicom_series, S.dicom_study, S.dicom_patient):
                     conn.execute(t.delete())
             sql.engine.dispose()
+    for key in results[0]:
+        a, b = results[0][key], results[1].get(key, {})
+        assert a == b, (key, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
     assert results[0] == results[1]
     assert results[0][("dicom_series", s1)]["series_description"] == "first"
+
+
+def test_series_rows_read_in_one_statement_update_like_separate_lookups(db_url, tmp_path):
+    """An instance of a stored series reads its series, study and patient rows in one
+    joined statement: its new values land as with three lookups (store_many's path). An
+    instance that files a stored series under another study moves the series with its
+    instances, and both studies' counts follow, one by one and batched alike."""
+    study, other_study, series = generate_uid(), generate_uid(), generate_uid()
+    files = [instance(study=study, series=series, PatientID="P-JOIN", PatientName="A^B",
+                      SeriesDescription="", InstanceNumber=1),
+             instance(study=study, series=series, PatientID="P-JOIN", PatientName="A^C",
+                      SeriesDescription="named", StudyDescription="late", InstanceNumber=2),
+             instance(study=other_study, series=series, PatientID="P-JOIN", PatientName="",
+                      InstanceNumber=3),
+             instance(study=other_study, series=series, PatientID="P-MOVED", PatientName="",
+                      InstanceNumber=4)]
+    results = []
+    for mode in ("many", "one"):
+        sql = SqlStore.from_url(db_url, {})
+        try:
+            dicom = DicomStore(sql, {"data_dir": str(tmp_path / mode)})
+            dicom.store_instance(CTX, files[0])
+            if mode == "many":
+                for f in files[1:]:
+                    dicom.store_many(CTX, [f, instance(PatientID="P-PAD")])  # the batch path
+            else:
+                for f in files[1:]:
+                    dicom.store_instance(CTX, f)
+                    dicom.store_instance(CTX, instance(PatientID="P-PAD"))
+            rows = _rows(sql)
+            results.append({k: v for k, v in rows.items()
+                            if k[1] in (study, other_study, series, "P-JOIN", "P-MOVED")})
+            series_row = rows[("dicom_series", series)]
+            assert series_row["series_description"] == "named"
+            assert rows[("dicom_patient", "P-JOIN")]["patient_name"] == "A^C"
+            [moved] = dicom.find(CTX, "SERIES", {"SeriesInstanceUID": series})
+            assert moved.StudyInstanceUID == other_study and moved.PatientID == "P-MOVED"
+            # the series took its earlier instances along; the study it left is empty
+            assert len(dicom.find(CTX, "IMAGE", {"StudyInstanceUID": other_study,
+                                                 "SeriesInstanceUID": series})) == 4
+            assert dicom.find(CTX, "IMAGE", {"StudyInstanceUID": study}) == []
+            assert [(r["num_series"], r["num_instances"], r["modalities"]) for r in (
+                rows[("dicom_study", study)], rows[("dicom_study", other_study)])] == [
+                (0, 0, ""), (1, 4, "CT")]
+        finally:
+            with sql.engine.begin() as conn:
+                for t in (S.dicom_instance, S.dicom_series, S.dicom_study, S.dicom_patient):
+                    conn.execute(t.delete())
+            sql.engine.dispose()
+    for key in results[0]:
+        a, b = results[0][key], results[1].get(key, {})
+        assert a == b, (key, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
+    assert results[0] == results[1]
