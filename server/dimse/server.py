@@ -197,12 +197,19 @@ def quiet_pynetdicom_handlers() -> None:
 
     pynetdicom binds them to every association and server (``_config.LOG_HANDLER_LEVEL``,
     "standard"): they decode and format every PDU and DIMSE message, under the AE-wide
-    lock, for log lines that a WARNING logger then drops.
+    lock, for log lines that a WARNING logger then drops. Its service classes likewise
+    decode and pretty-print every C-FIND/C-GET/C-MOVE request identifier (logged at
+    INFO) and every C-FIND response identifier (DEBUG) whatever the level
+    (``LOG_REQUEST_IDENTIFIERS``, ``LOG_RESPONSE_IDENTIFIERS``).
     """
     from pynetdicom import _config
 
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+    logger = logging.getLogger("pynetdicom")
+    if not logger.isEnabledFor(logging.INFO):
         _config.LOG_HANDLER_LEVEL = "none"
+        _config.LOG_REQUEST_IDENTIFIERS = False
+    if not logger.isEnabledFor(logging.DEBUG):
+        _config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 def link_leftovers(source: Any) -> None:

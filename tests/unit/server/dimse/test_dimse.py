@@ -375,3 +375,31 @@ def test_file_meta_encoding_is_pydicoms(sop_instance, ts, aet):
     assert back.file_meta.MediaStorageSOPInstanceUID == sop_instance
     assert back.file_meta.TransferSyntaxUID == ts
     assert back.file_meta.get("SourceApplicationEntityTitle", "") == aet
+
+
+def test_pynetdicom_formats_nothing_that_its_logger_drops(monkeypatch):
+    """At WARNING, pynetdicom's logging handlers and its identifier dumps are off; at
+    DEBUG they stay as pynetdicom sets them."""
+    import logging
+
+    from pynetdicom import _config
+
+    from server.dimse.server import quiet_pynetdicom_handlers
+
+    for name in ("LOG_HANDLER_LEVEL", "LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS"):
+        monkeypatch.setattr(_config, name, getattr(_config, name))
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    try:
+        logger.setLevel(logging.DEBUG)
+        _config.LOG_HANDLER_LEVEL, _config.LOG_REQUEST_IDENTIFIERS = "standard", True
+        _config.LOG_RESPONSE_IDENTIFIERS = True
+        quiet_pynetdicom_handlers()
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_REQUEST_IDENTIFIERS,
+                _config.LOG_RESPONSE_IDENTIFIERS) == ("standard", True, True)
+        logger.setLevel(logging.WARNING)
+        quiet_pynetdicom_handlers()
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_REQUEST_IDENTIFIERS,
+                _config.LOG_RESPONSE_IDENTIFIERS) == ("none", False, False)
+    finally:
+        logger.setLevel(level)
