@@ -207,6 +207,14 @@ def _descendants_cpu() -> float:
     return total
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished (waited-for) children."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def settle(limit: float = 90.0) -> float:
     """Wait until the servers under test are idle (less than 5 % of a core over half a
     second), so that work a server does after answering (indexing, caches, jobs) is not
@@ -289,12 +297,17 @@ def run_phases(targets: list[Target], data: dict, args, phases: set) -> dict[str
         # take turns, in the order of the target list.
         for t in targets:
             print(f"(inodes: {inode_settle(files1[0].parent.parent)})", flush=True)
+            cpu0, client0 = _descendants_cpu(), _children_cpu()
             start = time.perf_counter()
             proc = subprocess.run([storescu, "-aec", t.aet, "127.0.0.1", str(t.dimse_port),
                                    *map(str, files1)], env=nodelay, capture_output=True, text=True)
             dt = time.perf_counter() - start
+            # The client waits for each response: wall time ~ server CPU + client CPU.
+            server_ms = (_descendants_cpu() - cpu0) / args.n * 1000
+            client_ms = (_children_cpu() - client0) / args.n * 1000
             res[t.name]["C-STORE inst/s"] = args.n / dt
-            say(t, f"C-STORE   {args.n} instances, one association: {dt:.2f} s = {args.n / dt:.1f}/s"
+            say(t, f"C-STORE   {args.n} instances, one association: {dt:.2f} s = {args.n / dt:.1f}/s; "
+                   f"CPU per instance: server {server_ms:.2f} ms, storescu {client_ms:.2f} ms"
                 + ("" if proc.returncode == 0 and "E:" not in proc.stdout + proc.stderr
                    else f" FAILED rc={proc.returncode} {(proc.stdout + proc.stderr)[-300:]}"))
             print(f"(servers idle after {settle():.1f} s)", flush=True)
