@@ -383,6 +383,21 @@ def _rows(sql) -> dict:
     return out
 
 
+def _drop_dicom_rows(sql) -> None:
+    with sql.engine.begin() as conn:
+        for t in (S.dicom_instance, S.dicom_series, S.dicom_study, S.dicom_patient):
+            conn.execute(t.delete())
+    sql.engine.dispose()
+
+
+def _assert_same_rows(a: dict, b: dict) -> None:
+    """Equal row sets; a difference names the row and its differing columns."""
+    for key in a:
+        x, y = a[key], b.get(key, {})
+        assert x == y, (key, {k: (x[k], y.get(k)) for k in x if x[k] != y.get(k)})
+    assert a == b
+
+
 def test_store_many_rows_equal_one_by_one(db_url, tmp_path):
     """The batched row writes of store_many (one upsert per patient/study/series) leave
     the same rows as storing each instance in order: later non-empty values win, empty
@@ -414,15 +429,8 @@ def test_store_many_rows_equal_one_by_one(db_url, tmp_path):
             results.append(_rows(sql))
             assert len(fhir(sql, "ImagingStudy")) == 2
         finally:
-            # each mode gets a clean schema: drop what this one wrote
-            with sql.engine.begin() as conn:
-                for t in (S.dicom_instance, S.dicom_series, S.dicom_study, S.dicom_patient):
-                    conn.execute(t.delete())
-            sql.engine.dispose()
-    for key in results[0]:
-        a, b = results[0][key], results[1].get(key, {})
-        assert a == b, (key, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
-    assert results[0] == results[1]
+            _drop_dicom_rows(sql)       # each mode gets a clean schema
+    _assert_same_rows(*results)
     assert results[0][("dicom_series", s1)]["series_description"] == "first"
 
 
@@ -469,11 +477,5 @@ def test_series_rows_read_in_one_statement_update_like_separate_lookups(db_url, 
                 rows[("dicom_study", study)], rows[("dicom_study", other_study)])] == [
                 (0, 0, ""), (1, 4, "CT")]
         finally:
-            with sql.engine.begin() as conn:
-                for t in (S.dicom_instance, S.dicom_series, S.dicom_study, S.dicom_patient):
-                    conn.execute(t.delete())
-            sql.engine.dispose()
-    for key in results[0]:
-        a, b = results[0][key], results[1].get(key, {})
-        assert a == b, (key, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
-    assert results[0] == results[1]
+            _drop_dicom_rows(sql)       # each mode gets a clean schema
+    _assert_same_rows(*results)
