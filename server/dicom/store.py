@@ -491,7 +491,8 @@ class DicomStore:
                 for key in sorted(skeys):
                     self.sql.lock_condition(conn, f"ImagingStudy?identifier={key}")
                 replaced: list[bool] = []
-                created_series = moved = False
+                created_series = False
+                left: list[int] = []      # studies a stored series moved out of
                 new_per_series: dict[int, int] = {}
                 new_per_study: dict[int, int] = {}
                 series_pks: set[int] = set()
@@ -506,7 +507,7 @@ class DicomStore:
                     if moved_from is not None:
                         # The series was filed under another study: both studies' counts
                         # and ImagingStudy are rebuilt from the rows.
-                        moved = True
+                        left.append(moved_from)
                         for pk in (moved_from, study_pk):
                             if pk not in study_pks:
                                 study_pks.append(pk)
@@ -530,7 +531,7 @@ class DicomStore:
                             added[pk].append({"series_pk": series_pk, "sop_uid": parsed.sop_uid,
                                               "sop_class_uid": parsed.sop_class_uid,
                                               "instance_number": parsed.instance["instance_number"]})
-                if any(replaced) or created_series or moved:
+                if any(replaced) or created_series or left:
                     self._refresh_counts(conn, series_pks, study_pks, now, pending=defer_link)
                 else:
                     # Only new instances in existing series: the counts move by what
@@ -539,6 +540,12 @@ class DicomStore:
                 if not defer_link:
                     for pk in study_pks:
                         self._link_fhir(conn, ctx, pk, added[pk])
+                else:
+                    # A deferring caller links the studies it stored into (their UIDs are
+                    # in its outcomes), not one a series left: link that one now.
+                    for pk in dict.fromkeys(left):
+                        self._link_fhir(conn, ctx, pk, None)
+                        conn.execute(update(ST).where(ST.c.pk == pk).values(fhir_pending=False))
                 for _parsed, tmp, final in batch:
                     if tmp.exists():      # not yet moved by an attempt whose commit failed
                         os.replace(tmp, final)

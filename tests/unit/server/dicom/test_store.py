@@ -479,3 +479,24 @@ def test_series_rows_read_in_one_statement_update_like_separate_lookups(db_url, 
         finally:
             _drop_dicom_rows(sql)       # each mode gets a clean schema
     _assert_same_rows(*results)
+
+
+def test_a_study_a_series_left_is_linked_even_when_links_are_deferred(stores):
+    """C-STORE defers the ImagingStudy of the studies it stores into to the association's
+    end (link_pending with their UIDs); the study a moved series left is not among them,
+    so it is linked at once: no pending mark left behind, its ImagingStudy loses the series."""
+    sql, dicom = stores
+    study, other_study, series = generate_uid(), generate_uid(), generate_uid()
+    dicom.store_instance(CTX, instance(study=study, series=series, PatientID="P-DEF"))
+    out = dicom.store_instance(CTX, instance(study=other_study, series=series, PatientID="P-DEF"),
+                               defer_link=True)
+    assert out.study_uid == other_study
+    with sql.engine.connect() as conn:
+        pending = set(conn.execute(select(S.dicom_study.c.study_uid)
+                                   .where(S.dicom_study.c.fhir_pending.is_(True))).scalars())
+    assert pending == {other_study}
+    [left] = fhir(sql, "ImagingStudy", [("identifier", f"urn:oid:{study}")])
+    assert not left.get("series") and left.get("numberOfInstances", 0) == 0
+    assert dicom.link_pending(CTX, [other_study]) == 1
+    [moved] = fhir(sql, "ImagingStudy", [("identifier", f"urn:oid:{other_study}")])
+    assert [s["uid"] for s in moved["series"]] == [series] and moved["numberOfInstances"] == 2
