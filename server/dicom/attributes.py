@@ -17,6 +17,15 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from server.errors import InvalidRequest
 
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
+# PS3.5 §9.1 asks for digits only; letters, '_' and '-' are tolerated as some devices
+# write them. Components are never empty: no '..', no leading or trailing dot (a UID of
+# '..' would name the parent folder in a URL path).
+_UID_RE = re.compile(r"^(?=.{1,64}$)[0-9A-Za-z_\-]+(\.[0-9A-Za-z_\-]+)*$")
+
+
+def is_uid(value: str) -> bool:
+    """Whether ``value`` is usable as a UID here (see ``_UID_RE``)."""
+    return bool(_UID_RE.match(value))
 
 
 @dataclass(frozen=True)

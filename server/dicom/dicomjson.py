@@ -19,6 +19,7 @@ import orjson
 from pydicom import Dataset
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import dictionary_VR
+from pydicom.valuerep import VR as VR_
 
 log = logging.getLogger("synthport.dicom")
 
@@ -67,6 +68,7 @@ def is_bulk(elem: DataElement) -> bool:
 _ELEM_CACHE: dict[tuple, dict] = {}
 _ELEM_CACHE_MAX = 50_000
 _CACHE_VALUE_MAX = 512
+_KNOWN_VRS = frozenset(v.value for v in VR_ if " or " not in v.value)
 _NO_CACHE_VRS = frozenset({"SQ", "UN", "OB", "OD", "OF", "OL", "OV", "OW"})
 
 
@@ -113,6 +115,19 @@ def _sorted_items(ds: Dataset) -> list:
     return list(zip(tags, (e for _, e in items)))
 
 
+_INT_VRS = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
+
+
+def _checked(obj: dict) -> dict:
+    """An element's JSON, refused when a number cannot be written as JSON here: IS
+    converts any integral text ("1e99"), orjson writes integers of at most 64 bits."""
+    if obj.get("vr") in _INT_VRS:
+        for v in obj.get("Value") or ():
+            if isinstance(v, int) and not -2**63 <= v < 2**64:
+                raise ValueError(f"integer {str(v)[:20]}... out of range")
+    return obj
+
+
 def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dict:
     """A dataset as a DICOM JSON object (PS3.18 F.2).
 
@@ -151,7 +166,7 @@ def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dic
                 if vr is not None:
                     key = _hex(tag)
                     try:
-                        hit = ds[tag].to_json_dict(None, 2**62)
+                        hit = _checked(ds[tag].to_json_dict(None, 2**62))
                     except Exception as exc:  # noqa: BLE001
                         log.warning("element %s not representable in DICOM JSON: %s", key, exc)
                         out[key] = {"vr": vr}
@@ -165,7 +180,14 @@ def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dic
                     out[key] = hit
                     continue
         key = _hex(tag)
-        elem = ds[tag]
+        try:
+            elem = ds[tag]
+        except Exception as exc:  # noqa: BLE001 - pydicom cannot convert the value as read
+            log.warning("element %s not representable in DICOM JSON: %s", key, exc)
+            vr = getattr(raw, "VR", None)
+            # PS3.18 F.2.3: "vr" must be a VR; one that pydicom cannot read is unknown (UN)
+            out[key] = {"vr": vr if vr in _KNOWN_VRS else "UN"}
+            continue
         try:
             if elem.VR == "SQ":
                 items = [to_json(item, bulk_uri, f"{_path}{key}/{i}/")
@@ -179,7 +201,7 @@ def to_json(ds: Dataset, bulk_uri: Callable[[str], str], _path: str = "") -> dic
                 else:
                     out[key] = {"vr": elem.VR, "BulkDataURI": bulk_uri(f"{_path}{key}")}
             else:
-                out[key] = elem.to_json_dict(None, 2**62)
+                out[key] = _checked(elem.to_json_dict(None, 2**62))
         except Exception as exc:  # noqa: BLE001 - one malformed value must not lose the rest
             log.warning("element %s not representable in DICOM JSON: %s", key, exc)
             out[key] = {"vr": elem.VR if elem.VR != "SQ" else "SQ"}

@@ -133,7 +133,12 @@ def frames(data: bytes, numbers: list[int]) -> tuple[str, list[bytes]]:
         raise NotFound(f"Frame {bad[0]} does not exist (the instance has {n} frame(s))")
     ts = str(ds.file_meta.TransferSyntaxUID)
     if ts not in NATIVE_SYNTAXES:
-        return ts, [get_frame(elem.value, k - 1, number_of_frames=n) for k in numbers]
+        try:
+            return ts, [get_frame(elem.value, k - 1, number_of_frames=n) for k in numbers]
+        except (ValueError, IndexError, KeyError) as exc:
+            # PS3.5 A.4: items, fragments and offset table as stored do not hold the frame
+            raise NotFound(f"The frame cannot be read from the stored encapsulated Pixel "
+                           f"Data: {exc}") from None
     return EVRLE, [_native_frame(ds, elem, k - 1, n, ts) for k in numbers]
 
 
@@ -146,6 +151,16 @@ def _native_frame(ds: Dataset, elem, index: int, n: int, ts: str) -> bytes:
     if str(ds.get("PhotometricInterpretation", "")).startswith("YBR") and \
             str(ds.get("PhotometricInterpretation")).endswith("_422"):
         pixels = rows * cols * 2
+    if pixels <= 0 or bits <= 0 or (bits != 1 and bits % 8):
+        # PS3.5 §8.1.1: BitsAllocated is 1 or a multiple of 8
+        raise NotFound(f"The instance's image attributes (Rows {rows}, Columns {cols}, "
+                       f"SamplesPerPixel {spp}, BitsAllocated {bits}) describe no frame")
+    need = (index + 1) * pixels * bits
+    if len(raw) * 8 < need:
+        # Never a frame cut short: the attributes ask for more than the value holds.
+        raise NotFound(f"Frame {index + 1} is not in the stored Pixel Data: its "
+                       f"{rows}x{cols}x{spp} pixels of {bits} bits need {(need + 7) // 8} "
+                       f"bytes, the value holds {len(raw)}")
     if bits == 1:
         bitstream = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
         part = bitstream[index * pixels:(index + 1) * pixels]

@@ -62,7 +62,6 @@ from server.store import PendingWrite, SqlStore, strip_meta
 log = logging.getLogger("synthport.dicom")
 
 P, ST, SE, I = S.dicom_patient, S.dicom_study, S.dicom_series, S.dicom_instance
-_UID_RE = re.compile(r"^[0-9A-Za-z._\-]{1,64}$")
 _BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
 _EXECUTABLE_PREAMBLES = (b"MZ", b"\x7fELF")
 _BIG = 2**31 - 1
@@ -173,7 +172,7 @@ def _raw_text(ds: Dataset, keyword: str) -> str:
     """:func:`_text` of a UID element, from its bytes as read while pydicom has not
     converted it: the conversion (value validation, a ``UID`` object) cost about 15 us
     an element, six per stored instance. UIDs are ASCII in every character set
-    (PS3.5 §9.1), so no decoding rule is skipped; what is not a UID fails ``_UID_RE``."""
+    (PS3.5 §9.1), so no decoding rule is skipped; what is not a UID fails ``A.is_uid``."""
     try:
         elem = ds.get_item(_KEYWORD_TAG[keyword])
     except Exception:  # noqa: BLE001 - malformed value
@@ -188,11 +187,47 @@ _KEYWORD_TAG = {k: tag_for_keyword(k) for k in (
     "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")}
 
 
+def _check_complete(ds: Dataset, size: int) -> None:
+    """Refuse a file cut short: pydicom reads what is there without complaint, so a
+    transfer that stopped inside an element would be stored as if whole.
+
+    The last top-level element must end where the file ends (PS3.10 §7.1: the file
+    holds the data set and nothing after it). A last element that pydicom already read
+    as a sequence carries no offsets and is not checked; a file cut exactly between two
+    elements is a whole, shorter data set, which no reader can tell from one sent so.
+
+    Raises:
+        InvalidResource: the last element's value is shorter than its length, or bytes
+            follow it (an element header cut short).
+    """
+    if not ds._dict:
+        return
+    tag = max(ds._dict)
+    raw = ds._dict[tag]
+    if type(raw) is not RawDataElement or raw.value is None or raw.value_tell is None:
+        return
+    where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    if raw.length == 0xFFFFFFFF:
+        # PS3.5 §7.5.2: an undefined length ends with an 8-byte Sequence Delimitation Item
+        end = raw.value_tell + len(raw.value) + 8
+    elif len(raw.value) < raw.length:
+        raise InvalidResource(f"The file ends inside element {where}: {len(raw.value)} of its "
+                              f"{raw.length} bytes are there (a transfer cut short?)")
+    else:
+        end = raw.value_tell + raw.length
+    if end > size:
+        raise InvalidResource(f"The file ends inside element {where} (its sequence "
+                              "delimiter is missing: a transfer cut short?)")
+    if end < size:
+        raise InvalidResource(f"{size - end} byte(s) follow the last element {where}: not a "
+                              "whole element (a file cut short inside an element header?)")
+
+
 def _uid(ds: Dataset, keyword: str, what: str) -> str:
     value = _raw_text(ds, keyword)
     if not value:
         raise InvalidResource(f"The instance has no {what} ({keyword})")
-    if not _UID_RE.match(value):
+    if not A.is_uid(value):
         raise InvalidResource(f"{keyword} '{value[:80]}' is not a valid UID")
     return value
 
@@ -244,6 +279,7 @@ def parse_instance(data: bytes) -> ParsedInstance:
         ds = dcmread(io.BytesIO(data))
     except (InvalidDicomError, Exception) as exc:  # noqa: BLE001 - any parse failure
         raise InvalidResource(f"Cannot parse the DICOM file: {type(exc).__name__}: {exc}") from None
+    _check_complete(ds, len(data))
     meta = ds.file_meta
     ts = str(meta.get("TransferSyntaxUID", "") or "").strip()
     if not ts:

@@ -57,8 +57,15 @@ class WebResponse:
 
 
 def warning_header(text: str) -> tuple[str, str]:
-    """``Warning: 299 synthport "<text>"`` (RFC 7234 §5.5, as PS3.18 §8.3.4.x uses it)."""
+    """``Warning: 299 synthport "<text>"`` (RFC 7234 §5.5, as PS3.18 §8.3.4.x uses it).
+
+    The text often quotes what a client sent (a UID with control bytes, say): anything
+    but printable ASCII becomes ``?``, as a header value may not hold control characters
+    (RFC 7230 §3.2; gunicorn refuses the whole response otherwise), and a backslash is
+    escaped for the quoted-string.
+    """
     clean = " ".join(str(text).replace('"', "'").split())[:400]
+    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in clean).replace("\\", "\\\\")
     return "Warning", f'299 synthport "{clean}"'
 
 
@@ -206,6 +213,16 @@ def _peek(data: bytes) -> Dataset:
         return Dataset()
 
 
+def _head_uid(head: Dataset, keyword: str) -> str:
+    """A UID of a refused part for its FailedSOPSequence item, or "" when it is not one
+    (the reason of the refusal may be that very value: unreadable, or not a UID)."""
+    try:
+        value = str(head.get(keyword, "") or "").strip().strip("\x00")
+    except Exception:  # noqa: BLE001 - pydicom cannot convert it
+        return ""
+    return value if A.is_uid(value) else ""
+
+
 def _after_study_uid(tag, vr, length) -> bool:
     return tag > 0x0020000D
 
@@ -252,9 +269,10 @@ def stow(source: DicomSource, ctx: RequestContext, content_type: str | None, bod
         try:
             if part_type is not None and part_type.mime not in ("application/dicom", "*/*"):
                 raise InvalidResource(f"Part of type '{part_type.mime}' is not application/dicom")
-            if head is not None and str(head.get("StudyInstanceUID", "")) not in ("", study):
-                raise StudyMismatch(f"Instance {head.get('SOPInstanceUID', '')} belongs to study "
-                                    f"{head.get('StudyInstanceUID')}, not {study}")
+            theirs = _head_uid(head, "StudyInstanceUID") if head is not None else ""
+            if theirs not in ("", study):
+                raise StudyMismatch(f"Instance {_head_uid(head, 'SOPInstanceUID')} belongs to "
+                                    f"study {theirs}, not {study}")
         except SynthportError as err:
             results[i] = err
             continue
@@ -281,8 +299,7 @@ def stow(source: DicomSource, ctx: RequestContext, content_type: str | None, bod
             sop_class, sop_uid = res.sop_class_uid, res.sop_instance_uid
         else:
             head = heads[i] if heads[i] is not None else _peek(parts[i][1])
-            sop_class = str(head.get("SOPClassUID", "") or "")
-            sop_uid = str(head.get("SOPInstanceUID", "") or "")
+            sop_class, sop_uid = _head_uid(head, "SOPClassUID"), _head_uid(head, "SOPInstanceUID")
         if isinstance(res, SynthportError):
             info = describe(res)
             failed.append((sop_class, sop_uid, info.dimse_status))

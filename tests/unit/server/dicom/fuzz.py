@@ -1,0 +1,512 @@
+"""Mutation fuzzing of the DICOM store paths (STOW-RS, C-STORE) and what serves the result.
+
+A *case* is one seed file from the pydicom wheel, with fresh UIDs, and one mutation:
+
+* ``flip``: a few random bytes of the data set changed (the preamble and ``DICM`` kept);
+* ``truncate``: the file cut at a random offset after the preamble;
+* ``value``: one element's value bytes replaced by a hostile value of the same length
+  (non-ASCII and control bytes, backslashes, path separators, ``%``, NULs), so the
+  structure still parses and the value reaches the code that reads it;
+* ``length``: one element's length field set to an odd, huge or undefined value;
+* ``attribute``: one attribute that the server reads (Rows, BitsAllocated, NumberOfFrames,
+  PixelRepresentation, PhotometricInterpretation, SamplesPerPixel, dates, times, names,
+  UIDs, the character set, the window, the rescale) set to a wrong value through
+  pydicom, written without validation.
+
+:func:`cases` yields them deterministically for a seed. The callers (the unit test in
+``tests/unit/server/http/test_dicomweb_fuzz.py``, ``benchmarks/fuzz_dicom.py``) send each
+case, read back what was stored, and check the rules in :func:`check_answer` and
+:func:`check_store`: no 5xx, a PS3.18 failure reason for every refused instance, what is
+stored is served byte for byte, and the rows, counts and blob files agree.
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pydicom
+import pydicom.config
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.filereader import data_element_generator
+from pydicom.tag import Tag
+from pydicom.uid import generate_uid
+
+import pydicom.data
+
+TEST_FILES = Path(pydicom.data.__file__).resolve().parent / "test_files"
+
+#: Seeds: uncompressed (explicit and implicit VR, big endian), encapsulated (JPEG, RLE,
+#: JPEG 2000), multi-frame, colour, RT with sequences, SR.
+SEEDS = ("CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
+         "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "SC_rgb_small_odd.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+         "rtdose.dcm", "rtplan.dcm", "test-SR.dcm", "examples_palette.dcm")
+
+MUTATIONS = ("flip", "truncate", "value", "length", "attribute")
+
+HOSTILE = [b"\xff\xfe\x00", b"..\\..\\etc", b"../../x", b"%00%2e", b"\x1b[31m", b"\\\\\\",
+           b"\x00\x00\x00\x00", b"*?*?", b"\xc3\x28", b"' OR 1=1 --", b"\r\n", b"9" * 40]
+
+#: Attributes the server reads or renders with, and wrong values for them.
+ATTRIBUTES: dict[str, list] = {
+    "Rows": [0, 1, 65535],
+    "Columns": [0, 3, 65535],
+    "BitsAllocated": [0, 1, 7, 12, 64],
+    "BitsStored": [0, 17, 33],
+    "HighBit": [0, 40],
+    "PixelRepresentation": [2, 65535],
+    "SamplesPerPixel": [0, 2, 4],
+    "PhotometricInterpretation": ["", "NONSENSE", "RGB", "PALETTE COLOR", "YBR_FULL_422"],
+    "NumberOfFrames": ["0", "-1", "99999", "abc", "2.5"],
+    "PlanarConfiguration": [2],
+    "WindowCenter": ["abc", "1e400", "nan"],
+    "WindowWidth": ["0", "-5", "inf"],
+    "RescaleSlope": ["0", "nan", "x"],
+    "RescaleIntercept": ["inf", "-"],
+    "StudyDate": ["20241345", "2024-01-01", "abc", "20240101-20230101"],
+    "StudyTime": ["256161", "12:00", "x"],
+    "PatientBirthDate": ["99999999", "?"],
+    "PatientName": ["a" * 200, "^^^^^^", "=Ω=\\x", "\\"],
+    "PatientID": ["x" * 65, "", "../..", "\\multi"],
+    "SpecificCharacterSet": ["ISO_IR 999", "ISO 2022 IR 87", "\\ISO_IR 100", "GB18030"],
+    "SeriesNumber": ["abc", "99999999999999"],
+    "InstanceNumber": ["1.5", "-", "1e99"],
+    "StudyInstanceUID": ["", "1.2.abc", "1." + "2" * 70, "../../etc/passwd", "1.2.3\\1.2.4"],
+    "SeriesInstanceUID": ["", "x"],
+    "SOPInstanceUID": ["", "1.2..3", "1.2.3 "],
+    "SOPClassUID": ["", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.7"],
+    "Modality": ["", "X" * 20, "CT\\MR"],
+    "AccessionNumber": ["A" * 70],
+    "BodyPartExamined": ["ÄÖÜ" * 30],
+    "ImagePositionPatient": [["a", "b", "c"], [1]],
+    "PixelSpacing": [["0", "0"], ["x"]],
+    "TimezoneOffsetFromUTC": ["+9999", "abc"],
+}
+
+
+@dataclass
+class Case:
+    """One fuzzed file: which seed and mutation made it, and the bytes."""
+
+    n: int
+    seed_file: str
+    mutation: str
+    detail: str
+    data: bytes
+
+    def label(self) -> str:
+        return f"#{self.n} {self.seed_file} {self.mutation} {self.detail}"
+
+
+def _fresh(name: str, entropy: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(TEST_FILES / name)
+    # Derived from the entropy, so of fixed length: the mutations' offsets repeat
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[entropy, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[entropy, "series"])
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[entropy, "sop"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def _write(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    try:
+        ds.save_as(buf, enforce_file_format=True)
+    except AttributeError:      # a file meta element made empty on purpose: write as is
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=False)
+    return buf.getvalue()
+
+
+def _elements(data: bytes) -> tuple[list[tuple[int, int, int, int]], bool, bool]:
+    """(tag, offset of the value, value length, header length) of the top-level data set
+    elements of a Part 10 file, and whether it is implicit VR, little endian."""
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, defer_size=None)
+    start = 132
+    meta_len = ds.file_meta.get("FileMetaInformationGroupLength")
+    start += 12 + int(meta_len.value if hasattr(meta_len, "value") else meta_len)
+    ts = ds.file_meta.TransferSyntaxUID
+    implicit = ts == pydicom.uid.ImplicitVRLittleEndian
+    little = ts != pydicom.uid.ExplicitVRBigEndian
+    out = []
+    fp = io.BytesIO(data)
+    fp.seek(start)
+    for raw in data_element_generator(fp, implicit, little):
+        if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+            continue            # a sequence (read whole) or an undefined length
+        head = 8 if implicit else (12 if raw.VR in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC",
+                                                    "UN", "UR", "UT") else 8)
+        out.append((int(raw.tag), raw.value_tell, raw.length, head))
+    return out, implicit, little
+
+
+def cases(seed: int, count: int, seeds: tuple[str, ...] = SEEDS,
+          mutations: tuple[str, ...] = MUTATIONS, salt: str = "") -> Iterator[Case]:
+    """``count`` fuzzed files, the same for the same ``seed`` and ``salt``.
+
+    The UIDs of case ``n`` are derived from (seed, salt, n): another ``salt`` gives the
+    same mutations of new instances (a second run against a store that holds the first).
+    """
+    rng = random.Random(seed)
+    available = [s for s in seeds if (TEST_FILES / s).is_file()]
+    for n in range(count):
+        name = rng.choice(available)
+        mutation = rng.choice(mutations)
+        ds = _fresh(name, f"{seed}/{salt}/{n}")
+        if mutation == "attribute":
+            keyword = rng.choice(sorted(ATTRIBUTES))
+            value = rng.choice(ATTRIBUTES[keyword])
+            detail = f"{keyword}={value!r}"[:80]
+            with _no_validation():
+                _set_raw(ds, keyword, value)
+                if keyword == "SOPInstanceUID":
+                    ds.file_meta.MediaStorageSOPInstanceUID = value
+                data = _write(ds)
+            yield Case(n, name, mutation, detail, data)
+            continue
+        data = bytearray(_write(ds))
+        body_start = 132
+        if mutation == "flip":
+            k = rng.randint(1, 8)
+            spots = [rng.randrange(body_start, len(data)) for _ in range(k)]
+            for at in spots:
+                data[at] = rng.randrange(256)
+            detail = f"{k} bytes at {spots[:3]}"
+        elif mutation == "truncate":
+            at = rng.randrange(body_start, len(data))
+            del data[at:]
+            detail = f"at {at} of {len(data)}"
+        else:
+            elems, implicit, little = _elements(bytes(data))
+            tag, offset, length, head = rng.choice([e for e in elems if e[2] > 0])
+            if mutation == "value":
+                hostile = rng.choice(HOSTILE)
+                value = (hostile * (length // len(hostile) + 1))[:length]
+                data[offset:offset + length] = value
+                detail = f"({tag >> 16:04X},{tag & 0xFFFF:04X}) <- {hostile!r}"
+            else:
+                new = rng.choice([length + 1, length + 4096, 0xFFFFFFFF, 0x7FFFFFFF, 1])
+                order = "little" if little else "big"
+                if implicit or head == 12:      # PS3.5 §7.1.2-3: 32-bit length field
+                    data[offset - 4:offset] = new.to_bytes(4, order)
+                else:                           # explicit VR, 16-bit length field
+                    data[offset - 2:offset] = (new & 0xFFFF).to_bytes(2, order)
+                detail = f"({tag >> 16:04X},{tag & 0xFFFF:04X}) length {length} -> {new}"
+        yield Case(n, name, mutation, detail, bytes(data))
+
+
+def _set_raw(ds: pydicom.Dataset, keyword: str, value) -> None:
+    """Set an attribute to ``value`` as written, bypassing pydicom's conversion (which
+    refuses, say, a DS of ``abc``): text goes in as a raw element of its VR."""
+    tag = Tag(tag_for_keyword(keyword))
+    vr = dictionary_VR(tag)
+    if isinstance(value, int):
+        setattr(ds, keyword, value)
+        return
+    text = "\\".join(map(str, value)) if isinstance(value, list) else str(value)
+    raw = text.encode("utf-8")
+    if len(raw) % 2:            # PS3.5 §6.2: even length, UI padded with NUL
+        raw += b"\0" if vr == "UI" else b" "
+    ds._dict[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+
+
+class _no_validation:
+    """pydicom's writing validation off (values the standard forbids are the point)."""
+
+    def __enter__(self):
+        self._mode = pydicom.config.settings.writing_validation_mode
+        pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+        self._rmode = pydicom.config.settings.reading_validation_mode
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+    def __exit__(self, *exc):
+        pydicom.config.settings.writing_validation_mode = self._mode
+        pydicom.config.settings.reading_validation_mode = self._rmode
+        return False
+
+
+__all__ = ["Case", "cases", "SEEDS", "MUTATIONS"]
+
+
+# --------------------------------------------------------------------------- checking
+@dataclass
+class Answer:
+    """What an HTTP request got: status, content type, body."""
+
+    status: int
+    ctype: str
+    body: bytes
+
+
+@dataclass
+class Finding:
+    """A case that broke a rule."""
+
+    case: str
+    request: str
+    problem: str
+
+
+@dataclass
+class Report:
+    """What a run sent, how the server answered, and what broke a rule."""
+
+    cases: int = 0
+    stored: int = 0
+    refused: int = 0
+    findings: list = None       # type: ignore[assignment]
+    statuses: dict = None       # type: ignore[assignment]
+
+    def __post_init__(self):
+        self.findings = [] if self.findings is None else self.findings
+        self.statuses = {} if self.statuses is None else self.statuses
+
+    def tally(self, what: str, status: int) -> None:
+        key = f"{what} {status}"
+        self.statuses[key] = self.statuses.get(key, 0) + 1
+
+    def summary(self, limit: int = 20) -> str:
+        lines = [f"cases: {self.cases}, stored: {self.stored}, refused: {self.refused}",
+                 "answers: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))]
+        lines += [f"FINDING {f.case}: {f.request}: {f.problem}" for f in self.findings[:limit]]
+        return "\n".join(lines)
+
+
+STOW_STATUSES = {200, 202, 400, 409, 413, 415}
+RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _json(body: bytes):
+    import orjson
+    return orjson.loads(body)
+
+
+def run_stow(cases_: Iterator[Case], post, get, report: Report | None = None) -> Report:
+    """Send each case with STOW-RS (one instance per request) and check the answers.
+
+    Args:
+        post: ``post(body, content_type) -> Answer`` for ``POST {base}/studies``.
+        get: ``get(path, accept) -> Answer`` for ``GET {base}/{path}``.
+    """
+    from tests.unit.server.dicom.factory import multipart
+
+    report = report or Report()
+    for case in cases_:
+        report.cases += 1
+        ctype, body = multipart([case.data])
+        ans = post(body, ctype)
+        report.tally("STOW", ans.status)
+
+        def bad(request: str, problem: str) -> None:
+            report.findings.append(Finding(case.label(), request, problem))
+
+        if ans.status not in STOW_STATUSES:
+            bad("STOW", f"status {ans.status}: {ans.body[:300]!r}")
+            continue
+        try:
+            doc = _json(ans.body)
+        except Exception:   # noqa: BLE001
+            bad("STOW", f"status {ans.status}, body is not JSON: {ans.body[:200]!r}")
+            continue
+        refs = (doc.get("00081199") or {}).get("Value") or []
+        failed = (doc.get("00081198") or {}).get("Value") or []
+        if ans.status >= 400 and not failed and ans.status != 413:
+            if "errorMessage" not in str(doc) and "00081198" not in doc:
+                bad("STOW", f"status {ans.status} without a FailedSOPSequence: {doc}")
+        for item in failed:
+            if "00081197" not in item:
+                bad("STOW", f"failed item without FailureReason: {item}")
+        if not refs:
+            report.refused += 1
+            continue
+        report.stored += 1
+        ref = refs[0]
+        url = ref["00081190"]["Value"][0]
+        path = url[url.index("studies/"):]
+        sop = ref["00081155"]["Value"][0]
+        got = get(path, RETRIEVE_ACCEPT)
+        report.tally("WADO", got.status)
+        if got.status != 200:
+            bad("WADO " + path, f"status {got.status}: {got.body[:200]!r}")
+        elif case.data not in got.body:
+            bad("WADO " + path, "the instance served is not the bytes stored")
+        meta = get(path + "/metadata", "application/dicom+json")
+        report.tally("metadata", meta.status)
+        if meta.status != 200:
+            bad("metadata", f"status {meta.status}: {meta.body[:200]!r}")
+        else:
+            try:
+                items = _json(meta.body)
+                assert isinstance(items, list) and len(items) == 1
+            except Exception as exc:   # noqa: BLE001
+                bad("metadata", f"not one DICOM JSON object: {type(exc).__name__}")
+        study = path.split("/")[1]
+        found = get(f"studies/{study}/instances?SOPInstanceUID={sop}", "application/dicom+json")
+        report.tally("QIDO", found.status)
+        if found.status != 200 or len(_json(found.body)) != 1:
+            bad("QIDO", f"status {found.status}, {found.body[:200]!r}")
+        for extra, accept in (("/rendered", "image/jpeg"), ("/thumbnail", "image/png"),
+                              ("/frames/1", "multipart/related; type=application/octet-stream; "
+                                            "transfer-syntax=*")):
+            r = get(path + extra, accept)
+            report.tally(extra.split("/")[1], r.status)
+            if r.status >= 500:
+                bad(extra, f"status {r.status}: {r.body[:300]!r}")
+            elif r.status >= 400 and not r.body:
+                bad(extra, f"status {r.status} without a message")
+    return report
+
+
+def check_store(engine, blob_root: Path) -> list[str]:
+    """What is wrong with a DICOM store after a run ([] when nothing): every instance row
+    has its blob, which parses to the row's SOP Instance and Series UIDs; no blob without
+    a row; no temporary file left; every count equals what it counts; no series or
+    patient row without an instance or study below it.
+
+    The study UID in a blob may differ from its row's: an instance that files a stored
+    series under another study moves the series with its earlier instances
+    (docs/dicomweb.md), and the study it left stays as a row with no instance, which
+    QIDO-RS does not list.
+    """
+    from sqlalchemy import func, select
+
+    from server.db import schema as S
+    from server.dicom.store import blob_key, parse_instance
+
+    problems: list[str] = []
+    P, ST, SE, I = S.dicom_patient, S.dicom_study, S.dicom_series, S.dicom_instance
+    with engine.connect() as conn:
+        rows = conn.execute(select(I.c.sop_uid, I.c.blob_key, I.c.series_pk, I.c.study_pk,
+                                   SE.c.series_uid, ST.c.study_uid)
+                            .join(SE, SE.c.pk == I.c.series_pk)
+                            .join(ST, ST.c.pk == I.c.study_pk)).all()
+        n_instances = conn.execute(select(func.count()).select_from(I)).scalar_one()
+        if n_instances != len(rows):
+            problems.append(f"{n_instances - len(rows)} instance row(s) without their series or study")
+        for sop, key, _, _, series_uid, _ in rows:
+            if key != blob_key(sop):
+                problems.append(f"{sop}: blob key {key} is not the hash of its UID")
+            path = blob_root / key[:2] / f"{key}.dcm"
+            if not path.is_file():
+                problems.append(f"{sop}: blob {path.name} missing")
+                continue
+            parsed = parse_instance(path.read_bytes())
+            if (parsed.sop_uid, parsed.series_uid) != (sop, series_uid):
+                problems.append(f"{sop}: the blob parses to other UIDs")
+        keys = {key for _, key, *_ in rows}
+        for path in blob_root.rglob("*"):
+            if path.is_dir():
+                continue
+            if path.name.startswith(".incoming-"):
+                problems.append(f"temporary file left: {path.name}")
+            elif path.suffix == ".dcm" and path.stem not in keys:
+                problems.append(f"blob without a row: {path.name}")
+        empty = conn.execute(select(func.count()).select_from(SE).where(SE.c.num_instances == 0)).scalar_one()
+        if empty:
+            problems.append(f"{empty} series row(s) without an instance")
+        series_counts = dict(conn.execute(select(I.c.series_pk, func.count()).group_by(I.c.series_pk)).all())
+        for pk, uid, n in conn.execute(select(SE.c.pk, SE.c.series_uid, SE.c.num_instances)).all():
+            if series_counts.get(pk, 0) != n:
+                problems.append(f"series {uid}: num_instances {n}, {series_counts.get(pk, 0)} rows")
+        study_inst = dict(conn.execute(select(I.c.study_pk, func.count()).group_by(I.c.study_pk)).all())
+        study_series = dict(conn.execute(select(SE.c.study_pk, func.count()).group_by(SE.c.study_pk)).all())
+        for pk, uid, ns, ni in conn.execute(select(ST.c.pk, ST.c.study_uid, ST.c.num_series,
+                                                   ST.c.num_instances)).all():
+            if (study_series.get(pk, 0), study_inst.get(pk, 0)) != (ns, ni):
+                problems.append(f"study {uid}: counts {ns}/{ni}, rows {study_series.get(pk, 0)}/"
+                                f"{study_inst.get(pk, 0)}")
+        orphans = conn.execute(select(func.count()).select_from(P).where(
+            ~select(ST.c.pk).where(ST.c.patient_pk == P.c.pk).exists())).scalar_one()
+        if orphans:
+            problems.append(f"{orphans} patient row(s) without a study")
+    return problems
+
+
+#: C-STORE statuses a fuzzed instance may get (PS3.4 Annex B.2.3): success, the
+#: warnings, and the failures synthport names in server/errors.py.
+CSTORE_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007, 0xA700, 0xA900, 0xC000, 0xC409, 0x0110,
+                   0x0122, 0x0124}
+
+
+def run_cstore(cases_: Iterator[Case], host: str, port: int, ae_title: str, folder: Path,
+               get=None, report: Report | None = None) -> Report:
+    """Send each case with C-STORE (pynetdicom, the file's data set sent as read, not
+    re-encoded), one association per ten cases, and check the statuses: every one is a
+    named C-STORE status; the listener answers a C-ECHO after every association; an
+    instance that got a success is found by QIDO-RS (``get`` as in :func:`run_stow`).
+
+    Cases whose file meta pynetdicom cannot read, or whose UIDs it cannot encode in a
+    request, are not sent (no peer could send them).
+    """
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from server.dicom.attributes import is_uid
+
+    report = report or Report()
+    folder.mkdir(parents=True, exist_ok=True)
+    batch: list[tuple[Case, Path, str, str, str]] = []
+    for case in cases_:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(case.data), stop_before_pixels=True)
+            meta = ds.file_meta
+            # pynetdicom sends the data set's SOP Instance UID as the Affected one
+            sop_class, sop, ts = (str(meta.MediaStorageSOPClassUID), str(ds.SOPInstanceUID),
+                                  str(meta.TransferSyntaxUID))
+        except Exception:   # noqa: BLE001 - not sendable: nothing to propose
+            continue
+        if not all(map(is_uid, (sop_class, sop, ts))):
+            continue            # pynetdicom cannot encode it in a request
+        path = folder / f"case{case.n:05d}.dcm"
+        path.write_bytes(case.data)
+        batch.append((case, path, sop_class, sop, ts))
+    for start in range(0, len(batch), 10):
+        part = batch[start:start + 10]
+        ae = AE(ae_title="FUZZ")
+        for _, _, sop_class, _, ts in part:
+            try:
+                ae.add_requested_context(sop_class, ts)
+            except Exception:   # noqa: BLE001 - an unusable UID or too many contexts
+                pass
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            report.findings.append(Finding(part[0][0].label(), "A-ASSOCIATE", "no association"))
+            continue
+        for case, path, sop_class, sop, ts in part:
+            report.cases += 1
+            try:
+                status = assoc.send_c_store(path)
+            except Exception as exc:    # noqa: BLE001 - no context for it: not sent
+                report.tally("C-STORE not sent", 0)
+                del exc
+                continue
+            code = int(status.Status) if status and "Status" in status else None
+            report.tally("C-STORE", code if code is not None else -1)
+            if code is None:
+                report.findings.append(Finding(case.label(), "C-STORE", "no response (association lost?)"))
+                break
+            if code not in CSTORE_STATUSES:
+                report.findings.append(Finding(case.label(), "C-STORE", f"status 0x{code:04X}"))
+            if code in (0x0000, 0xB000, 0xB006, 0xB007):
+                report.stored += 1
+                if get is not None:
+                    found = get(f"instances?SOPInstanceUID={sop}", "application/dicom+json")
+                    if found.status != 200 or len(_json(found.body)) != 1:
+                        report.findings.append(Finding(case.label(), "QIDO after C-STORE",
+                                                       f"status {found.status}, {found.body[:120]!r}"))
+            else:
+                report.refused += 1
+        if assoc.is_established:
+            assoc.release()
+        check = ae.associate(host, port, ae_title=ae_title)
+        ok = check.is_established and check.send_c_echo().Status == 0
+        if check.is_established:
+            check.release()
+        if not ok:
+            report.findings.append(Finding(part[-1][0].label(), "C-ECHO", "the listener stopped answering"))
+            break
+    return report
