@@ -22,11 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests  # noqa: E402
-
 from server.db.engine import make_engine  # noqa: E402
 from tests.e2e.server import free_port, run_server  # noqa: E402
-from tests.unit.server.dicom.fuzz import (MUTATIONS, Answer, cases, check_store,  # noqa: E402
+from tests.unit.server.dicom.fuzz import (MUTATIONS, cases, check_store, http_pair,  # noqa: E402
                                           run_cstore, run_stow)
 
 
@@ -48,17 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                "SYNTHPORT_AUTH": "off"}
         with run_server(folder, args.db_url, extra_env=env) as fhir_base:
             base = fhir_base.removesuffix("/fhir") + "/dicomweb"
-            http = requests.Session()
-
-            def post(body: bytes, ctype: str) -> Answer:
-                r = http.post(f"{base}/studies", data=body, timeout=120,
-                              headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
-                return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
-
-            def get(path: str, accept: str) -> Answer:
-                r = http.get(f"{base}/{path}", headers={"Accept": accept}, timeout=120)
-                return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
-
+            post, get = http_pair(base)
             t0 = time.monotonic()
             stow = run_stow(cases(args.seed, args.n, mutations=mutations, salt="stow"), post, get)
             print(f"[STOW-RS] {time.monotonic() - t0:.0f} s\n{stow.summary(40)}", flush=True)

@@ -8,10 +8,9 @@ A fixed seed and budget (about half a minute); ``benchmarks/fuzz_dicom.py`` runs
 from __future__ import annotations
 
 import pytest
-import requests
 
 from tests.e2e.server import free_port, run_server
-from tests.unit.server.dicom.fuzz import Answer, cases, check_store, run_cstore, run_stow
+from tests.unit.server.dicom.fuzz import cases, check_store, http_pair, run_cstore, run_stow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -24,17 +23,7 @@ def test_fuzzed_files_by_stow_and_c_store(tmp_path, db_url):
     env = {"SYNTHPORT_DIMSE_PORT": str(dport), "SYNTHPORT_DIMSE_HOST": "127.0.0.1"}
     with run_server(tmp_path, db_url, extra_env=env) as fhir_base:
         base = fhir_base.removesuffix("/fhir") + "/dicomweb"
-        http = requests.Session()
-
-        def post(body: bytes, ctype: str) -> Answer:
-            r = http.post(f"{base}/studies", data=body, timeout=60,
-                          headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
-            return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
-
-        def get(path: str, accept: str) -> Answer:
-            r = http.get(f"{base}/{path}", headers={"Accept": accept}, timeout=60)
-            return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
-
+        post, get = http_pair(base)
         stow = run_stow(cases(11, STOW_CASES, salt="stow"), post, get)
         assert not stow.findings, stow.summary()
         assert stow.stored and stow.refused, stow.summary()

@@ -275,6 +275,24 @@ class Report:
         return "\n".join(lines)
 
 
+def http_pair(base: str):
+    """``post`` and ``get`` for :func:`run_stow` against a running server's DICOMweb
+    ``base`` (``http://host:port/dicomweb``), over one requests session."""
+    import requests
+
+    http = requests.Session()
+
+    def post(body: bytes, ctype: str) -> Answer:
+        r = http.post(f"{base}/studies", data=body, timeout=120,
+                      headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
+        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
+
+    def get(path: str, accept: str) -> Answer:
+        r = http.get(f"{base}/{path}", headers={"Accept": accept}, timeout=120)
+        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
+    return post, get
+
+
 STOW_STATUSES = {200, 202, 400, 409, 413, 415}
 RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
