@@ -11,8 +11,8 @@ from werkzeug.exceptions import HTTPException
 from server.access import security_layer
 from server.config import load_config
 from server.dicom.store import DicomStore
-from server.errors import (HTTP_ISSUE_CODES, SynthportError, Unauthorized, describe,
-                           operation_outcome, outcome_for)
+from server.errors import (HTTP_ISSUE_CODES, InvalidRequest, SynthportError, Unauthorized,
+                           describe, operation_outcome, outcome_for)
 from server.http.dicomweb import (error_response, http_error_response, is_dicomweb_path,
                                   make_dicomweb_blueprint)
 from server.http.fhir_api import check_accept, make_fhir_blueprint
@@ -50,6 +50,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def _accept():
+        _refuse_nul()
         if request.path.startswith("/fhir"):
             check_accept()
 
@@ -93,6 +94,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                         content_type="application/json")
 
     return app
+
+
+def _refuse_nul() -> None:
+    """A NUL (``%00``) in the path, the query or a posted form is refused up front: no
+    FHIR string or DICOM value may hold one (FHIR R4 datatypes §2.24.0.1, PS3.5 §6.1),
+    and PostgreSQL text cannot, so a search that bound it failed with a 500 there."""
+    def has_nul(pairs) -> bool:
+        return any("\x00" in k or "\x00" in v for k, v in pairs)
+
+    if "\x00" in request.path or has_nul(request.args.items(multi=True)) or (
+            request.mimetype == "application/x-www-form-urlencoded"
+            and has_nul(request.form.items(multi=True))):
+        raise InvalidRequest("The request holds a NUL character (%00), which no FHIR string "
+                             "or DICOM value may hold")
 
 
 def _register_security_blueprints(app: Flask, sec: dict) -> None:

@@ -227,7 +227,8 @@ def stored_json_obj(ds: Dataset, study_uid: str, series_uid: str, sop_uid: str) 
 def json_text(obj: dict, tag: str) -> str:
     """The first value of an attribute of a DICOM JSON object as text ("" when absent),
     as ``str(ds[tag].value)`` would give it: person names as ``alphabetic=ideographic=
-    phonetic`` (trailing empty groups dropped), numbers as written by ``str``."""
+    phonetic`` (trailing empty groups dropped), numbers as written by ``str``; without
+    NUL characters (the text goes to SQL columns)."""
     elem = obj.get(tag)
     values = elem.get("Value") if elem else None
     if not values:
@@ -241,8 +242,9 @@ def json_text(obj: dict, tag: str) -> str:
         groups = [value.get(k) or "" for k in ("Alphabetic", "Ideographic", "Phonetic")]
         while groups and not groups[-1]:
             groups.pop()
-        return "=".join(groups).strip()
-    return str(value).strip().strip("\x00").strip()
+        return "=".join(groups).replace("\x00", "").strip()
+    # NUL is no DICOM character (PS3.5 §6.1) and PostgreSQL text cannot hold it
+    return str(value).replace("\x00", "").strip()
 
 
 def absolutize(raw: bytes, dicomweb_base: str) -> bytes:

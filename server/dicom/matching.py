@@ -120,12 +120,19 @@ class Criterion:
     folded: bool = False
 
 
+IS_MAX = 2**31 - 1
+
+
 def parse(kind: str, key: str, value: str, fuzzy: bool = False) -> Criterion | None:
     """Parse one match value; None means universal (no condition).
 
     Raises:
         InvalidRequest: a value the kind does not allow.
     """
+    value = value.rstrip("\x00")       # PS3.5 §6.2: UI values are padded with NUL
+    if "\x00" in value:
+        # Never a DICOM character (PS3.5 §6.1), and PostgreSQL text cannot hold it
+        raise InvalidRequest(f"{key}: the value contains a NUL character")
     if is_universal(value):
         return None
     value = value.strip()
@@ -138,9 +145,14 @@ def parse(kind: str, key: str, value: str, fuzzy: bool = False) -> Criterion | N
         return Criterion("any", tuple(uids))
     if kind == "int":
         try:
-            return Criterion("any", tuple(int(v) for v in split_list(value)))
+            ints = tuple(int(v) for v in split_list(value))
         except ValueError:
             raise InvalidRequest(f"{key}: '{value}' is not an integer (or a \\ list of them)") from None
+        if any(not -IS_MAX <= v <= IS_MAX for v in ints):
+            # PS3.5 Table 6.2-1: IS is -2^31..2^31-1 (and the SQL columns are 32-bit)
+            raise InvalidRequest(f"{key}: '{value[:40]}' is outside the range of an integer "
+                                 f"string (IS, -{IS_MAX}..{IS_MAX})")
+        return Criterion("any", ints)
     if kind == "date":
         if "-" in value:
             lo, _, hi = value.partition("-")

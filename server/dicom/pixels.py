@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from typing import Any
 
 import numpy as np
@@ -88,14 +89,22 @@ def transcode(data: bytes, target: str) -> bytes:
 def _pixel_element(ds: Dataset):
     for kw in PIXEL_KEYWORDS:
         if kw in ds:
-            return ds[kw]
+            try:
+                return ds[kw]
+            except Exception as exc:  # noqa: BLE001 - pydicom cannot read the element as stored
+                raise NotFound(f"The {kw} element cannot be read as stored: {exc}") from None
     return None
+
+
+#: What reading an attribute of a stored file may raise when its value is malformed
+#: (pydicom converts on access: an unknown VR is NotImplementedError).
+READ_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError)
 
 
 def number_of_frames(ds: Dataset) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames") or 1))
-    except (TypeError, ValueError):
+    except READ_ERRORS:
         return 1
 
 
@@ -135,11 +144,14 @@ def frames(data: bytes, numbers: list[int]) -> tuple[str, list[bytes]]:
     if ts not in NATIVE_SYNTAXES:
         try:
             return ts, [get_frame(elem.value, k - 1, number_of_frames=n) for k in numbers]
-        except (ValueError, IndexError, KeyError) as exc:
+        except (*READ_ERRORS, struct.error) as exc:
             # PS3.5 A.4: items, fragments and offset table as stored do not hold the frame
             raise NotFound(f"The frame cannot be read from the stored encapsulated Pixel "
                            f"Data: {exc}") from None
-    return EVRLE, [_native_frame(ds, elem, k - 1, n, ts) for k in numbers]
+    try:
+        return EVRLE, [_native_frame(ds, elem, k - 1, n, ts) for k in numbers]
+    except READ_ERRORS as exc:
+        raise NotFound(f"The image attributes cannot be read as stored: {exc}") from None
 
 
 def _native_frame(ds: Dataset, elem, index: int, n: int, ts: str) -> bytes:
@@ -299,8 +311,7 @@ def render_frame(data: bytes, index: int, media_type: str, *, viewport: tuple[in
         NotFound: no pixel data, or no such frame.
         NotAcceptable: the pixel data cannot be decoded here (no decoder).
     """
-    from PIL import Image
-    from pydicom.pixels import apply_color_lut, pixel_array
+    from pydicom.pixels import pixel_array
 
     ds = read(data)
     if _pixel_element(ds) is None:
@@ -313,6 +324,30 @@ def render_frame(data: bytes, index: int, media_type: str, *, viewport: tuple[in
     except Exception as exc:  # noqa: BLE001 - missing decoder plugin, corrupt data
         raise NotAcceptable(f"Cannot decode {UID(str(ds.file_meta.TransferSyntaxUID)).name} pixel "
                             f"data for rendering: {exc}") from None
+    try:
+        img = _image(ds, arr, index, window)
+    except READ_ERRORS as exc:
+        # attributes that contradict the decoded array (a palette without its LUT,
+        # SamplesPerPixel of 2...): nothing to show, as for undecodable pixel data
+        raise NotAcceptable(f"Cannot render these pixel data: {exc}") from None
+    if viewport:
+        img = _fit(img, viewport)
+    elif max_size:
+        img = _fit(img, (max_size, max_size))
+    buf = io.BytesIO()
+    if media_type == "image/png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG", quality=int(quality or 90))
+    return buf.getvalue()
+
+
+def _image(ds: Dataset, arr, index: int, window):
+    """The decoded frame as a PIL image: palette and colour as RGB, grey through the
+    rescale and the window (given, from the data set, or the frame's range)."""
+    from PIL import Image
+    from pydicom.pixels import apply_color_lut
+
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -352,16 +387,7 @@ def render_frame(data: bytes, index: int, media_type: str, *, viewport: tuple[in
         if photometric == "MONOCHROME1":
             grey = 255.0 - grey
         img = Image.fromarray(np.rint(grey).astype(np.uint8), "L")
-    if viewport:
-        img = _fit(img, viewport)
-    elif max_size:
-        img = _fit(img, (max_size, max_size))
-    buf = io.BytesIO()
-    if media_type == "image/png":
-        img.save(buf, format="PNG")
-    else:
-        img.save(buf, format="JPEG", quality=int(quality or 90))
-    return buf.getvalue()
+    return img
 
 
 def _fit(img, box: tuple[int, int]):

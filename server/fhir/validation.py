@@ -166,6 +166,30 @@ def valid_id(res_id: str) -> bool:
     return bool(_ID_RE.match(res_id or ""))
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _control_character(body: object, path: str) -> str | None:
+    """The path of the first string (key or value) with a control character, or None.
+
+    pydantic's str accepts them; PostgreSQL text refuses NUL outright (the search index
+    would fail with a 500), and no FHIR string may hold them."""
+    stack = [(body, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if _CONTROL.search(node):
+                return where
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and _CONTROL.search(key):
+                    return where
+                stack.append((value, f"{where}.{key}"))
+        elif isinstance(node, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node))
+    return None
+
+
 def validate(body: object, expected_type: str | None = None) -> dict:
     """Validate one resource dict; return it unchanged or raise InvalidResource.
 
@@ -185,6 +209,11 @@ def validate(body: object, expected_type: str | None = None) -> dict:
         raise InvalidResource(f"Unknown resource type '{res_type}'", ["resourceType"])
     if "id" in body and not (isinstance(body["id"], str) and valid_id(body["id"])):
         raise InvalidResource("Resource id must match [A-Za-z0-9-.]{1,64}", [f"{res_type}.id"])
+    where = _control_character(body, res_type)
+    if where:
+        raise InvalidResource(f"{where}: a string holds a control character (FHIR R4 "
+                              "datatypes §2.24.0.1: none below U+0020 but tab, CR and LF)",
+                              [where])
     token = _IN_VALIDATE.set(True)
     try:
         model_class(res_type).model_validate(body)

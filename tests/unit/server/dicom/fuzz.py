@@ -275,25 +275,32 @@ class Report:
         return "\n".join(lines)
 
 
-def http_pair(base: str):
-    """``post`` and ``get`` for :func:`run_stow` against a running server's DICOMweb
-    ``base`` (``http://host:port/dicomweb``), over one requests session."""
+def http_client(base: str):
+    """``post`` and ``get`` for :func:`run_stow`, and ``send`` for :func:`run_requests`,
+    against a running server's DICOMweb ``base`` (``http://host:port/dicomweb``), over
+    one requests session."""
     import requests
 
     http = requests.Session()
 
-    def post(body: bytes, ctype: str) -> Answer:
-        r = http.post(f"{base}/studies", data=body, timeout=120,
-                      headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
+    def send(method: str, path: str, headers: dict, body: bytes = b"") -> Answer:
+        # requests adds an Accept of its own when none is given: send none as none
+        headers = {k: v for k, v in headers.items() if v is not None}
+        headers.setdefault("Accept", None)
+        r = http.request(method, f"{base}/{path}", data=body or None, headers=headers, timeout=120)
         return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
 
+    def post(body: bytes, ctype: str) -> Answer:
+        return send("POST", "studies", {"Content-Type": ctype, "Accept": "application/dicom+json"},
+                    body)
+
     def get(path: str, accept: str) -> Answer:
-        r = http.get(f"{base}/{path}", headers={"Accept": accept}, timeout=120)
-        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
-    return post, get
+        return send("GET", path, {"Accept": accept})
+    return post, get, send
 
 
 STOW_STATUSES = {200, 202, 400, 409, 413, 415}
+PROCESSING_FAILURE = 0x0110     # PS3.4 C.4.2.1.4: the server's fault, never a fuzz answer
 RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
@@ -337,6 +344,9 @@ def run_stow(cases_: Iterator[Case], post, get, report: Report | None = None) ->
         for item in failed:
             if "00081197" not in item:
                 bad("STOW", f"failed item without FailureReason: {item}")
+            elif item["00081197"].get("Value") == [PROCESSING_FAILURE]:
+                # the server's own failure, not a reason about the instance
+                bad("STOW", f"processing failure (0x0110): {ans.body[:200]!r}")
         if not refs:
             report.refused += 1
             continue
@@ -449,6 +459,18 @@ CSTORE_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007, 0xA700, 0xA900, 0xC000, 0xC40
                    0x0122, 0x0124}
 
 
+def _release_and_echo(ae, assoc, host: str, port: int, ae_title: str) -> bool:
+    """Release ``assoc`` (if still up), then whether a new association answers C-ECHO:
+    whatever the last one carried, the listener must go on serving."""
+    if assoc.is_established:
+        assoc.release()
+    check = ae.associate(host, port, ae_title=ae_title)
+    ok = check.is_established and check.send_c_echo().Status == 0
+    if check.is_established:
+        check.release()
+    return ok
+
+
 def run_cstore(cases_: Iterator[Case], host: str, port: int, ae_title: str, folder: Path,
                get=None, report: Report | None = None) -> Report:
     """Send each case with C-STORE (pynetdicom, the file's data set sent as read, not
@@ -507,8 +529,9 @@ def run_cstore(cases_: Iterator[Case], host: str, port: int, ae_title: str, fold
             if code is None:
                 report.findings.append(Finding(case.label(), "C-STORE", "no response (association lost?)"))
                 break
-            if code not in CSTORE_STATUSES:
-                report.findings.append(Finding(case.label(), "C-STORE", f"status 0x{code:04X}"))
+            if code not in CSTORE_STATUSES or code == PROCESSING_FAILURE:
+                report.findings.append(Finding(case.label(), "C-STORE", f"status 0x{code:04X}: "
+                                                                        f"{status.get('ErrorComment', '')}"))
             if code in (0x0000, 0xB000, 0xB006, 0xB007):
                 report.stored += 1
                 if get is not None:
@@ -518,13 +541,207 @@ def run_cstore(cases_: Iterator[Case], host: str, port: int, ae_title: str, fold
                                                        f"status {found.status}, {found.body[:120]!r}"))
             else:
                 report.refused += 1
-        if assoc.is_established:
-            assoc.release()
-        check = ae.associate(host, port, ae_title=ae_title)
-        ok = check.is_established and check.send_c_echo().Status == 0
-        if check.is_established:
-            check.release()
-        if not ok:
+        if not _release_and_echo(ae, assoc, host, port, ae_title):
             report.findings.append(Finding(part[-1][0].label(), "C-ECHO", "the listener stopped answering"))
+            break
+    return report
+
+
+# --------------------------------------------------------------------------- requests
+#: Query keys: matching keys of every level, by keyword and by tag, a sequence path,
+#: the QIDO-RS controls, and names that are not attributes.
+QUERY_KEYS = ["PatientName", "PatientID", "00100020", "StudyDate", "StudyTime", "AccessionNumber",
+              "ModalitiesInStudy", "StudyInstanceUID", "0020000D", "SeriesInstanceUID",
+              "SOPInstanceUID", "Modality", "SeriesNumber", "InstanceNumber", "PatientBirthDate",
+              "ReferringPhysicianName", "StudyID", "SOPClassUID", "SeriesDate",
+              "RequestAttributesSequence.ScheduledProcedureStepID", "00400275.00400009",
+              "PerformedProcedureStepStartDate", "includefield", "limit", "offset",
+              "fuzzymatching", "NoSuchKeyword", "0010002", "00100010.00100020", "", "ZZZZZZZZ"]
+QUERY_VALUES = ["*", "?", "a*b?c", "**", "\\", "a\\b", "1.2.3,1.2.4", ",", "-", "20240101-",
+                "-20240101", "20240101-20230101", "2024", "99999999", "abc", "0", "-1",
+                "99999999999999999999999", "1e3", "true", "maybe", "all", "00100010,BAD",
+                "^^^", "=", "Ü" * 40, "x" * 3000, "%00", "'; DROP TABLE dicom_study; --",
+                "\x00", "\t", "ヤマダ^タロウ", "2024-01-01", "1200-1300", "235959.999999-",
+                "CT\\MR", "CT,MR", "..", "../../etc/passwd", "null", ""]
+ACCEPTS = [None, "*/*", "application/dicom+json", "application/json", "application/dicom",
+           'multipart/related; type="application/dicom"', "multipart/related; type=application/dicom",
+           'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50',
+           "multipart/related; type=application/dicom; transfer-syntax=*",
+           "multipart/related; type=application/octet-stream; transfer-syntax=*",
+           "multipart/related; type=application/octet-stream",
+           'multipart/related; type="image/jpeg"', "image/png", "image/gif", "text/html",
+           "multipart/related", "multipart/related; type=", 'multipart/related; type="', ";;;",
+           "application/dicom+json; q=0, */*; q=0", "image/*; q=0.5, application/*; q=abc",
+           "multipart/related; type=application/dicom; transfer-syntax=" + "1." * 40]
+FRAME_LISTS = ["1", "1,2", "2", "0", "-1", "1,,2", ",", "a", "99999999999999999999", "1-3",
+               "1%2C2", " 1", "1" * 400]
+RENDER_ARGS = ["window=40,400,linear", "window=40,400", "window=a,b,c", "window=40,0,linear",
+               "window=40,400,sigmoid", "window=nan,inf,linear", "viewport=64,64", "viewport=0,0",
+               "viewport=100000,100000", "viewport=-1,5", "viewport=a", "quality=0", "quality=101",
+               "quality=50", "quality=x", "annotation=patient", "iccprofile=srgb", ""]
+
+
+@dataclass
+class RequestCase:
+    """One generated request: method, path below the DICOMweb base, headers, body."""
+
+    n: int
+    method: str
+    path: str
+    headers: dict
+    body: bytes = b""
+
+    def label(self) -> str:
+        return f"#{self.n} {self.method} {self.path[:160]} {self.headers}"
+
+
+def request_cases(seed: int, count: int, study: str, series: str, sop: str,
+                  stored: list[bytes]) -> Iterator[RequestCase]:
+    """Requests around one stored instance (its UIDs given): QIDO-RS queries of random
+    keys and hostile values, WADO-RS with odd Accept headers, frame lists and rendering
+    parameters, and STOW-RS bodies with a broken multipart envelope around ``stored``
+    files. The same for the same ``seed``."""
+    from urllib.parse import quote
+
+    rng = random.Random(seed)
+    inst = f"studies/{study}/series/{series}/instances/{sop}"
+    targets = ["studies", "series", "instances", f"studies/{study}/series",
+               f"studies/{study}/instances", f"studies/{study}/series/{series}/instances"]
+    for n in range(count):
+        kind = rng.choice(("qido", "qido", "wado", "frames", "render", "stow"))
+        if kind == "qido":
+            params = "&".join(f"{quote(rng.choice(QUERY_KEYS))}={quote(rng.choice(QUERY_VALUES))}"
+                              for _ in range(rng.randint(1, 4)))
+            yield RequestCase(n, "GET", f"{rng.choice(targets)}?{params}",
+                              {"Accept": rng.choice(ACCEPTS[:4])})
+        elif kind == "wado":
+            path = rng.choice([f"studies/{study}", f"studies/{study}/series/{series}", inst,
+                               inst + "/metadata", f"studies/{study}/metadata",
+                               inst + "/bulkdata/7FE00010", inst + "/bulkdata/" + rng.choice(
+                                   ["00000000", "7FE00010/0/0", "zz", "../x", "00081140/99/00081155"])])
+            yield RequestCase(n, "GET", path, {"Accept": rng.choice(ACCEPTS)})
+        elif kind == "frames":
+            yield RequestCase(n, "GET", f"{inst}/frames/{quote(rng.choice(FRAME_LISTS))}",
+                              {"Accept": rng.choice(ACCEPTS)})
+        elif kind == "render":
+            where = rng.choice([inst + "/rendered", inst + "/thumbnail", f"studies/{study}/thumbnail",
+                                f"{inst}/frames/{quote(rng.choice(FRAME_LISTS))}/rendered"])
+            args = "&".join(rng.choice(RENDER_ARGS) for _ in range(rng.randint(0, 3)))
+            yield RequestCase(n, "GET", f"{where}?{args}", {"Accept": rng.choice(ACCEPTS)})
+        else:
+            boundary = rng.choice(["b0und", "", "x" * 80, "a b", '"q"', "--"])
+            part = rng.choice(stored)
+            crlf = rng.choice([b"\r\n", b"\n"])
+            heads = rng.choice([b"Content-Type: application/dicom", b"Content-Type: text/plain",
+                                b"", b"Content-Type: application/dicom\r\nContent-Length: 5",
+                                b"X" * 9000])
+            pieces = [b"--" + boundary.encode() + crlf + heads + crlf + crlf + part + crlf]
+            if rng.random() < 0.7:
+                pieces.append(b"--" + boundary.encode() + b"--" + crlf)
+            body = b"".join(pieces)
+            if rng.random() < 0.3:
+                body = body[:rng.randrange(len(body))]
+            ctype = rng.choice([f"multipart/related; type=\"application/dicom\"; boundary={boundary}",
+                                f"multipart/related; boundary={boundary}",
+                                "multipart/related", "application/dicom", "application/json",
+                                f"multipart/related; type=application/dicom+xml; boundary={boundary}",
+                                f"multipart/form-data; boundary={boundary}"])
+            path = rng.choice(["studies", f"studies/{study}", f"studies/{series}"])
+            yield RequestCase(n, "POST", path, {"Content-Type": ctype,
+                                                "Accept": rng.choice(ACCEPTS[:4])}, body)
+
+
+def run_requests(cases_: Iterator[RequestCase], send, report: Report | None = None) -> Report:
+    """Send each request; findings: a 5xx, and a 4xx without a body that says why.
+
+    Args:
+        send: ``send(method, path, headers, body) -> Answer``.
+    """
+    report = report or Report()
+    for case in cases_:
+        report.cases += 1
+        ans = send(case.method, case.path, case.headers, case.body)
+        report.tally(case.method, ans.status)
+        if ans.status >= 500:
+            report.findings.append(Finding(case.label(), case.method, f"status {ans.status}: "
+                                                                       f"{ans.body[:300]!r}"))
+        elif ans.status >= 400 and not ans.body:
+            report.findings.append(Finding(case.label(), case.method, f"status {ans.status} "
+                                                                       "without a message"))
+    return report
+
+
+def request_targets(post) -> tuple[str, str, str, list[bytes]]:
+    """Store three good instances (CT, JPEG 2000, RLE multi-frame) for
+    :func:`request_cases`: (study, series, SOP instance of the CT, the files)."""
+    files = [_write(_fresh(name, f"targets/{name}"))
+             for name in ("CT_small.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm")]
+    from tests.unit.server.dicom.factory import multipart
+
+    ctype, body = multipart(files)
+    ans = post(body, ctype)
+    assert ans.status == 200, ans.body[:300]
+    ds = pydicom.dcmread(io.BytesIO(files[0]), stop_before_pixels=True)
+    return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, files
+
+
+#: C-FIND statuses (PS3.4 C.4.1.1.4): pending, success, cancel and the named failures.
+CFIND_STATUSES = {0xFF00, 0xFF01, 0x0000, 0xFE00, 0xA700, 0xA900, 0xC000, 0x0122, 0x0124}
+CFIND_KEYS = ["PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber",
+              "ModalitiesInStudy", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+              "Modality", "SeriesNumber", "InstanceNumber", "PatientBirthDate", "StudyID",
+              "NumberOfStudyRelatedInstances", "SOPClassUID", "ReferringPhysicianName",
+              "StudyDescription", "PatientSex", "IssuerOfPatientID", "SpecificCharacterSet"]
+
+
+def run_cfind(seed: int, count: int, host: str, port: int, ae_title: str,
+              report: Report | None = None) -> Report:
+    """C-FIND (Patient and Study Root) with generated identifiers: random levels
+    (including none and unknown ones), keys and hostile values (as raw elements, so that
+    what pydicom would refuse to write is sent). Findings: a status that is not a named
+    C-FIND status, no final response, and a listener that stops answering C-ECHO."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                      StudyRootQueryRetrieveInformationModelFind, Verification)
+
+    report = report or Report()
+    rng = random.Random(seed)
+    models = [PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind]
+    ae = AE(ae_title="FUZZ")
+    for model in models:
+        ae.add_requested_context(model)
+    ae.add_requested_context(Verification)
+    for start in range(0, count, 20):
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            report.findings.append(Finding(f"#{start}", "A-ASSOCIATE", "no association"))
+            break
+        for n in range(start, min(count, start + 20)):
+            report.cases += 1
+            ident = pydicom.Dataset()
+            level = rng.choice(["PATIENT", "STUDY", "SERIES", "IMAGE", "", "FRAME", "x" * 20])
+            ident.QueryRetrieveLevel = level
+            for _ in range(rng.randint(0, 5)):
+                with _no_validation():
+                    _set_raw(ident, rng.choice(CFIND_KEYS), rng.choice(QUERY_VALUES))
+            label = f"#{n} level={level} {sorted(ident.dir())}"
+            codes = []
+            try:
+                for status, _ in assoc.send_c_find(ident, rng.choice(models)):
+                    codes.append(int(status.Status) if status and "Status" in status else None)
+            except Exception as exc:   # noqa: BLE001 - pynetdicom could not encode it: not sent
+                report.tally("C-FIND not sent", 0)
+                del exc
+                continue
+            final = codes[-1] if codes else None
+            report.tally("C-FIND", final if final is not None else -1)
+            if final is None:
+                report.findings.append(Finding(label, "C-FIND", "no final response"))
+                break
+            bad = [c for c in codes if c not in CFIND_STATUSES]
+            if bad:
+                report.findings.append(Finding(label, "C-FIND", f"status 0x{bad[0]:04X}"))
+        if not _release_and_echo(ae, assoc, host, port, ae_title):
+            report.findings.append(Finding(f"#{start}", "C-ECHO", "the listener stopped answering"))
             break
     return report

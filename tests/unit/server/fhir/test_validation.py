@@ -129,3 +129,23 @@ def test_validate_returns_the_body_unchanged(fresh_cache):
     before = copy.deepcopy(body)
     assert V.validate(body) is body
     assert V.validate(body) == before
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"resourceType": "Patient", "name": [{"family": "a\x00b"}]}, "Patient.name[0].family"),
+    ({"resourceType": "Patient", "identifier": [{"system": "s", "value": "a\x1f"}]},
+     "Patient.identifier[0].value"),
+    ({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+      "note": [{"text": "bell \x07"}]}, "Observation.note[0].text"),
+])
+def test_a_control_character_in_a_string_is_refused(body, where):
+    """FHIR R4 datatypes §2.24.0.1: no code point below U+0020 but tab, CR and LF (a NUL
+    reached PostgreSQL's search index and failed there with a 500)."""
+    with pytest.raises(InvalidResource, match="control character") as info:
+        V.validate(body)
+    assert where in str(info.value.message)
+
+
+def test_tab_cr_and_lf_are_allowed_in_strings():
+    V.validate({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                "note": [{"text": "line 1\r\nline 2\tend"}]})

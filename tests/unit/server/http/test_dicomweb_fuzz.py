@@ -15,7 +15,8 @@ from server.app import create_app
 from server.dicom.store import parse_instance
 from server.errors import InvalidResource
 from tests.unit.server.dicom.factory import dataset, multipart, part10
-from tests.unit.server.dicom.fuzz import Answer, _elements, cases, check_store, run_stow
+from tests.unit.server.dicom.fuzz import (Answer, _elements, cases, check_store, request_cases,
+                                          request_targets, run_requests, run_stow)
 
 # Hostile values are the point; pydicom's warnings about them are not findings.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -53,6 +54,24 @@ def test_fuzzed_instances_get_an_answer_and_leave_the_store_whole(app, tmp_path)
     assert report.statuses.get("frames 200") and report.statuses.get("rendered 200"), report.summary()
     engine = app.extensions["synthport"]["store"].engine
     assert check_store(engine, tmp_path / "dicom") == []
+
+
+REQUESTS = 400
+
+
+def test_fuzzed_requests_get_an_answer_that_says_why(app):
+    client = app.test_client()
+    post, _ = _http(client)
+
+    def send(method: str, path: str, headers: dict, body: bytes = b"") -> Answer:
+        r = client.open("/dicomweb/" + path, method=method, data=body,
+                        headers={k: v for k, v in headers.items() if v is not None})
+        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
+
+    report = run_requests(request_cases(SEED, REQUESTS, *request_targets(post)), send)
+    assert not report.findings, report.summary()
+    for answered in ("GET 200", "GET 400", "GET 406", "POST 400", "POST 415"):
+        assert report.statuses.get(answered), report.summary()
 
 
 def test_the_cases_are_the_same_for_a_seed():
@@ -211,3 +230,70 @@ def test_a_refused_part_whose_sop_class_cannot_be_read_is_409_not_500(app):
     item = r.get_json(force=True)["00081198"]["Value"][0]
     assert item["00081197"]["Value"] == [0xC000]
     assert "Value" not in item.get("00081150", {})
+
+
+@pytest.mark.parametrize("query", ["SeriesNumber=99999999999999999999999", "InstanceNumber=2147483648",
+                                   "InstanceNumber=1\\-2147483649"])
+def test_an_integer_beyond_is_range_is_400_not_500(app, query):
+    """IS is -2^31..2^31-1 (PS3.5 Table 6.2-1); a bigger number reached SQLite as an
+    integer it cannot bind (OverflowError, 500)."""
+    r = app.test_client().get(f"/dicomweb/instances?{query}", headers={"Accept": "application/dicom+json"})
+    assert r.status_code == 400, r.data
+    assert b"outside the range of an integer string" in r.data
+    ok = app.test_client().get("/dicomweb/instances?InstanceNumber=2147483647")
+    assert ok.status_code == 200
+
+
+
+def test_a_nul_inside_a_name_is_stored_and_indexed_without_it(app):
+    """PostgreSQL text cannot hold NUL: the instance failed there with a processing
+    failure (0x0110) and was stored on SQLite."""
+    post, get = _http(app.test_client())
+    ds = dataset()
+    data = _with_raw(ds, 0x00100010, "PN", b"Doe\x00^Jo\x00")
+    ctype, body = multipart([data])
+    assert post(body, ctype).status == 200
+    found = get(f"studies?StudyInstanceUID={ds.StudyInstanceUID}&includefield=PatientName",
+                "application/dicom+json")
+    assert orjson.loads(found.body)[0]["00100010"]["Value"][0]["Alphabetic"].replace("\x00", "") == "Doe^Jo"
+    assert orjson.loads(get(f"studies?PatientName=Doe*", "application/dicom+json").body)
+
+
+def _stored(app, ds) -> str:
+    post, _ = _http(app.test_client())
+    ctype, body = multipart([part10(ds)])
+    assert post(body, ctype).status == 200
+    return (f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}")
+
+
+def test_a_palette_without_its_lut_is_406_not_500(app):
+    ds = dataset(PhotometricInterpretation="PALETTE COLOR")
+    _, get = _http(app.test_client())
+    r = get(_stored(app, ds) + "/rendered", "image/jpeg")
+    assert r.status == 406 and b"Cannot render these pixel data" in r.body, r.body
+
+
+def test_a_frame_whose_image_attributes_cannot_be_read_is_404(app):
+    data = bytearray(part10(dataset()))
+    at = data.index(b"\x28\x00\x00\x01US") + 4          # (0028,0100) BitsAllocated's VR
+    data[at:at + 2] = b"\x55\xc2"
+    ds = pydicom.dcmread(io.BytesIO(bytes(data)), stop_before_pixels=True)
+    post, get = _http(app.test_client())
+    ctype, body = multipart([bytes(data)])
+    assert post(body, ctype).status == 200
+    r = get(f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}/frames/1",
+            "multipart/related; type=application/octet-stream; transfer-syntax=*")
+    assert r.status == 404 and b"cannot be read as stored" in r.body, r.body
+
+
+def test_a_frame_behind_a_broken_offset_table_is_404(app):
+    ds = dataset("JPEG2000.dcm")
+    raw = bytearray(ds.PixelData)
+    raw[4:8] = (0x460000).to_bytes(4, "little")     # Basic Offset Table length beyond the value
+    ds.PixelData = bytes(raw)
+    _, get = _http(app.test_client())
+    r = get(_stored(app, ds) + "/frames/1",
+            "multipart/related; type=application/octet-stream; transfer-syntax=*")
+    assert r.status == 404, r.body
