@@ -53,3 +53,26 @@ def test_openapi_describes_what_the_cohort_declares(cohort_env):
     assert described == declared
     assert "/CodeSystem/$lookup" not in doc["paths"] and "/ValueSet/$expand" not in doc["paths"]
     assert not {m for item in doc["paths"].values() for m in item} & {"put", "patch", "delete"}
+
+
+def test_fuzz_cohort_dicomweb(cohort_env):
+    """Generated DICOMweb requests (tests/unit/server/dicom/fuzz.py) around one virtual
+    instance: no 5xx, every 4xx says why; STOW-RS is refused (the cohort is read-only)."""
+    from tests.unit.server.dicom.factory import dataset, part10
+    from tests.unit.server.dicom.fuzz import Answer, request_cases, run_requests
+
+    client = cohort_env.app().test_client()
+    base = f"/synthetic/{COHORT}/dicomweb"
+    inst = client.get(f"{base}/instances?limit=1", headers={"Accept": "application/dicom+json"})
+    assert inst.status_code == 200, inst.data[:300]
+    first = inst.get_json(force=True)[0]
+    uids = [first[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018")]
+
+    def send(method: str, path: str, headers: dict, body: bytes = b"") -> Answer:
+        r = client.open(f"{base}/{path}", method=method, data=body,
+                        headers={k: v for k, v in headers.items() if v is not None})
+        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
+
+    report = run_requests(request_cases(5, 300, *uids, [part10(dataset())]), send)
+    assert not report.findings, report.summary()
+    assert report.statuses.get("GET 200") and not report.statuses.get("POST 200"), report.summary()
