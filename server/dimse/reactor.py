@@ -125,6 +125,13 @@ class EventDUL(DULServiceProvider):
                 self._wake_closed = True
                 self._wake_r.close()
                 self._wake_w.close()
+            # An acceptor waits for the peer's A-ASSOCIATE-RQ in `receive_pdu(wait=True,
+            # timeout=acse_timeout)` (association.py `run_reactor`), which no `wake`
+            # reaches: a peer that sent something else and closed held the thread, and
+            # an association slot, for the whole timeout. None ends that wait as the
+            # timeout would; nothing else will come from a DUL that has stopped, and
+            # an established association ignores it (it checks `dul.is_alive()`).
+            self.to_user_queue.put(None)
             wake = getattr(self.assoc, "wake", None)
             if wake is not None:
                 wake()      # the association thread checks `dul.is_alive()`

@@ -745,3 +745,121 @@ def run_cfind(seed: int, count: int, host: str, port: int, ae_title: str,
             report.findings.append(Finding(f"#{start}", "C-ECHO", "the listener stopped answering"))
             break
     return report
+
+
+# --------------------------------------------------------------------------- PDUs
+def split_pdus(data: bytes) -> list[bytes]:
+    """Whole PDUs of a byte stream (PS3.8 §9.3: type, reserved, 4-byte big-endian length)."""
+    out, at = [], 0
+    while at + 6 <= len(data):
+        end = at + 6 + int.from_bytes(data[at + 2:at + 6], "big")
+        out.append(data[at:end])
+        at = end
+    return out
+
+
+def record_pdus(host: str, port: int, action) -> list[bytes]:
+    """What a client sends for one association: ``action(proxy_port)`` talks to a proxy
+    in front of ``host:port``, which records the client's bytes and relays both ways."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent = bytearray()
+
+    def relay(src, dst, keep: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if keep:
+                    sent.extend(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve() -> None:
+        client, _ = listener.accept()
+        upstream = socket.create_connection((host, port))
+        back = threading.Thread(target=relay, args=(upstream, client, False), daemon=True)
+        back.start()
+        relay(client, upstream, True)
+        back.join(5)
+        client.close()
+        upstream.close()
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+    try:
+        action(listener.getsockname()[1])
+    finally:
+        worker.join(10)
+        listener.close()
+    return split_pdus(bytes(sent))
+
+
+def pdu_cases(seed: int, count: int, pdus: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
+    """Mutations of a recorded association (a list of PDUs): bytes flipped in one PDU, its
+    length field made larger or smaller, a PDU cut, its type changed, an item length
+    inside it changed, PDUs dropped, repeated or swapped. The same for the same seed."""
+    rng = random.Random(seed)
+    for n in range(count):
+        seq = [bytearray(p) for p in pdus]
+        i = rng.randrange(len(seq))
+        pdu = seq[i]
+        kind = rng.choice(("flip", "length", "cut", "type", "item", "drop", "repeat", "swap"))
+        if kind == "flip":
+            for _ in range(rng.randint(1, 6)):
+                pdu[rng.randrange(len(pdu))] = rng.randrange(256)
+        elif kind == "length":
+            new = rng.choice([0, 1, len(pdu) - 7, len(pdu) + 10, 0xFFFFFFFF, 0x7FFFFFFF])
+            pdu[2:6] = max(0, new).to_bytes(4, "big")
+        elif kind == "cut":
+            del pdu[rng.randrange(1, len(pdu)):]
+        elif kind == "type":
+            pdu[0] = rng.choice([0, 3, 7, 8, 0xFF, 1, 4])
+        elif kind == "item" and len(pdu) > 80:
+            # A-ASSOCIATE-RQ variable items start at 74; a P-DATA item's length at 6
+            at = rng.choice([6, 74, 76, rng.randrange(6, len(pdu) - 4)])
+            pdu[at:at + 2] = rng.randrange(65536).to_bytes(2, "big")
+        elif kind == "drop" and len(seq) > 1:
+            del seq[i]
+        elif kind == "repeat":
+            seq.insert(i, bytearray(pdu))
+        elif kind == "swap" and len(seq) > 1:
+            j = rng.randrange(len(seq))
+            seq[i], seq[j] = seq[j], seq[i]
+        yield f"#{n} {kind} PDU {i} of {len(pdus)}", [bytes(p) for p in seq]
+
+
+def run_pdus(cases_, host: str, port: int, echo, report: Report | None = None,
+             wait: float = 0.3) -> Report:
+    """Send each mutated association over a raw socket, reading what comes back for a
+    short while, then close it; every ten cases ``echo()`` (a C-ECHO on a new
+    association) must succeed. Findings: a listener that stops answering."""
+    import socket
+
+    report = report or Report()
+    for k, (label, seq) in enumerate(cases_):
+        report.cases += 1
+        answer = b""
+        try:
+            with socket.create_connection((host, port), timeout=2) as s:
+                s.settimeout(wait)
+                for pdu in seq:
+                    s.sendall(pdu)
+                    try:
+                        answer += s.recv(65536)
+                    except (socket.timeout, TimeoutError):
+                        pass
+        except OSError:
+            pass
+        report.tally("first answer PDU", answer[0] if answer else -1)
+        if k % 10 == 9 and not echo():
+            report.findings.append(Finding(label, "C-ECHO", "the listener stopped answering"))
+            break
+    return report
