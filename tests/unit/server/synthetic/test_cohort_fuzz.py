@@ -76,3 +76,26 @@ def test_fuzz_cohort_dicomweb(cohort_env):
     report = run_requests(request_cases(5, 300, *uids, [part10(dataset())]), send)
     assert not report.findings, report.summary()
     assert report.statuses.get("GET 200") and not report.statuses.get("POST 200"), report.summary()
+
+
+def test_fuzz_cohort_c_find(cohort_env):
+    """Generated C-FIND identifiers (tests/unit/server/dicom/fuzz.py) to the cohort's AE
+    title: every status a named one, and the listener keeps answering."""
+    from server.config import load_config
+    from server.dicom.store import DicomStore
+    from server.dimse.server import start_dimse
+    from server.store import SqlStore
+    from server.synthetic.dicom import dimse_sources
+    from tests.unit.server.dicom.fuzz import run_cfind
+
+    cfg = load_config({**cohort_env.config, "ae_title": "SYNTHPORT", "dimse_host": "127.0.0.1",
+                       "dimse_timeout": 20}, environ={})
+    sql = SqlStore.from_url(cohort_env.db_url, cfg)
+    server = start_dimse(cfg, dimse_sources(cfg, sql, DicomStore(sql, cfg)), port=0)
+    try:
+        report = run_cfind(3, 200, "127.0.0.1", server.server_address[1], COHORT.upper())
+    finally:
+        server.shutdown()
+        sql.engine.dispose()
+    assert not report.findings, report.summary()
+    assert report.statuses.get("C-FIND 0") and report.statuses.get("C-FIND 43264"), report.summary()
