@@ -167,13 +167,26 @@ def valid_id(res_id: str) -> bool:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# The same in orjson's output, which escapes them as \b, \f and \u00XX (tab, CR, LF
+# as \t, \r, \n): an escape preceded by an even run of backslashes (an escaped
+# backslash followed by "b" is text).
+_CONTROL_ESCAPED = re.compile(rb"(?<!\\)(?:\\\\)*\\(?:u00[01][0-9a-fA-F]|[bf])")
 
 
 def _control_character(body: object, path: str) -> str | None:
     """The path of the first string (key or value) with a control character, or None.
 
     pydantic's str accepts them; PostgreSQL text refuses NUL outright (the search index
-    would fail with a 500), and no FHIR string may hold them."""
+    would fail with a 500), and no FHIR string may hold them. Serialising with orjson
+    and searching its escapes costs a fraction of walking the resource in Python (which
+    cost a quarter of a warm validation); the walk runs only to name the path."""
+    try:
+        data = orjson.dumps(body)
+        if (b"\\u00" not in data and b"\\b" not in data and b"\\f" not in data) \
+                or not _CONTROL_ESCAPED.search(data):
+            return None
+    except TypeError:       # not JSON-serialisable: the walk below decides
+        pass
     stack = [(body, path)]
     while stack:
         node, where = stack.pop()

@@ -149,3 +149,12 @@ def test_a_control_character_in_a_string_is_refused(body, where):
 def test_tab_cr_and_lf_are_allowed_in_strings():
     V.validate({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                 "note": [{"text": "line 1\r\nline 2\tend"}]})
+
+
+@pytest.mark.parametrize("text", ["C:\\\\base\\\\file", "a\\\\b", "\\\\u0000 is how JSON writes NUL", "\\\\\\\\f"])
+def test_backslashes_before_b_f_or_u0000_are_text_not_control_characters(text):
+    """The check searches orjson's escapes: an escaped backslash followed by b, f or
+    u0000 is text (an even run of backslashes before the letter)."""
+    V.validate({"resourceType": "Observation", "status": "final", "code": {"text": text}})
+    with pytest.raises(InvalidResource, match="control character"):
+        V.validate({"resourceType": "Observation", "status": "final", "code": {"text": text + "\x0c"}})
