@@ -598,6 +598,11 @@ def apply_json_patch(doc: dict, patch: list) -> dict:
         raise Unprocessable(f"JSON Patch could not be applied: {exc}") from None
 
 
+#: Largest integer query value taken (history paging, snapshots, audit queries): SQL
+#: binds 64-bit integers, and 2^53 - 1 is also exact in JSON numbers.
+MAX_INT_PARAM = 2**53 - 1
+
+
 def _int_param(name: str, value: str, minimum: int) -> int:
     try:
         n = int(value)
@@ -605,6 +610,8 @@ def _int_param(name: str, value: str, minimum: int) -> int:
         raise InvalidRequest(f"{name} must be an integer, got '{value}'") from None
     if n < minimum:
         raise InvalidRequest(f"{name} must be >= {minimum}")
+    if n > MAX_INT_PARAM:
+        raise InvalidRequest(f"{name} must be at most {MAX_INT_PARAM}, got '{value[:40]}'")
     return n
 
 

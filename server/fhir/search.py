@@ -738,13 +738,18 @@ def _parse_sort(value: str, types: tuple[str, ...] | None, descending_all: bool 
     return keys
 
 
+#: Largest _count, _offset or _snapshot taken: SQL binds 64-bit integers (a bigger one
+#: failed there with a 500), and 2^53 - 1 is also exact in JSON numbers.
+MAX_INT_PARAM = 2**53 - 1
+
+
 def _int_param(name: str, value: str) -> int:
     try:
         n = int(value.strip())
     except ValueError:
         raise InvalidRequest(f"{name} must be a non-negative integer, not '{value}'") from None
-    if n < 0:
-        raise InvalidRequest(f"{name} must be a non-negative integer, not '{value}'")
+    if not 0 <= n <= MAX_INT_PARAM:
+        raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_INT_PARAM}, not '{value[:40]}'")
     return n
 
 

@@ -50,3 +50,21 @@ def test_a_trailing_nul_of_a_uid_in_c_find_is_padding_not_an_error():
     assert parse("uid", "StudyInstanceUID", "1.2.3\x00").values == ("1.2.3",)
     with pytest.raises(InvalidRequest, match="NUL"):
         parse("text", "PatientID", "a\x00b")
+
+
+@pytest.mark.parametrize("path", [
+    "/fhir/Patient?_offset=99999999999999999999", "/fhir/Patient?_offset=9223372036854775808",
+    "/fhir/Patient/_history?_offset=99999999999999999999", "/fhir/_history?_count=99999999999999999999",
+    "/fhir/Patient?_snapshot=99999999999999999999&_offset=1",
+    "/dicomweb/studies?offset=99999999999999999999", "/dicomweb/studies?limit=9223372036854775808",
+])
+def test_an_integer_query_value_beyond_2_to_53_is_400(client, path):
+    """SQL binds 64-bit integers: each offset here was a 500 (OverflowError on SQLite,
+    NumericValueOutOfRange on PostgreSQL)."""
+    r = client.get(path, headers={"Accept": "application/dicom+json"} if "dicomweb" in path else {})
+    assert r.status_code == 400, r.data
+    assert b"9007199254740991" in r.data
+    ok = client.get(path.replace("99999999999999999999", "9007199254740991")
+                    .replace("9223372036854775808", "9007199254740991"),
+                    headers={"Accept": "application/dicom+json"} if "dicomweb" in path else {})
+    assert ok.status_code == 200, ok.data
