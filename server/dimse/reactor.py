@@ -136,6 +136,23 @@ class EventDUL(DULServiceProvider):
             if wake is not None:
                 wake()      # the association thread checks `dul.is_alive()`
 
+    def _abort(self, exc: Exception) -> None:
+        """Send an A-ABORT (service-provider initiated, PS3.8 §9.3.8) and end the
+        association, bypassing the state machine, as pynetdicom's DUL does."""
+        DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+        DUL_LOGGER.exception(exc)
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        try:
+            self.socket.send(abort_pdu.encode())
+        except Exception:  # noqa: BLE001 - the peer may be gone already
+            pass
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
     def _run(self) -> None:
         self._idle_timer.start()
         idle = False
@@ -155,26 +172,21 @@ class EventDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort, bypassing the FSM
-                DUL_LOGGER.error("Exception in DUL.run(), aborting association")
-                DUL_LOGGER.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                try:
-                    self.socket.send(abort_pdu.encode())
-                except Exception:  # noqa: BLE001 - the peer may be gone already
-                    pass
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                self._abort(exc)
                 return
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 idle = True
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:  # noqa: BLE001 - pynetdicom lets these end the thread
+                # A P-DATA whose DIMSE command set lacks CommandField, an event the state
+                # has no action for (InvalidEventError)...: abort as above, rather than
+                # close the connection from an unhandled exception in this thread.
+                self._abort(exc)
+                return
             idle = False
             if self.state_machine.current_state == "Sta1":
                 wake = getattr(self.assoc, "wake", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
@@ -49,6 +50,9 @@ def _echo(port: int) -> bool:
     return ok
 
 
+# An exception that ends a DUL thread unhandled is an error here: each must become an
+# A-ABORT (PS3.8 §9.3.8), the peer told why the association ended.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_mutated_associations_never_stop_the_listener(tmp_path):
     # The default timeouts (60 s): every association must end when its peer closes,
     # not when a timer expires (one that did held its slot for the whole timeout).

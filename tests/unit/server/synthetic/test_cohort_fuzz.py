@@ -3,6 +3,7 @@ document it serves, on SQLite and PostgreSQL: no 5xx, every 4xx an OperationOutc
 from __future__ import annotations
 
 import orjson
+import pytest
 import schemathesis
 
 from tests.e2e.fuzz import fuzz
@@ -55,6 +56,7 @@ def test_openapi_describes_what_the_cohort_declares(cohort_env):
     assert not {m for item in doc["paths"].values() for m in item} & {"put", "patch", "delete"}
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")     # pydicom on the hostile values
 def test_fuzz_cohort_dicomweb(cohort_env):
     """Generated DICOMweb requests (tests/unit/server/dicom/fuzz.py) around one virtual
     instance: no 5xx, every 4xx says why; STOW-RS is refused (the cohort is read-only)."""
@@ -78,6 +80,7 @@ def test_fuzz_cohort_dicomweb(cohort_env):
     assert report.statuses.get("GET 200") and not report.statuses.get("POST 200"), report.summary()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")     # pydicom on the hostile values
 def test_fuzz_cohort_c_find(cohort_env):
     """Generated C-FIND identifiers (tests/unit/server/dicom/fuzz.py) to the cohort's AE
     title: every status a named one, and the listener keeps answering."""
