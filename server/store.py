@@ -369,9 +369,9 @@ class SqlStore:
         count, offset, since, at = self.default_count, 0, None, None
         for k, v in params:
             if k == "_count":
-                count = _int_param(k, v, 0)
+                count = fsearch.int_param(k, v)
             elif k == "_offset":
-                offset = _int_param(k, v, 0)
+                offset = fsearch.int_param(k, v)
             elif k == "_since":
                 since = parse_instant(v)
             elif k == "_at":
@@ -598,25 +598,8 @@ def apply_json_patch(doc: dict, patch: list) -> dict:
         raise Unprocessable(f"JSON Patch could not be applied: {exc}") from None
 
 
-#: Largest integer query value taken (history paging, snapshots, audit queries): SQL
-#: binds 64-bit integers, and 2^53 - 1 is also exact in JSON numbers.
-MAX_INT_PARAM = 2**53 - 1
-
-
-def _int_param(name: str, value: str, minimum: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, got '{value}'") from None
-    if n < minimum:
-        raise InvalidRequest(f"{name} must be >= {minimum}")
-    if n > MAX_INT_PARAM:
-        raise InvalidRequest(f"{name} must be at most {MAX_INT_PARAM}, got '{value[:40]}'")
-    return n
-
-
 def _snapshot_param(params: list[tuple[str, str]]) -> int | None:
     for k, v in params:
         if k == "_snapshot":
-            return _int_param(k, v, 0)
+            return fsearch.int_param(k, v)
     return None

@@ -704,9 +704,9 @@ class AuditLog:
 
 
 def _int(name: str, value: str, minimum: int) -> int:
-    from server.store import _int_param     # one parser of integer query values
+    from server.fhir.search import int_param     # one parser of integer query values
 
-    return _int_param(name, value, minimum)
+    return int_param(name, value, minimum)
 
 
 def _date_cond(raw: str):

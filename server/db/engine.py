@@ -77,6 +77,12 @@ class _QueuedWriterConnection(sqlite3.Connection):
             self.write_unlock()
 
 
+#: Largest integer taken from a query value (counts, offsets, snapshots): SQL binds
+#: 64-bit integers (a bigger offset failed with a 500 on SQLite and PostgreSQL), and
+#: 2^53 - 1 is also exact as a JSON number.
+MAX_QUERY_INT = 2**53 - 1
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine with the settings each backend needs for a server.
 

@@ -120,6 +120,8 @@ class Criterion:
     folded: bool = False
 
 
+#: Bound of an integer string (PS3.5 Table 6.2-1: IS is -2^31..2^31-1); the SQL columns
+#: that hold IS values are 32-bit, and values beyond +-IS_MAX are neither matched nor stored.
 IS_MAX = 2**31 - 1
 
 

@@ -52,7 +52,8 @@ from server.dicom import fhirlink
 from server.dicom.dicomjson import from_stored, json_text, stored_json_obj
 from server.fhir.extract import extract
 from server.fhir.ids import new_id
-from server.dicom.matching import Criterion, fold, name_tokens, parse, sql_condition, time_key
+from server.dicom.matching import (IS_MAX, Criterion, fold, name_tokens, parse, sql_condition,
+                                   time_key)
 from server.dicom.source import LEVELS, FindResult, InstanceRef, StoreOutcome
 from server.errors import (InsufficientStorage, InstanceRefused, InvalidRequest, InvalidResource,
                            NotFound, SopClassMismatch)
@@ -64,7 +65,6 @@ log = logging.getLogger("synthport.dicom")
 P, ST, SE, I = S.dicom_patient, S.dicom_study, S.dicom_series, S.dicom_instance
 _BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
 _EXECUTABLE_PREAMBLES = (b"MZ", b"\x7fELF")
-_BIG = 2**31 - 1
 _NO_VALIDATION = pydicom_config.IGNORE
 
 # Where each matching key lives: (table, column) and, for person names, the
@@ -161,7 +161,7 @@ def _int_of(text: str) -> int | None:
         n = int(float(text)) if text else None
     except ValueError:
         return None
-    return n if n is None or -_BIG <= n <= _BIG else None
+    return n if n is None or -IS_MAX <= n <= IS_MAX else None
 
 
 def _clip(value: str, n: int) -> str:
@@ -868,7 +868,7 @@ class DicomStore:
         patient_id = self._patient_id(conn, prow, study["study_uid"])
         endpoint_id = self._endpoint_id(conn, ctx)
         series = conn.execute(select(SE).where(SE.c.study_pk == study_pk).order_by(
-            func.coalesce(SE.c.series_number, _BIG), SE.c.pk)).mappings().all()
+            func.coalesce(SE.c.series_number, IS_MAX), SE.c.pk)).mappings().all()
         cur = self._current(conn, "ImagingStudy", study["fhir_id"])
         if cur is None:
             query = _token(fhirlink.STUDY_UID_SYSTEM, f"urn:oid:{study['study_uid']}")
@@ -885,7 +885,7 @@ class DicomStore:
             instances = conn.execute(
                 select(I.c.series_pk, I.c.sop_uid, I.c.sop_class_uid, I.c.instance_number)
                 .where(I.c.study_pk == study_pk)
-                .order_by(I.c.series_pk, func.coalesce(I.c.instance_number, _BIG), I.c.pk)
+                .order_by(I.c.series_pk, func.coalesce(I.c.instance_number, IS_MAX), I.c.pk)
             ).mappings().all()
         else:
             instances = ()
@@ -998,10 +998,10 @@ class DicomStore:
             order = [ST.c.study_date.desc(), ST.c.study_time_key.desc(), ST.c.pk.desc()]
         elif level == "SERIES":
             where.append(SE.c.num_instances > 0)
-            order = [ST.c.pk, func.coalesce(SE.c.series_number, _BIG), SE.c.pk]
+            order = [ST.c.pk, func.coalesce(SE.c.series_number, IS_MAX), SE.c.pk]
         else:
-            order = [ST.c.pk, func.coalesce(SE.c.series_number, _BIG), SE.c.pk,
-                     func.coalesce(I.c.instance_number, _BIG), I.c.pk]
+            order = [ST.c.pk, func.coalesce(SE.c.series_number, IS_MAX), SE.c.pk,
+                     func.coalesce(I.c.instance_number, IS_MAX), I.c.pk]
         stmt = stmt.where(*where).order_by(*order)
         if limit is not None:
             stmt = stmt.limit(limit)
@@ -1163,8 +1163,8 @@ class DicomStore:
             stmt = stmt.where(I.c.sop_uid == sop_uid)
         if patient_id is not None:
             stmt = stmt.where(P.c.patient_id == patient_id)
-        return stmt.order_by(ST.c.pk, func.coalesce(SE.c.series_number, _BIG), SE.c.pk,
-                             func.coalesce(I.c.instance_number, _BIG), I.c.pk)
+        return stmt.order_by(ST.c.pk, func.coalesce(SE.c.series_number, IS_MAX), SE.c.pk,
+                             func.coalesce(I.c.instance_number, IS_MAX), I.c.pk)
 
     @staticmethod
     def _not_found(study_uid, series_uid, sop_uid, patient_id) -> NotFound:

@@ -18,6 +18,7 @@ from pydicom import Dataset
 from pydicom.filereader import read_partial
 from pydicom.sequence import Sequence
 
+from server.db.engine import MAX_QUERY_INT
 from server.dicom import attributes as A
 from server.dicom import multipart as M
 from server.dicom import pixels
@@ -104,18 +105,14 @@ class QidoQuery:
     unsupported: list[str] = field(default_factory=list)
 
 
-#: Largest limit or offset taken: SQL binds 64-bit integers (a bigger offset failed
-#: there with a 500), and 2^53 - 1 is also exact in JSON numbers.
-MAX_INT_PARAM = 2**53 - 1
-
-
 def _nonneg_int(name: str, value: str) -> int:
     try:
         n = int(value)
     except ValueError:
         raise InvalidRequest(f"{name} must be a non-negative integer, got '{value}'") from None
-    if not 0 <= n <= MAX_INT_PARAM:
-        raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_INT_PARAM}, got '{value[:40]}'")
+    if not 0 <= n <= MAX_QUERY_INT:
+        raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_QUERY_INT}, "
+                             f"got '{value[:40]}'")
     return n
 
 

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Union
 import sqlalchemy as sa
 from sqlalchemy import and_, exists, func, not_, or_, select
 
+from server.db.engine import MAX_QUERY_INT
 from server.db.schema import INDEX_TABLES, resource
 from server.errors import InvalidRequest, NotImplementedYet
 from server.fhir.searchparams import RESOURCE_TYPES, SearchParam, registry
@@ -738,18 +739,19 @@ def _parse_sort(value: str, types: tuple[str, ...] | None, descending_all: bool 
     return keys
 
 
-#: Largest _count, _offset or _snapshot taken: SQL binds 64-bit integers (a bigger one
-#: failed there with a 500), and 2^53 - 1 is also exact in JSON numbers.
-MAX_INT_PARAM = 2**53 - 1
+def int_param(name: str, value: str, minimum: int = 0) -> int:
+    """An integer query value (``_count``, ``_offset``, ``_snapshot``, audit paging).
 
-
-def _int_param(name: str, value: str) -> int:
+    Raises:
+        InvalidRequest: not an integer, or outside ``minimum``..``MAX_QUERY_INT``.
+    """
     try:
         n = int(value.strip())
     except ValueError:
-        raise InvalidRequest(f"{name} must be a non-negative integer, not '{value}'") from None
-    if not 0 <= n <= MAX_INT_PARAM:
-        raise InvalidRequest(f"{name} must be an integer from 0 to {MAX_INT_PARAM}, not '{value[:40]}'")
+        raise InvalidRequest(f"{name} must be an integer, not '{value[:40]}'") from None
+    if not minimum <= n <= MAX_QUERY_INT:
+        raise InvalidRequest(f"{name} must be an integer from {minimum} to {MAX_QUERY_INT}, "
+                             f"not '{value[:40]}'")
     return n
 
 
@@ -796,14 +798,14 @@ def parse(res_type: str | None, params: list[tuple[str, str]], *, handling: str 
         base = base.split(".", 1)[0]
         keep = True
         if name in ("_offset", "_snapshot"):
-            n = _int_param(name, value)
+            n = int_param(name, value)
             if name == "_offset":
                 ps.offset = n
             else:
                 ps.snapshot = n
             continue
         if base == "_count":
-            n = _int_param("_count", value)
+            n = int_param("_count", value)
             if n > max_count:
                 ps.warnings.append(f"_count={n} exceeds the maximum {max_count}; using {max_count}")
                 n = max_count

@@ -299,6 +299,23 @@ def http_client(base: str):
     return post, get, send
 
 
+def flask_client(client, base: str = "/dicomweb"):
+    """:func:`http_client` over a Flask test client (in-process), for the DICOMweb
+    ``base`` path of the app (``/dicomweb``, ``/synthetic/<cohort>/dicomweb``)."""
+    def send(method: str, path: str, headers: dict, body: bytes = b"") -> Answer:
+        r = client.open(f"{base}/{path}", method=method, data=body,
+                        headers={k: v for k, v in headers.items() if v is not None})
+        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
+
+    def post(body: bytes, ctype: str) -> Answer:
+        return send("POST", "studies", {"Content-Type": ctype, "Accept": "application/dicom+json"},
+                    body)
+
+    def get(path: str, accept: str) -> Answer:
+        return send("GET", path, {"Accept": accept})
+    return post, get, send
+
+
 STOW_STATUSES = {200, 202, 400, 409, 413, 415}
 PROCESSING_FAILURE = 0x0110     # PS3.4 C.4.2.1.4: the server's fault, never a fuzz answer
 RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'

@@ -15,8 +15,8 @@ from server.app import create_app
 from server.dicom.store import parse_instance
 from server.errors import InvalidResource
 from tests.unit.server.dicom.factory import dataset, multipart, part10
-from tests.unit.server.dicom.fuzz import (Answer, _elements, cases, check_store, request_cases,
-                                          request_targets, run_requests, run_stow)
+from tests.unit.server.dicom.fuzz import (_elements, cases, check_store, flask_client,
+                                          request_cases, request_targets, run_requests, run_stow)
 
 # Hostile values are the point; pydicom's warnings about them are not findings.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -34,14 +34,7 @@ def app(db_url, tmp_path):
 
 
 def _http(client):
-    def post(body: bytes, ctype: str) -> Answer:
-        r = client.post("/dicomweb/studies", data=body, content_type=ctype,
-                        headers={"Accept": "application/dicom+json"})
-        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
-
-    def get(path: str, accept: str) -> Answer:
-        r = client.get("/dicomweb/" + path, headers={"Accept": accept})
-        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
+    post, get, _ = flask_client(client)
     return post, get
 
 
@@ -61,13 +54,7 @@ REQUESTS = 400
 
 def test_fuzzed_requests_get_an_answer_that_says_why(app):
     client = app.test_client()
-    post, _ = _http(client)
-
-    def send(method: str, path: str, headers: dict, body: bytes = b"") -> Answer:
-        r = client.open("/dicomweb/" + path, method=method, data=body,
-                        headers={k: v for k, v in headers.items() if v is not None})
-        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
-
+    post, _, send = flask_client(client)
     report = run_requests(request_cases(SEED, REQUESTS, *request_targets(post)), send)
     assert not report.findings, report.summary()
     for answered in ("GET 200", "GET 400", "GET 406", "POST 400", "POST 415"):

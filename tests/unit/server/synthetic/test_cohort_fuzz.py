@@ -61,7 +61,7 @@ def test_fuzz_cohort_dicomweb(cohort_env):
     """Generated DICOMweb requests (tests/unit/server/dicom/fuzz.py) around one virtual
     instance: no 5xx, every 4xx says why; STOW-RS is refused (the cohort is read-only)."""
     from tests.unit.server.dicom.factory import dataset, part10
-    from tests.unit.server.dicom.fuzz import Answer, request_cases, run_requests
+    from tests.unit.server.dicom.fuzz import flask_client, request_cases, run_requests
 
     client = cohort_env.app().test_client()
     base = f"/synthetic/{COHORT}/dicomweb"
@@ -70,11 +70,7 @@ def test_fuzz_cohort_dicomweb(cohort_env):
     first = inst.get_json(force=True)[0]
     uids = [first[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018")]
 
-    def send(method: str, path: str, headers: dict, body: bytes = b"") -> Answer:
-        r = client.open(f"{base}/{path}", method=method, data=body,
-                        headers={k: v for k, v in headers.items() if v is not None})
-        return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
-
+    _, _, send = flask_client(client, base)
     report = run_requests(request_cases(5, 300, *uids, [part10(dataset())]), send)
     assert not report.findings, report.summary()
     assert report.statuses.get("GET 200") and not report.statuses.get("POST 200"), report.summary()
