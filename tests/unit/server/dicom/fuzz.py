@@ -275,6 +275,17 @@ class Report:
         return "\n".join(lines)
 
 
+def _with_post_get(send):
+    """(post, get, send): ``post`` and ``get`` as :func:`run_stow` calls them, over ``send``."""
+    def post(body: bytes, ctype: str) -> Answer:
+        return send("POST", "studies", {"Content-Type": ctype, "Accept": "application/dicom+json"},
+                    body)
+
+    def get(path: str, accept: str) -> Answer:
+        return send("GET", path, {"Accept": accept})
+    return post, get, send
+
+
 def http_client(base: str):
     """``post`` and ``get`` for :func:`run_stow`, and ``send`` for :func:`run_requests`,
     against a running server's DICOMweb ``base`` (``http://host:port/dicomweb``), over
@@ -290,13 +301,7 @@ def http_client(base: str):
         r = http.request(method, f"{base}/{path}", data=body or None, headers=headers, timeout=120)
         return Answer(r.status_code, r.headers.get("Content-Type", ""), r.content)
 
-    def post(body: bytes, ctype: str) -> Answer:
-        return send("POST", "studies", {"Content-Type": ctype, "Accept": "application/dicom+json"},
-                    body)
-
-    def get(path: str, accept: str) -> Answer:
-        return send("GET", path, {"Accept": accept})
-    return post, get, send
+    return _with_post_get(send)
 
 
 def flask_client(client, base: str = "/dicomweb"):
@@ -307,13 +312,7 @@ def flask_client(client, base: str = "/dicomweb"):
                         headers={k: v for k, v in headers.items() if v is not None})
         return Answer(r.status_code, r.headers.get("Content-Type", ""), r.get_data())
 
-    def post(body: bytes, ctype: str) -> Answer:
-        return send("POST", "studies", {"Content-Type": ctype, "Accept": "application/dicom+json"},
-                    body)
-
-    def get(path: str, accept: str) -> Answer:
-        return send("GET", path, {"Accept": accept})
-    return post, get, send
+    return _with_post_get(send)
 
 
 STOW_STATUSES = {200, 202, 400, 409, 413, 415}
